@@ -1,0 +1,140 @@
+"""Chat formatting and batched HF generation that keeps the exact generated token ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raypipe.errors import InputError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 50
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    max_batch_size: int = 64
+    # Token budget per batch (batch size x padded length): long prompts get small batches.
+    max_batch_tokens: int = 32768
+    sort_by_length: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError("--max-new-tokens", "max_new_tokens", "must be at least 1")
+        if self.temperature < 0:
+            raise InputError("--temperature", "temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InputError("--top-p", "top_p", "must be in (0, 1]")
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1:
+            raise InputError("--batch-size", "batch_size", "must be at least 1")
+
+
+def uses_chat_template(tokenizer, configured: bool | None) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    return has if configured is None else (configured and has)
+
+
+def format_prompt(tokenizer, text: str, system_prompt: str | None, chat: bool) -> str:
+    """The exact prompt string the model sees (chat template with generation prompt)."""
+    if not chat:
+        return f"{system_prompt}\n\n{text}" if system_prompt else text
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": text})
+    # enable_thinking=False is ignored by templates without a thinking mode.
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+
+
+def encode_prompt(tokenizer, prompt_text: str, chat: bool) -> list[int]:
+    # The chat template already carries any BOS; plain text gets the tokenizer's specials.
+    return tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    return tokenizer.batch_decode([[i] for i in ids])
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def plan_batches(lengths: list[int], extra: int, opts: GenerationOptions) -> list[list[int]]:
+    """Index batches: length-sorted (longest first) and sized by the padded token budget."""
+    order = list(range(len(lengths)))
+    if opts.sort_by_length:
+        order.sort(key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        new_max = max(cur_max, lengths[i] + extra)
+        if cur and (
+            len(cur) >= opts.max_batch_size or new_max * (len(cur) + 1) > opts.max_batch_tokens
+        ):
+            batches.append(cur)
+            cur, new_max = [], lengths[i] + extra
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class Generator:
+    """Batched `generate` over token-id prompts; returns response ids without the EOS."""
+
+    def __init__(self, model, tokenizer, opts: GenerationOptions):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.opts = opts
+        self.eos = eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        out: list[list[int] | None] = [None] * len(prompts)
+        extra = self.opts.max_new_tokens
+        for batch in plan_batches([len(p) for p in prompts], extra, self.opts):
+            for i, ids in zip(batch, self._generate_batch([prompts[i] for i in batch])):
+                out[i] = ids
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]]) -> list[list[int]]:
+        import torch
+
+        device = self.model.device
+        width = max(len(p) for p in prompts)
+        # Left padding: every prompt ends at the same column, where generation starts.
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        sample = self.opts.temperature > 0
+        kwargs = dict(
+            max_new_tokens=self.opts.max_new_tokens,
+            do_sample=sample,
+            pad_token_id=self.pad_id,
+        )
+        if sample:
+            torch.manual_seed(self.opts.seed)
+            kwargs.update(temperature=self.opts.temperature, top_p=self.opts.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            seqs = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs
+            )
+        new = seqs[:, width:].tolist()  # (B, new)
+        results = []
+        for ids in new:
+            cut = next((k for k, t in enumerate(ids) if t in self.eos), len(ids))
+            results.append(ids[:cut])
+        return results

@@ -1,0 +1,123 @@
+"""Hook points on decoder blocks, a hook factory, and a hooked prefill that stops early."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+COMPONENTS = ("residual", "attn_contribution")
+
+
+class StopForward(Exception):
+    """Raised by the hook of the highest hooked layer: nothing above it is needed."""
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder blocks (LlamaModel & co.; also inside PEFT wrappers)."""
+    for _, module in model.named_modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return module
+    raise TypeError(f"{type(model).__name__}: no decoder stack with .layers and .embed_tokens")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return decoder_stack(model).layers
+
+
+def hook_point(block: nn.Module, component: str) -> nn.Module:
+    """residual: the block's output. attn_contribution: what attention adds to the residual."""
+    if component == "residual":
+        return block
+    if component == "attn_contribution":
+        # Gemma 2/3 normalise the attention output before adding it (post_attention_layernorm
+        # followed by pre_feedforward_layernorm); elsewhere o_proj's output is what is added.
+        if hasattr(block, "pre_feedforward_layernorm") and hasattr(
+            block, "post_attention_layernorm"
+        ):
+            return block.post_attention_layernorm
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "o_proj"):
+            return attn.o_proj
+        raise TypeError(f"{type(block).__name__}: cannot find the attention output projection")
+    raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+
+
+def _tensor_of(output: Any) -> torch.Tensor:
+    h = output[0] if isinstance(output, tuple | list) else output
+    if not isinstance(h, torch.Tensor) or h.dim() != 3:
+        raise TypeError(f"hooked module returned {type(h).__name__}, expected a (B, T, D) tensor")
+    return h
+
+
+def make_hook(layer: int, sink: dict[int, Any], fn: Callable, stop: bool) -> Callable:
+    """A forward hook closing over its layer and the output buffer; never swallows errors."""
+
+    def hook(module, args, output):
+        sink[layer] = fn(layer, _tensor_of(output))
+        if stop:
+            raise StopForward
+        return None
+
+    return hook
+
+
+@contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    handles = []
+    try:
+        for module, fn in hooks:
+            handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: under causal attention real tokens never see the pads after them."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return decoder_stack(model).embed_tokens.weight.device
+
+
+@torch.inference_mode()
+def hooked_prefill(
+    model: nn.Module,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, T)
+    layers: list[int],
+    component: str,
+    fn: Callable[[int, torch.Tensor], Any],
+    early_stop: bool = True,
+) -> dict[int, Any]:
+    """Run the decoder stack (no lm_head) with `fn(layer, h)` at each layer; {layer: fn(...)}."""
+    stack = decoder_stack(model)
+    blocks = stack.layers
+    top = max(layers)
+    sink: dict[int, Any] = {}
+    hooks = [
+        (hook_point(blocks[layer], component), make_hook(layer, sink, fn, early_stop and layer == top))
+        for layer in sorted(set(layers))
+    ]
+    with forward_hooks(hooks):
+        try:
+            stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except StopForward:
+            pass
+    missing = sorted(set(layers) - set(sink))
+    if missing:
+        raise RuntimeError(f"hooks did not fire for layers {missing}")
+    return sink

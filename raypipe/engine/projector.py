@@ -1,0 +1,140 @@
+"""The hooked projector: one prefill, every trait of a layer scored in one matmul on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from raypipe.engine.hooks import hooked_prefill, model_device, pad_right
+
+
+@dataclass
+class SequenceScores:
+    """Scores for one sequence, one row per vector (in the order the vectors were given)."""
+
+    scores: np.ndarray  # (S, T) float32: h_t . v^
+    norms: np.ndarray  # (S, T) float32: |h_t| at that vector's layer
+    cleaned_scores: np.ndarray | None = None  # (S, T) with massive dims removed
+    cleaned_norms: np.ndarray | None = None  # (S, T)
+
+
+class Projector:
+    """Projects hooked hidden states onto unit vectors; only scores leave the device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        vectors: list[tuple[int, list[float] | torch.Tensor]],  # (layer, vector) per row
+        component: str = "residual",
+        massive_dims: list[int] | None = None,
+        early_stop: bool = True,
+        max_batch_tokens: int = 16384,
+        pad_id: int = 0,
+    ):
+        if not vectors:
+            raise ValueError("Projector needs at least one vector")
+        self.model = model
+        self.component = component
+        self.early_stop = early_stop
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_id = pad_id
+        self.device = model_device(model)
+        self.layers = sorted({layer for layer, _ in vectors})
+        self.n = len(vectors)
+        # Group rows by layer: one (D, K_L) matrix per layer; `order` maps back to input rows.
+        self.bank: dict[int, torch.Tensor] = {}
+        grouped: list[int] = []
+        for layer in self.layers:
+            rows = [i for i, (lay, _) in enumerate(vectors) if lay == layer]
+            mat = torch.stack([torch.as_tensor(vectors[i][1], dtype=torch.float32) for i in rows])
+            mat = mat / mat.norm(dim=1, keepdim=True)  # (K_L, D) unit rows
+            self.bank[layer] = mat.T.contiguous().to(self.device)  # (D, K_L)
+            grouped.extend(rows)
+        self.inverse = torch.empty(self.n, dtype=torch.long)
+        self.inverse[torch.tensor(grouped)] = torch.arange(self.n)
+        self.norm_rows = torch.tensor(
+            [self.layers.index(vectors[i][0]) for i in range(self.n)], dtype=torch.long
+        )
+        self.dims = (
+            torch.tensor(sorted(set(massive_dims)), dtype=torch.long, device=self.device)
+            if massive_dims
+            else None
+        )
+
+    def _on_layer(self, layer: int, h: torch.Tensor):  # h: (B, T, D) in the model dtype
+        hf = h.float()
+        vec = self.bank[layer]  # (D, K)
+        scores = hf @ vec  # (B, T, K)
+        sq = (hf * hf).sum(-1)  # (B, T)
+        out = [scores, sq]
+        if self.dims is not None:
+            hm = hf.index_select(-1, self.dims)  # (B, T, M)
+            out += [scores - hm @ vec.index_select(0, self.dims), sq - (hm * hm).sum(-1)]
+        return out
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches, cur = [], []
+        for i in order:
+            # Longest first, so the first member's length is the padded width.
+            width = lengths[cur[0]] if cur else lengths[i]
+            if cur and width * (len(cur) + 1) > self.max_batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    @torch.inference_mode()
+    def project(self, seqs: list[list[int]]) -> list[SequenceScores]:
+        out: list[SequenceScores | None] = [None] * len(seqs)
+        for batch in self._batches([len(s) for s in seqs]):
+            for i, res in zip(batch, self._project_batch([seqs[i] for i in batch])):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _project_batch(self, seqs: list[list[int]]) -> list[SequenceScores]:
+        ids, mask = pad_right(seqs, self.pad_id, self.device)
+        got = hooked_prefill(
+            self.model, ids, mask, self.layers, self.component, self._on_layer, self.early_stop
+        )
+        parts = list(zip(*(got[layer] for layer in self.layers)))
+        # One transfer per tensor kind: (B, T, S) scores and (B, T, n_layers) squared norms.
+        scores = torch.cat(parts[0], dim=-1)[..., self.inverse.to(self.device)].cpu().numpy()
+        norms = torch.stack(parts[1], dim=-1).clamp_min(0).sqrt().cpu().numpy()
+        rows = self.norm_rows.numpy()
+        cleaned = None
+        if self.dims is not None:
+            cs = torch.cat(parts[2], dim=-1)[..., self.inverse.to(self.device)].cpu().numpy()
+            cn = torch.stack(parts[3], dim=-1).clamp_min(0).sqrt().cpu().numpy()
+            cleaned = (cs, cn)
+        results = []
+        for b, s in enumerate(seqs):
+            n = len(s)
+            res = SequenceScores(
+                scores=np.ascontiguousarray(scores[b, :n].T),
+                norms=np.ascontiguousarray(norms[b, :n][:, rows].T),
+            )
+            if cleaned is not None:
+                res.cleaned_scores = np.ascontiguousarray(cleaned[0][b, :n].T)
+                res.cleaned_norms = np.ascontiguousarray(cleaned[1][b, :n][:, rows].T)
+            results.append(res)
+        return results
+
+
+def normalize_projections(raw: np.ndarray, norms: np.ndarray, mode: str) -> np.ndarray:
+    """raw | normalized (by the segment's mean token norm) | cosine (by each token's norm)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    norms = np.asarray(norms, dtype=np.float32)
+    if mode == "raw":
+        return raw
+    if mode == "normalized":
+        mean = float(norms.mean()) if norms.size else 0.0
+        return raw / mean if mean > 0 else np.zeros_like(raw)
+    if mode == "cosine":
+        return np.divide(raw, norms, out=np.zeros_like(raw), where=norms > 0)
+    raise ValueError(f"unknown score mode {mode!r}; expected raw, normalized or cosine")

@@ -1,0 +1,116 @@
+"""Every path of the experiment tree (SPEC section 2), and the rules for names that become paths."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from raypipe.errors import InputError
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+MAX_NAME_LEN = 200
+
+
+def check_name(value: str, where: str | Path, field: str) -> str:
+    """A single path component: letters, digits, `_ . -`, never `..`, never hidden."""
+    if not isinstance(value, str) or not value:
+        raise InputError(where, field, f"must be a non-empty string, got {value!r}")
+    if len(value) > MAX_NAME_LEN or not _SAFE_PART.match(value) or ".." in value:
+        raise InputError(
+            where, field, f"{value!r} is not a safe name (letters, digits, '_', '.', '-' only)"
+        )
+    return value
+
+
+def check_relpath(value: str, where: str | Path, field: str, parts: int | None = None) -> str:
+    """A relative path of safe components separated by '/', optionally with an exact depth."""
+    if not isinstance(value, str) or not value.strip("/"):
+        raise InputError(where, field, f"must be a non-empty path, got {value!r}")
+    pieces = value.strip("/").split("/")
+    if parts is not None and len(pieces) != parts:
+        shape = "/".join(["part"] * parts)
+        raise InputError(where, field, f"{value!r} must have the form {shape}")
+    for piece in pieces:
+        check_name(piece, where, field)
+    return "/".join(pieces)
+
+
+def sanitize_position(position: str) -> str:
+    """`response[:5]` -> `response__5`, `response[:]` -> `response_all`, `prompt[-1]` -> `prompt_-1`."""
+    out = position.replace("[:]", "_all")
+    return out.replace("[", "_").replace(":", "_").replace("]", "")
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Paths of one experiment under `root/experiments/{name}`; root also holds `datasets/`."""
+
+    root: Path
+    experiment: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / "experiments" / self.experiment
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.json"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    def prompt_set_file(self, prompt_set: str) -> Path:
+        return self.datasets / "inference" / f"{prompt_set}.json"
+
+    def trait_data_dir(self, trait_set: str) -> Path:
+        return self.datasets / "traits" / trait_set
+
+    # extraction
+    def extraction_dir(self) -> Path:
+        return self.dir / "extraction"
+
+    def vectors_dir(
+        self, trait: str, variant: str, position: str, component: str, method: str
+    ) -> Path:
+        return (
+            self.dir / "extraction" / trait / variant / "vectors"
+            / sanitize_position(position) / component / method
+        )
+
+    def vector_file(
+        self, trait: str, variant: str, position: str, component: str, method: str, layer: int
+    ) -> Path:
+        return self.vectors_dir(trait, variant, position, component, method) / f"layer{layer}.pt"
+
+    def steering_results(self, trait: str, variant: str, position: str) -> Path:
+        return (
+            self.dir / "steering" / trait / variant / sanitize_position(position)
+            / "steering" / "results.jsonl"
+        )
+
+    # inference
+    def inference_dir(self, variant: str) -> Path:
+        return self.dir / "inference" / variant
+
+    def responses_dir(self, variant: str, prompt_set: str) -> Path:
+        return self.inference_dir(variant) / "responses" / prompt_set
+
+    def response_file(self, variant: str, prompt_set: str, prompt_id: str) -> Path:
+        return self.responses_dir(variant, prompt_set) / f"{prompt_id}.json"
+
+    def projections_root(self, variant: str) -> Path:
+        return self.inference_dir(variant) / "projections"
+
+    def projection_file(self, variant: str, trait: str, prompt_set: str, prompt_id: str) -> Path:
+        return self.projections_root(variant) / trait / prompt_set / f"{prompt_id}.json"
+
+    def raw_file(self, variant: str, component: str, prompt_set: str, prompt_id: str) -> Path:
+        return self.inference_dir(variant) / "raw" / component / prompt_set / f"{prompt_id}.pt"
+
+    def calibration_file(self, variant: str) -> Path:
+        return self.inference_dir(variant) / "massive_activations" / "calibration.json"
+
+    def parquet_file(self, variant: str, table: str, prompt_set: str) -> Path:
+        return self.inference_dir(variant) / "parquet" / table / f"{prompt_set}.parquet"

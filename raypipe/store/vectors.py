@@ -1,0 +1,366 @@
+"""Trait vectors, their metadata and steering results; `--layers` parsing and best-layer choice."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raypipe.errors import InputError
+from raypipe.store.atomic import read_json
+from raypipe.store.paths import ExperimentPaths, check_relpath
+
+METHOD_PREFERENCE = ("probe", "mean_diff")
+COMPONENTS = ("residual", "attn_contribution")
+MIN_COHERENCE = 77.0
+_LAYER_FILE = re.compile(r"^layer(\d+)\.pt$")
+
+
+# ---------------------------------------------------------------- --layers
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Parsed `--layers`: absolute layers plus offsets from each trait's best layer."""
+
+    text: str
+    absolute: tuple[int, ...] = ()
+    best_offsets: tuple[int, ...] = ()
+
+
+def parse_layers(text: str, n_layers: int, where: str = "--layers") -> LayerSpec:
+    absolute: list[int] = []
+    offsets: list[int] = []
+    for raw in text.split(","):
+        term = raw.strip().replace(" ", "")
+        if not term:
+            raise InputError(where, "layers", f"empty term in {text!r}")
+        if term == "all":
+            absolute.extend(range(n_layers))
+        elif m := re.fullmatch(r"best(?:([+-])(\d+))?", term):
+            off = int(m.group(2) or 0)
+            offsets.append(-off if m.group(1) == "-" else off)
+        elif m := re.fullmatch(r"(\d+)%-(\d+)%", term):
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if not 0 <= lo <= hi <= 100:
+                raise InputError(where, "layers", f"bad percent range {term!r}")
+            last = n_layers - 1
+            absolute.extend(range(round(lo / 100 * last), round(hi / 100 * last) + 1))
+        elif m := re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?", term):
+            lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+            if lo > hi or step < 1:
+                raise InputError(where, "layers", f"bad range {term!r}")
+            hi = min(hi, n_layers - 1) if hi == n_layers else hi  # `0-30` on 30 layers means all
+            absolute.extend(range(lo, hi + 1, step))
+        elif term.isdigit():
+            absolute.append(int(term))
+        else:
+            raise InputError(
+                where, "layers",
+                f"cannot parse {term!r} (use best, best+N, best-N, N, A-B, A-B:S, P%-Q%, all)",
+            )
+    bad = sorted({layer for layer in absolute if layer >= n_layers})
+    if bad:
+        raise InputError(
+            where, "layers",
+            f"layer {bad[0]} is beyond the model depth: it has {n_layers} layers (0-{n_layers - 1})",
+        )
+    return LayerSpec(
+        text=text,
+        absolute=tuple(dict.fromkeys(absolute)),
+        best_offsets=tuple(dict.fromkeys(offsets)),
+    )
+
+
+# ---------------------------------------------------------------- vectors on disk
+
+
+@dataclass(frozen=True)
+class VectorSet:
+    """All `layer{L}.pt` of one trait/method/position/component, with their metadata."""
+
+    trait: str
+    method: str
+    position: str
+    component: str
+    dir: Path
+    layer_files: dict[int, Path]
+    metadata: dict
+
+    def layer_meta(self, layer: int) -> dict:
+        return self.metadata.get("layers", {}).get(str(layer), {})
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    """One vector chosen for projection: a trait at a layer, ready to stack."""
+
+    trait: str
+    method: str
+    position: str
+    component: str
+    layer: int
+    selection_source: str
+    baseline: float
+    vector: list[float] = field(repr=False)  # plain floats: picklable to Ray workers
+
+
+def list_traits(paths: ExperimentPaths, variant: str) -> list[str]:
+    root = paths.extraction_dir()
+    if not root.is_dir():
+        return []
+    return sorted(
+        f"{cat.name}/{name.name}"
+        for cat in root.iterdir()
+        if cat.is_dir()
+        for name in cat.iterdir()
+        if (name / variant / "vectors").is_dir()
+    )
+
+
+def _load_metadata(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(path, "metadata", "missing metadata.json beside the vectors")
+    meta = read_json(path, "metadata")
+    if not isinstance(meta, dict):
+        raise InputError(path, "metadata", "must be a JSON object")
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise InputError(path, "layers", "must be an object keyed by layer")
+    for key, value in layers.items():
+        if not isinstance(value, dict):
+            raise InputError(path, f"layers.{key}", "must be an object")
+        baseline = value.get("baseline", 0.0)
+        if isinstance(baseline, bool) or not isinstance(baseline, int | float) or not math.isfinite(
+            baseline
+        ):
+            raise InputError(path, f"layers.{key}.baseline", f"must be a finite number: {baseline!r}")
+    return meta
+
+
+def find_vector_set(
+    paths: ExperimentPaths,
+    trait: str,
+    variant: str,
+    component: str,
+    method: str | None = None,
+    position: str | None = None,
+) -> VectorSet:
+    check_relpath(trait, "--traits", "traits", parts=2)
+    base = paths.extraction_dir() / trait / variant / "vectors"
+    if not base.is_dir():
+        raise InputError(base, "traits", f"trait {trait!r} has no vectors for variant {variant!r}")
+    positions = sorted(p for p in base.iterdir() if p.is_dir())
+    if position is not None:
+        from raypipe.store.paths import sanitize_position
+
+        positions = [p for p in positions if p.name == sanitize_position(position)]
+    methods = [method] if method else list(METHOD_PREFERENCE)
+    tried = []
+    for pos_dir in positions:
+        for m in methods:
+            d = pos_dir / component / m
+            tried.append(str(d.relative_to(base)))
+            files = {}
+            if d.is_dir():
+                for f in d.iterdir():
+                    if mm := _LAYER_FILE.match(f.name):
+                        files[int(mm.group(1))] = f
+            if files:
+                meta = _load_metadata(d / "metadata.json")
+                pos = meta.get("position")
+                if not isinstance(pos, str):
+                    raise InputError(d / "metadata.json", "position", "missing or not a string")
+                return VectorSet(trait, m, pos, component, d, dict(sorted(files.items())), meta)
+    raise InputError(
+        base, "traits",
+        f"trait {trait!r} has no {component} vectors (looked in {', '.join(tried) or 'nothing'})",
+    )
+
+
+def load_vector(path: Path, hidden_size: int) -> list[float]:
+    import torch
+
+    try:
+        t = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, pickled objects, not a tensor file
+        raise InputError(path, "vector", f"cannot load: {type(e).__name__}: {e}") from None
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
+        raise InputError(path, "vector", "must be a 1-D float tensor")
+    if t.shape[0] != hidden_size:
+        raise InputError(
+            path, "vector", f"has size {t.shape[0]} but the model's hidden size is {hidden_size}"
+        )
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise InputError(path, "vector", "contains NaN or infinite values")
+    if float(t.norm()) == 0.0:
+        raise InputError(path, "vector", "is all zeros")
+    return t.tolist()
+
+
+# ---------------------------------------------------------------- steering and best layer
+
+
+@dataclass(frozen=True)
+class SteeringRun:
+    layer: int
+    method: str
+    component: str
+    trait_mean: float
+    coherence_mean: float
+
+
+@dataclass(frozen=True)
+class SteeringResults:
+    direction: str
+    baseline_trait_mean: float | None
+    runs: tuple[SteeringRun, ...]
+
+
+def _num(value, path: Path, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(path, field_name, f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def load_steering(path: Path) -> SteeringResults | None:
+    if not path.is_file():
+        return None
+    direction, baseline, runs = "positive", None, []
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(path, "results", "not valid UTF-8") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(path, f"line {n}", f"malformed JSON: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise InputError(path, f"line {n}", "must be a JSON object")
+        kind = obj.get("type")
+        if kind == "header":
+            direction = obj.get("direction", "positive")
+            if direction not in ("positive", "negative"):
+                raise InputError(path, f"line {n}.direction", f"unknown direction {direction!r}")
+        elif kind == "baseline":
+            result = obj.get("result")
+            if not isinstance(result, dict):
+                raise InputError(path, f"line {n}.result", "must be an object")
+            baseline = _num(result.get("trait_mean"), path, f"line {n}.result.trait_mean")
+        else:
+            result, config = obj.get("result"), obj.get("config")
+            if not isinstance(result, dict) or not isinstance(config, dict):
+                raise InputError(path, f"line {n}", "a run needs 'result' and 'config' objects")
+            vecs = config.get("vectors")
+            if not isinstance(vecs, list) or not vecs or not isinstance(vecs[0], dict):
+                raise InputError(path, f"line {n}.config.vectors", "must be a non-empty list")
+            first = vecs[0]
+            layer = first.get("layer")
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise InputError(path, f"line {n}.config.vectors[0].layer", "must be an integer")
+            runs.append(
+                SteeringRun(
+                    layer=layer,
+                    method=str(first.get("method", "")),
+                    component=str(first.get("component", "residual")),
+                    trait_mean=_num(result.get("trait_mean"), path, f"line {n}.result.trait_mean"),
+                    coherence_mean=_num(
+                        result.get("coherence_mean"), path, f"line {n}.result.coherence_mean"
+                    ),
+                )
+            )
+    return SteeringResults(direction, baseline, tuple(runs))
+
+
+def best_layer(vset: VectorSet, steering: SteeringResults | None) -> tuple[int, str, str]:
+    """(layer, selection_source, why): steering delta first, else validation effect size."""
+    candidates = sorted(vset.layer_files)
+    if steering is not None and steering.baseline_trait_mean is not None:
+        sign = -1.0 if steering.direction == "negative" else 1.0
+        scores: dict[int, float] = {}
+        for run in steering.runs:
+            if (
+                run.layer in vset.layer_files
+                and run.method == vset.method
+                and run.component == vset.component
+                and run.coherence_mean >= MIN_COHERENCE
+            ):
+                delta = sign * (run.trait_mean - steering.baseline_trait_mean)
+                scores[run.layer] = max(scores.get(run.layer, -math.inf), delta)
+        if scores:
+            layer = max(sorted(scores), key=lambda layer: scores[layer])  # ties: lower layer
+            return layer, "steering", f"steering delta {scores[layer]:+.2f}"
+    effects = {}
+    for layer in candidates:
+        value = vset.layer_meta(layer).get("val_effect_size")
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            effects[layer] = float(value)
+    if not effects:
+        raise InputError(
+            vset.dir, "layers",
+            f"trait {vset.trait!r}: no usable steering results and no val_effect_size in "
+            "metadata.json to pick a best layer; pass explicit --layers",
+        )
+    layer = max(sorted(effects), key=lambda layer: effects[layer])
+    return layer, "effect_size", f"validation effect size {effects[layer]:.2f}"
+
+
+def resolve_vectors(
+    paths: ExperimentPaths,
+    traits: list[str],
+    variant: str,
+    component: str,
+    layers: LayerSpec,
+    n_layers: int,
+    hidden_size: int,
+    method: str | None = None,
+) -> tuple[list[VectorSpec], list[str]]:
+    """Every (trait, layer) vector to project, plus notes for the user (clamps, choices)."""
+    specs: list[VectorSpec] = []
+    notes: list[str] = []
+    for trait in traits:
+        vset = find_vector_set(paths, trait, variant, component, method)
+        chosen: dict[int, str] = {}
+        if layers.best_offsets:
+            steering = load_steering(paths.steering_results(trait, variant, vset.position))
+            best, source, why = best_layer(vset, steering)
+            notes.append(f"{trait}: best layer {best} ({vset.method}, {why})")
+            for off in layers.best_offsets:
+                layer = best + off
+                if layer > n_layers - 1 or layer < 0:
+                    clamped = min(max(layer, 0), n_layers - 1)
+                    notes.append(
+                        f"{trait}: best{off:+d} = layer {layer} is outside 0-{n_layers - 1}, "
+                        f"clamped to {clamped}"
+                    )
+                    layer = clamped
+                chosen.setdefault(layer, source)
+        for layer in layers.absolute:
+            chosen.setdefault(layer, "layers_arg")
+        for layer, source in sorted(chosen.items()):
+            if layer not in vset.layer_files:
+                raise InputError(
+                    vset.dir, "layers",
+                    f"trait {trait!r} has no vector at layer {layer} "
+                    f"(has {min(vset.layer_files)}-{max(vset.layer_files)})",
+                )
+            vector = load_vector(vset.layer_files[layer], hidden_size)
+            specs.append(
+                VectorSpec(
+                    trait=trait,
+                    method=vset.method,
+                    position=vset.position,
+                    component=component,
+                    layer=layer,
+                    selection_source=source,
+                    baseline=float(vset.layer_meta(layer).get("baseline", 0.0)),
+                    vector=vector,
+                )
+            )
+    return specs, notes

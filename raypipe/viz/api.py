@@ -1,0 +1,533 @@
+"""JSON endpoints of the dashboard: query checks at the edge, then payloads for each view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from raypipe.viz import tables
+from raypipe.viz.data import SCORE_MODES, ApiError, Tree, finite_list, natural_key, segment_scores
+
+MAX_PARAM_LEN = 512
+PREVIEW_JSON_LIMIT = 1000  # above this many prompts, previews only come from Parquet
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class Query:
+    """Query-string parameters of one request; unknown, repeated or malformed ones are 400."""
+
+    def __init__(self, raw: str, allowed: set[str]) -> None:
+        try:
+            pairs = parse_qsl(raw, keep_blank_values=True, max_num_fields=32)
+        except ValueError as err:
+            raise ApiError(400, f"malformed query string: {err}") from None
+        self.values: dict[str, str] = {}
+        for key, value in pairs:
+            if key in self.values:
+                raise ApiError(400, f"parameter {key!r} given more than once")
+            if len(value) > MAX_PARAM_LEN:
+                raise ApiError(400, f"parameter {key!r} is too long")
+            self.values[key] = value
+        unknown = sorted(set(self.values) - allowed)
+        if unknown:
+            takes = ", ".join(sorted(allowed)) or "no parameters"
+            raise ApiError(400, f"unknown parameter {unknown[0]!r}; this endpoint takes {takes}")
+
+    def text(self, name: str) -> str:
+        value = self.values.get(name)
+        if value is None or value == "":
+            raise ApiError(400, f"missing parameter {name!r}")
+        if "\x00" in value:
+            raise ApiError(400, f"parameter {name!r} contains a NUL byte")
+        return value
+
+    def optional(self, name: str) -> str | None:
+        return self.text(name) if self.values.get(name) else None
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.values.get(name) or default
+        if value not in options:
+            raise ApiError(400, f"parameter {name!r} must be one of {', '.join(options)}")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self.values.get(name, "0").lower()
+        if value in _TRUE:
+            return True
+        if value in _FALSE or value == "":
+            return False
+        raise ApiError(400, f"parameter {name!r} must be 0 or 1, got {value!r}")
+
+    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
+        value = self.values.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ApiError(400, f"parameter {name!r} must be an integer, got {value!r}") from None
+        if not lo <= number <= hi:
+            raise ApiError(400, f"parameter {name!r} must be between {lo} and {hi}")
+        return number
+
+
+# -- discovery -------------------------------------------------------------------------------
+
+
+def experiments(tree: Tree, q: Query) -> dict[str, Any]:
+    out = []
+    for name in tree.experiments():
+        item: dict[str, Any] = {"name": name}
+        try:
+            item["variants"] = tree.variants(name)
+            item["defaults"] = _defaults(tree.config(name), item["variants"])
+        except ApiError as err:
+            # One broken config must not hide the other experiments.
+            item["error"] = err.message
+        out.append(item)
+    return {"experiments": out}
+
+
+def _defaults(config: dict[str, Any], variants: list[str]) -> dict[str, str | None]:
+    defaults = config.get("defaults") if isinstance(config.get("defaults"), dict) else {}
+    first = variants[0] if variants else None
+    return {
+        role: defaults.get(role) if defaults.get(role) in variants else first
+        for role in ("extraction", "application")
+    }
+
+
+def variants(tree: Tree, q: Query) -> dict[str, Any]:
+    experiment = q.text("experiment")
+    names = tree.variants(experiment)
+    config = tree.config(experiment)
+    declared = config.get("model_variants") if isinstance(config.get("model_variants"), dict) else {}
+    out = []
+    for name in names:
+        spec = declared.get(name) if isinstance(declared.get(name), dict) else {}
+        calibration = tree.calibration(experiment, name)
+        out.append(
+            {
+                "name": name,
+                "model": spec.get("model"),
+                "lora": spec.get("lora"),
+                "has_calibration": calibration is not None,
+                "massive_dims": calibration["massive_dims"] if calibration else [],
+            }
+        )
+    return {"experiment": experiment, "defaults": _defaults(config, names), "variants": out}
+
+
+def prompt_sets(tree: Tree, q: Query) -> dict[str, Any]:
+    experiment, variant = q.text("experiment"), q.text("variant")
+    out = []
+    for name in tree.prompt_sets(experiment, variant):
+        out.append(
+            {
+                "name": name,
+                "n_prompts": len(tree.prompt_ids(experiment, variant, name)),
+                "has_parquet": tree.parquet(experiment, variant, "projections", name) is not None,
+            }
+        )
+    return {"prompt_sets": out}
+
+
+def prompts(tree: Tree, q: Query) -> dict[str, Any]:
+    experiment, variant, prompt_set = q.text("experiment"), q.text("variant"), q.text("prompt_set")
+    ids = tree.prompt_ids(experiment, variant, prompt_set)
+    table = tree.parquet(experiment, variant, "responses", prompt_set)
+    previews: dict[str, str] = {}
+    if table is not None:
+        previews = tables.previews(table)
+    elif len(ids) <= PREVIEW_JSON_LIMIT:
+        for pid in ids:
+            try:
+                text = tree.response(experiment, variant, prompt_set, pid).get("response")
+            except ApiError:
+                continue
+            previews[pid] = str(text or "")[:90]
+    return {"prompts": [{"id": pid, "preview": previews.get(pid, "")} for pid in ids]}
+
+
+def traits(tree: Tree, q: Query) -> dict[str, Any]:
+    experiment, variant, prompt_set = q.text("experiment"), q.text("variant"), q.text("prompt_set")
+    out = []
+    for trait in tree.traits(experiment, variant, prompt_set):
+        sample = tree.first_projection(experiment, variant, trait, prompt_set) or {}
+        entries = [e for e in sample.get("projections") or [] if isinstance(e, dict)]
+        out.append(
+            {
+                "trait": trait,
+                "layers": sorted({int(e["layer"]) for e in entries if "layer" in e}),
+                "methods": sorted({str(e.get("method")) for e in entries}),
+                "component": (sample.get("metadata") or {}).get("component"),
+                "has_cleaned": any("cleaned" in e for e in entries),
+            }
+        )
+    return {"traits": out}
+
+
+# -- Trait Dynamics --------------------------------------------------------------------------
+
+
+def _check_response(tree: Tree, response: dict[str, Any], where: str) -> tuple[list[str], int]:
+    tokens = [str(t) for t in response["tokens"]]
+    end = response.get("prompt_end")
+    if not isinstance(end, int) or not 0 <= end <= len(tokens):
+        raise ApiError(422, f"{where}: prompt_end {end!r} does not fit {len(tokens)} tokens")
+    return tokens, end
+
+
+def _score_pair(
+    entry: dict[str, Any], mode: str, centered: bool, cleaned: bool, already: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return tuple(  # type: ignore[return-value]
+            segment_scores(entry, seg, mode, centered, cleaned, already)
+            for seg in ("prompt", "response")
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ApiError(422, f"projection entry is missing or has bad data: {err}") from None
+
+
+def prompt(tree: Tree, q: Query) -> dict[str, Any]:
+    experiment, variant = q.text("experiment"), q.text("variant")
+    prompt_set, prompt_id = q.text("prompt_set"), q.text("prompt_id")
+    mode = q.choice("mode", SCORE_MODES, "raw")
+    centered, cleaned = q.flag("centered"), q.flag("cleaned")
+
+    response = tree.response(experiment, variant, prompt_set, prompt_id)
+    tokens, end = _check_response(tree, response, f"prompt {prompt_id}")
+    calibration = tree.calibration(experiment, variant)
+    out_traits, missing, skipped, warnings = [], [], [], []
+    for trait in tree.traits(experiment, variant, prompt_set):
+        data = tree.projection(experiment, variant, trait, prompt_set, prompt_id)
+        if data is None:
+            missing.append(trait)
+            continue
+        meta = data.get("metadata") or {}
+        already = bool(meta.get("centered"))
+        series = []
+        for entry in data["projections"]:
+            label = f"{trait} L{entry.get('layer')}"
+            if cleaned and "cleaned" not in entry:
+                skipped.append({"trait": trait, "layer": entry.get("layer"), "reason": "no cleaned"})
+                continue
+            p, r = _score_pair(entry, mode, centered, cleaned, already)
+            if p.size != end or r.size != len(tokens) - end:
+                warnings.append(
+                    f"{label}: {p.size}+{r.size} scores for {end}+{len(tokens) - end} tokens"
+                )
+            series.append(
+                {
+                    "layer": entry.get("layer"),
+                    "method": entry.get("method"),
+                    "selection_source": entry.get("selection_source"),
+                    "baseline": entry.get("baseline"),
+                    "has_cleaned": "cleaned" in entry,
+                    "cleaned_dims": (entry.get("cleaned") or {}).get("dims"),
+                    "prompt": finite_list(p),
+                    "response": finite_list(r),
+                }
+            )
+        out_traits.append(
+            {
+                "trait": trait,
+                "component": meta.get("component"),
+                "position": meta.get("position"),
+                "centered_at_source": already,
+                "series": series,
+            }
+        )
+    if cleaned and not any(t["series"] for t in out_traits):
+        raise ApiError(400, f"no massive-dim-cleaned scores for prompt {prompt_id!r}")
+    return {
+        "experiment": experiment,
+        "variant": variant,
+        "prompt_set": prompt_set,
+        "prompt_id": prompt_id,
+        "mode": mode,
+        "centered": centered,
+        "cleaned": cleaned,
+        "calibration": calibration,
+        "response": {
+            "tokens": tokens,
+            "prompt_end": end,
+            **{
+                key: response.get(key)
+                for key in (
+                    "prompt", "response", "system_prompt", "inference_model", "prompt_note",
+                    "capture_date", "tags",
+                )
+            },
+        },
+        "traits": out_traits,
+        "missing_traits": missing,
+        "skipped": skipped,
+        "warnings": warnings,
+    }
+
+
+# -- Model Analysis --------------------------------------------------------------------------
+
+
+class _Pair:
+    """The arguments shared by both model-diff endpoints, checked once."""
+
+    def __init__(self, tree: Tree, q: Query) -> None:
+        self.tree = tree
+        self.experiment = q.text("experiment")
+        self.prompt_set = q.text("prompt_set")
+        self.a, self.b = q.text("variant_a"), q.text("variant_b")
+        self.trait = q.text("trait")
+        self.mode = q.choice("mode", SCORE_MODES, "raw")
+        self.centered, self.cleaned = q.flag("centered"), q.flag("cleaned")
+        for variant in (self.a, self.b):
+            tree.check_trait(self.experiment, variant, self.prompt_set, self.trait)
+        self.layers = self._common_layers()
+        if not self.layers:
+            raise ApiError(404, f"trait {self.trait!r} has no layer projected in both variants")
+        layer = q.integer("layer", None, 0, 10_000)
+        method = q.optional("method")
+        choices = [(m, L) for m, L in self.layers if (layer is None or L == layer)]
+        choices = [(m, L) for m, L in choices if method is None or m == method]
+        if not choices:
+            have = ", ".join(f"{m} L{L}" for m, L in self.layers)
+            raise ApiError(404, f"no projection for that layer/method in both variants (have {have})")
+        self.method, self.layer = choices[0]
+
+    def _common_layers(self) -> list[tuple[str, int]]:
+        found = []
+        for variant in (self.a, self.b):
+            sample = self.tree.first_projection(self.experiment, variant, self.trait, self.prompt_set)
+            entries = (sample or {}).get("projections") or []
+            found.append({(str(e.get("method")), int(e["layer"])) for e in entries if "layer" in e})
+        return sorted(found[0] & found[1], key=lambda ml: (ml[1], ml[0]))
+
+    def entry(self, data: dict | None) -> tuple[dict, bool] | None:
+        if data is None:
+            return None
+        for e in data["projections"]:
+            if e.get("layer") == self.layer and str(e.get("method")) == self.method:
+                return e, bool((data.get("metadata") or {}).get("centered"))
+        return None
+
+    def scores(self, found: tuple[dict, bool], variant: str) -> np.ndarray:
+        entry, already = found
+        if self.cleaned and "cleaned" not in entry:
+            raise ApiError(400, f"no massive-dim-cleaned scores in variant {variant!r}")
+        p, r = _score_pair(entry, self.mode, self.centered, self.cleaned, already)
+        return np.concatenate([p, r])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "prompt_set": self.prompt_set,
+            "variant_a": self.a,
+            "variant_b": self.b,
+            "trait": self.trait,
+            "layer": self.layer,
+            "method": self.method,
+            "layers": [{"method": m, "layer": L} for m, L in self.layers],
+            "mode": self.mode,
+            "centered": self.centered,
+            "cleaned": self.cleaned,
+        }
+
+
+def _common_prefix(x: list[str], y: list[str]) -> int:
+    n = min(len(x), len(y))
+    for i in range(n):
+        if x[i] != y[i]:
+            return i
+    return n
+
+
+def _diff(
+    pair: _Pair,
+    tokens: tuple[list[str], list[str]],
+    ends: tuple[int, int],
+    scores: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """Per-token B - A on the tokens both variants share from the start (same context)."""
+    (ta, tb), (ea, eb), (sa, sb) = tokens, ends, scores
+    for t, s, v in ((ta, sa, pair.a), (tb, sb, pair.b)):
+        if s.size != len(t):
+            raise ApiError(422, f"variant {v!r}: {s.size} scores for {len(t)} tokens")
+    common = _common_prefix(ta, tb)
+    diff = np.full(len(ta), np.nan)
+    diff[:common] = sb[:common] - sa[:common]
+    return {"common": common, "diff": diff, "match": ta == tb and ea == eb}
+
+
+def compare(tree: Tree, q: Query) -> dict[str, Any]:
+    """Per-prompt summary of B - A on response tokens, from Parquet when both tables exist."""
+    pair = _Pair(tree, q)
+    exp, ps = pair.experiment, pair.prompt_set
+    ids = {v: tree.prompt_ids(exp, v, ps) for v in (pair.a, pair.b)}
+    common_ids = sorted(set(ids[pair.a]) & set(ids[pair.b]), key=natural_key)
+    load_entry, load_tokens, source = _loaders(tree, pair)
+    rows, missing = [], []
+    for pid in common_ids:
+        found = (load_entry(pair.a, pid), load_entry(pair.b, pid))
+        toks = (load_tokens(pair.a, pid), load_tokens(pair.b, pid))
+        if None in found or None in toks:
+            missing.append(pid)
+            continue
+        scores = (pair.scores(found[0], pair.a), pair.scores(found[1], pair.b))
+        (ta, ea), (tb, eb) = toks
+        d = _diff(pair, (ta, tb), (ea, eb), scores)
+        resp_diff = d["diff"][ea:]
+        ok = np.isfinite(resp_diff)
+        row: dict[str, Any] = {
+            "prompt_id": pid,
+            "n_tokens": len(ta) - ea,
+            "n_compared": int(ok.sum()),
+            "tokens_match": d["match"],
+            "mean_a": _mean(scores[0][ea:]),
+            "mean_b": _mean(scores[1][eb:]),
+            "mean_diff": None,
+            "max_diff": None,
+            "max_at": None,
+            "max_token": None,
+        }
+        if ok.any():
+            at = int(np.nanargmax(np.where(ok, resp_diff, -np.inf)))
+            row.update(
+                mean_diff=float(resp_diff[ok].mean()),
+                max_diff=float(resp_diff[at]),
+                max_at=at,
+                max_token=ta[ea + at],
+            )
+        rows.append(row)
+    return {**pair.describe(), "source": source, "rows": rows, "missing": missing}
+
+
+def _mean(x: np.ndarray) -> float | None:
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if x.size else None
+
+
+def _loaders(
+    tree: Tree, pair: _Pair
+) -> tuple[Callable[[str, str], Any], Callable[[str, str], Any], str]:
+    exp, ps = pair.experiment, pair.prompt_set
+    paths = {
+        v: (tree.parquet(exp, v, "projections", ps), tree.parquet(exp, v, "responses", ps))
+        for v in (pair.a, pair.b)
+    }
+    if not pair.cleaned and all(p and r for p, r in paths.values()):
+        # Parquet has no cleaned arrays; otherwise it is the same data and far faster to scan.
+        entries = {
+            v: tables.projection_entries(p, pair.trait, pair.method, pair.layer)
+            for v, (p, _) in paths.items()
+        }
+        toks = {v: tables.response_tokens(r) for v, (_, r) in paths.items()}
+        if all(entries.values()):
+            return (
+                lambda v, pid: entries[v].get(pid),
+                lambda v, pid: toks[v].get(pid),
+                "parquet",
+            )
+
+    def entry(v: str, pid: str) -> tuple[dict, bool] | None:
+        return pair.entry(tree.projection(exp, v, pair.trait, ps, pid))
+
+    def tokens(v: str, pid: str) -> tuple[list[str], int]:
+        response = tree.response(exp, v, ps, pid)
+        return _check_response(tree, response, f"{v} prompt {pid}")
+
+    return entry, tokens, "json"
+
+
+def compare_prompt(tree: Tree, q: Query) -> dict[str, Any]:
+    """Per-token scores of both variants on one prompt and their difference."""
+    pair = _Pair(tree, q)
+    pid = q.text("prompt_id")
+    exp, ps = pair.experiment, pair.prompt_set
+    responses = [tree.response(exp, v, ps, pid) for v in (pair.a, pair.b)]
+    (ta, ea), (tb, eb) = (
+        _check_response(tree, r, f"{v} prompt {pid}")
+        for r, v in zip(responses, (pair.a, pair.b), strict=True)
+    )
+    found = []
+    for v in (pair.a, pair.b):
+        hit = pair.entry(tree.projection(exp, v, pair.trait, ps, pid))
+        if hit is None:
+            raise ApiError(
+                404, f"prompt {pid!r} has no {pair.trait} L{pair.layer} projection in {v!r}"
+            )
+        found.append(hit)
+    sa, sb = pair.scores(found[0], pair.a), pair.scores(found[1], pair.b)
+    d = _diff(pair, (ta, tb), (ea, eb), (sa, sb))
+    return {
+        **pair.describe(),
+        "prompt_id": pid,
+        "tokens": ta,
+        "prompt_end": ea,
+        "tokens_b": None if d["match"] else tb,
+        "prompt_end_b": eb,
+        "tokens_match": d["match"],
+        "common_prefix": d["common"],
+        "a": finite_list(sa),
+        "b": finite_list(sb),
+        "diff": finite_list(d["diff"]),
+        "response_a": responses[0].get("response"),
+        "response_b": responses[1].get("response"),
+    }
+
+
+# -- Overview --------------------------------------------------------------------------------
+
+
+def overview(tree: Tree, q: Query) -> dict[str, Any]:
+    experiment, variant, prompt_set = q.text("experiment"), q.text("variant"), q.text("prompt_set")
+    mode = q.choice("mode", SCORE_MODES, "raw")
+    centered = q.flag("centered")
+    bins = q.integer("bins", 30, 1, 200)
+    top = q.integer("top", 5, 1, 100)
+    table = tree.parquet(experiment, variant, "projections", prompt_set)
+    if table is None:
+        raise ApiError(
+            404,
+            f"no Parquet table for prompt set {prompt_set!r} in variant {variant!r} "
+            f"(expected inference/{variant}/parquet/projections/{prompt_set}.parquet)",
+        )
+    responses = tree.parquet(experiment, variant, "responses", prompt_set)
+    result = tables.overview(table, responses, mode, centered, bins, top)  # type: ignore[arg-type]
+    return {
+        "experiment": experiment,
+        "variant": variant,
+        "prompt_set": prompt_set,
+        "mode": mode,
+        "centered": centered,
+        **result,
+    }
+
+
+Endpoint = Callable[[Tree, Query], dict[str, Any]]
+
+_SCORES = {"mode", "centered", "cleaned"}
+_PAIR = {"experiment", "prompt_set", "variant_a", "variant_b", "trait", "layer", "method"}
+
+ROUTES: dict[str, tuple[Endpoint, set[str]]] = {
+    "/api/experiments": (experiments, set()),
+    "/api/variants": (variants, {"experiment"}),
+    "/api/prompt_sets": (prompt_sets, {"experiment", "variant"}),
+    "/api/prompts": (prompts, {"experiment", "variant", "prompt_set"}),
+    "/api/traits": (traits, {"experiment", "variant", "prompt_set"}),
+    "/api/prompt": (
+        prompt,
+        {"experiment", "variant", "prompt_set", "prompt_id"} | _SCORES,
+    ),
+    "/api/compare": (compare, _PAIR | _SCORES),
+    "/api/compare_prompt": (compare_prompt, _PAIR | _SCORES | {"prompt_id"}),
+    "/api/overview": (
+        overview,
+        {"experiment", "variant", "prompt_set", "mode", "centered", "bins", "top"},
+    ),
+}

@@ -1,0 +1,93 @@
+"""Hooked scores equal an independent reference: output_hidden_states of a plain forward."""
+
+import numpy as np
+import pytest
+import torch
+
+from raypipe.engine.projector import Projector, normalize_projections
+from tests.tiny import tiny_llama
+
+
+def _reference(model, seq, layer, vec, component):
+    ids = torch.tensor([seq])
+    if component == "residual":
+        with torch.no_grad():
+            hs = model(ids, output_hidden_states=True).hidden_states[layer + 1][0]
+    else:
+        store = {}
+        h = model.model.layers[layer].self_attn.o_proj.register_forward_hook(
+            lambda m, a, o: store.__setitem__("h", o[0])
+        )
+        with torch.no_grad():
+            model(ids)
+        h.remove()
+        hs = store["h"]
+    v = torch.as_tensor(vec, dtype=torch.float32)
+    return (hs.float() @ (v / v.norm())).numpy(), hs.float().norm(dim=-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 1, 12, 23, 7)]
+    vectors = [(layer, torch.randn(64, generator=gen).tolist()) for layer in (0, 2, 2, 1)]
+    # The last layer is left out: HF's hidden_states[-1] has the final norm applied, while
+    # raypipe's residual is always the raw block output.
+    return model, seqs, vectors
+
+
+@pytest.mark.parametrize("component", ["residual", "attn_contribution"])
+def test_matches_hidden_states(setup, component):
+    model, seqs, vectors = setup
+    proj = Projector(model, vectors, component=component)
+    out = proj.project(seqs)
+    for seq, res in zip(seqs, out):
+        assert res.scores.shape == (len(vectors), len(seq))
+        for row, (layer, vec) in enumerate(vectors):
+            ref, norms = _reference(model, seq, layer, vec, component)
+            np.testing.assert_allclose(res.scores[row], ref, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(res.norms[row], norms, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_one_equals_eight(setup):
+    model, seqs, vectors = setup
+    batched = Projector(model, vectors).project(seqs)
+    single = Projector(model, vectors, max_batch_tokens=1).project(seqs)
+    for a, b in zip(batched, single):
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stop_skips_upper_layers(setup):
+    model, seqs, vectors = setup
+    fired = []
+    h = model.model.layers[2].register_forward_hook(lambda *a: fired.append(1))
+    Projector(model, [(1, vectors[0][1])]).project(seqs[:2])
+    h.remove()
+    assert fired == []
+
+
+def test_massive_dim_cleaning(setup):
+    model, seqs, vectors = setup
+    dims = [3, 10]
+    res = Projector(model, vectors, massive_dims=dims).project(seqs[:1])[0]
+    seq = seqs[0]
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    for row, (layer, vec) in enumerate(vectors):
+        h = hs[layer + 1][0].clone()
+        h[:, dims] = 0
+        v = torch.as_tensor(vec)
+        np.testing.assert_allclose(res.cleaned_scores[row], (h @ (v / v.norm())).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(res.cleaned_norms[row], h.norm(dim=-1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_normalize_modes():
+    raw = np.array([1.0, -2.0, 3.0], dtype=np.float32)
+    norms = np.array([2.0, 4.0, 0.0], dtype=np.float32)
+    np.testing.assert_allclose(normalize_projections(raw, norms, "raw"), raw)
+    np.testing.assert_allclose(normalize_projections(raw, norms, "normalized"), raw / 2.0)
+    np.testing.assert_allclose(normalize_projections(raw, norms, "cosine"), [0.5, -0.5, 0.0])
+    with pytest.raises(ValueError):
+        normalize_projections(raw, norms, "bogus")
