@@ -23,6 +23,4 @@ class MissingDependency(RaypipeError):
     """An optional package is needed for the requested feature."""
 
     def __init__(self, package: str, feature: str, extra: str):
-        super().__init__(
-            f"{feature} needs the '{package}' package: pip install 'raypipe[{extra}]'"
-        )
+        super().__init__(f"{feature} needs the '{package}' package: pip install 'raypipe[{extra}]'")

@@ -30,7 +30,9 @@ def _reference(model, seq, layer, vec, component):
 def setup():
     model = tiny_llama()
     gen = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 1, 12, 23, 7)]
+    seqs = [
+        torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 17, 9, 30, 1, 12, 23, 7)
+    ]
     vectors = [(layer, torch.randn(64, generator=gen).tolist()) for layer in (0, 2, 2, 1)]
     # The last layer is left out: HF's hidden_states[-1] has the final norm applied, while
     # raypipe's residual is always the raw block output.
@@ -79,8 +81,12 @@ def test_massive_dim_cleaning(setup):
         h = hs[layer + 1][0].clone()
         h[:, dims] = 0
         v = torch.as_tensor(vec)
-        np.testing.assert_allclose(res.cleaned_scores[row], (h @ (v / v.norm())).numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(res.cleaned_norms[row], h.norm(dim=-1).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            res.cleaned_scores[row], (h @ (v / v.norm())).numpy(), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            res.cleaned_norms[row], h.norm(dim=-1).numpy(), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_normalize_modes():

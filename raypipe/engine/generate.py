@@ -115,8 +115,8 @@ class Generator:
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, p in enumerate(prompts):
-            input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
+            input_ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
         sample = self.opts.temperature > 0
         kwargs = dict(
             max_new_tokens=self.opts.max_new_tokens,

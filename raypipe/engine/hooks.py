@@ -109,7 +109,10 @@ def hooked_prefill(
     top = max(layers)
     sink: dict[int, Any] = {}
     hooks = [
-        (hook_point(blocks[layer], component), make_hook(layer, sink, fn, early_stop and layer == top))
+        (
+            hook_point(blocks[layer], component),
+            make_hook(layer, sink, fn, early_stop and layer == top),
+        )
         for layer in sorted(set(layers))
     ]
     with forward_hooks(hooks):

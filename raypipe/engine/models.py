@@ -51,7 +51,7 @@ def _alias_gguf(alias: str) -> tuple[Path, str]:
 
 
 def _convert_gguf(alias: str, target: Path) -> Path:
-    """Dequantize the packaged GGUF once into a safetensors folder (about 20 s, then 0.1 s loads)."""
+    """Dequantize the packaged GGUF once into safetensors (about 20 s; reloads take 0.1 s)."""
     import fcntl
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +95,8 @@ def resolve_model_path(model: str, cache_dir: Path, convert: bool = True) -> Pat
         return Path(snapshot_download(model, local_files_only=True))
     except Exception:
         raise InputError(
-            model, "model",
+            model,
+            "model",
             "not a local folder, a known alias "
             f"({', '.join(ALIASES)}), or a hub id in the local cache (raypipe never downloads)",
         ) from None

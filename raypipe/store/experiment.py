@@ -28,7 +28,8 @@ class ExperimentConfig:
             name = self.application_variant if role == "application" else self.extraction_variant
         if name not in self.variants:
             raise InputError(
-                "--model-variant", "model_variant",
+                "--model-variant",
+                "model_variant",
                 f"unknown variant {name!r}; config has {sorted(self.variants)}",
             )
         return self.variants[name]

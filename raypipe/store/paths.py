@@ -37,7 +37,8 @@ def check_relpath(value: str, where: str | Path, field: str, parts: int | None =
 
 
 def sanitize_position(position: str) -> str:
-    """`response[:5]` -> `response__5`, `response[:]` -> `response_all`, `prompt[-1]` -> `prompt_-1`."""
+    """Path form of a position: `response[:5]` -> `response__5`, `response[:]` -> `response_all`,
+    `prompt[-1]` -> `prompt_-1`."""
     out = position.replace("[:]", "_all")
     return out.replace("[", "_").replace(":", "_").replace("]", "")
 
@@ -75,8 +76,14 @@ class ExperimentPaths:
         self, trait: str, variant: str, position: str, component: str, method: str
     ) -> Path:
         return (
-            self.dir / "extraction" / trait / variant / "vectors"
-            / sanitize_position(position) / component / method
+            self.dir
+            / "extraction"
+            / trait
+            / variant
+            / "vectors"
+            / sanitize_position(position)
+            / component
+            / method
         )
 
     def vector_file(
@@ -86,8 +93,13 @@ class ExperimentPaths:
 
     def steering_results(self, trait: str, variant: str, position: str) -> Path:
         return (
-            self.dir / "steering" / trait / variant / sanitize_position(position)
-            / "steering" / "results.jsonl"
+            self.dir
+            / "steering"
+            / trait
+            / variant
+            / sanitize_position(position)
+            / "steering"
+            / "results.jsonl"
         )
 
     # inference

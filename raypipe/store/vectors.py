@@ -58,14 +58,17 @@ def parse_layers(text: str, n_layers: int, where: str = "--layers") -> LayerSpec
             absolute.append(int(term))
         else:
             raise InputError(
-                where, "layers",
+                where,
+                "layers",
                 f"cannot parse {term!r} (use best, best+N, best-N, N, A-B, A-B:S, P%-Q%, all)",
             )
     bad = sorted({layer for layer in absolute if layer >= n_layers})
     if bad:
         raise InputError(
-            where, "layers",
-            f"layer {bad[0]} is beyond the model depth: it has {n_layers} layers (0-{n_layers - 1})",
+            where,
+            "layers",
+            f"layer {bad[0]} is beyond the model depth: "
+            f"it has {n_layers} layers (0-{n_layers - 1})",
         )
     return LayerSpec(
         text=text,
@@ -133,10 +136,14 @@ def _load_metadata(path: Path) -> dict:
         if not isinstance(value, dict):
             raise InputError(path, f"layers.{key}", "must be an object")
         baseline = value.get("baseline", 0.0)
-        if isinstance(baseline, bool) or not isinstance(baseline, int | float) or not math.isfinite(
-            baseline
+        if (
+            isinstance(baseline, bool)
+            or not isinstance(baseline, int | float)
+            or not math.isfinite(baseline)
         ):
-            raise InputError(path, f"layers.{key}.baseline", f"must be a finite number: {baseline!r}")
+            raise InputError(
+                path, f"layers.{key}.baseline", f"must be a finite number: {baseline!r}"
+            )
     return meta
 
 
@@ -175,7 +182,8 @@ def find_vector_set(
                     raise InputError(d / "metadata.json", "position", "missing or not a string")
                 return VectorSet(trait, m, pos, component, d, dict(sorted(files.items())), meta)
     raise InputError(
-        base, "traits",
+        base,
+        "traits",
         f"trait {trait!r} has no {component} vectors (looked in {', '.join(tried) or 'nothing'})",
     )
 
@@ -303,7 +311,8 @@ def best_layer(vset: VectorSet, steering: SteeringResults | None) -> tuple[int, 
             effects[layer] = float(value)
     if not effects:
         raise InputError(
-            vset.dir, "layers",
+            vset.dir,
+            "layers",
             f"trait {vset.trait!r}: no usable steering results and no val_effect_size in "
             "metadata.json to pick a best layer; pass explicit --layers",
         )
@@ -346,7 +355,8 @@ def resolve_vectors(
         for layer, source in sorted(chosen.items()):
             if layer not in vset.layer_files:
                 raise InputError(
-                    vset.dir, "layers",
+                    vset.dir,
+                    "layers",
                     f"trait {trait!r} has no vector at layer {layer} "
                     f"(has {min(vset.layer_files)}-{max(vset.layer_files)})",
                 )

@@ -1,0 +1,216 @@
+"""Command line: parse flags into option objects once, validate, then call the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from raypipe.engine.generate import GenerationOptions
+from raypipe.errors import InputError, RaypipeError
+from raypipe.options import (
+    BACKENDS,
+    InferOptions,
+    ModelOptions,
+    OutputOptions,
+    ProjectionOptions,
+    RunOptions,
+)
+
+
+def _root(args) -> Path:
+    return Path(args.root or os.environ.get("RAYPIPE_ROOT") or ".").resolve()
+
+
+def _cache(args) -> Path:
+    return Path(
+        args.cache_dir or os.environ.get("RAYPIPE_CACHE") or "~/.cache/raypipe"
+    ).expanduser()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="folder holding experiments/ and datasets/ [cwd, $RAYPIPE_ROOT]")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--model-variant", help="variant from config.json [config default]")
+    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 [auto=bf16]")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4")
+    p.add_argument("--cache-dir", help="converted-model cache [~/.cache/raypipe, $RAYPIPE_CACHE]")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-set", required=True, help="path under datasets/inference/")
+    p.add_argument("--regenerate", action="store_true", help="generate even if responses exist")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut prompts longer than the context instead of reporting them",
+    )
+    p.add_argument("--backend", default="local", choices=BACKENDS)
+    p.add_argument("--address", help="Ray cluster address [a local Ray on loopback]")
+    p.add_argument("--replicas", type=int, default=1, help="generation and projection replicas")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
+    p.add_argument("--threads", type=int, help="torch threads per worker [all cores]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raypipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infer", help="generate, then project every token onto trait vectors")
+    _common(p)
+    _run_flags(p)
+    p.add_argument(
+        "--layers",
+        default="best,best+5",
+        help="best, best+N, best-N, N, A-B, A-B:S, P%%-Q%%, all [best,best+5]",
+    )
+    p.add_argument("--traits", help="comma list of category/name [all extracted]")
+    p.add_argument("--method", choices=("probe", "mean_diff"), help="[probe, then mean_diff]")
+    p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
+    p.add_argument("--centered", action="store_true", help="subtract each vector's baseline")
+    p.add_argument(
+        "--remove-massive-dims",
+        action="store_true",
+        help="also write scores with calibrated massive dims removed",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing projection files")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="prefill token budget")
+
+    p = sub.add_parser("generate", help="generate responses only")
+    _common(p)
+    _run_flags(p)
+
+    p = sub.add_parser("extract", help="compute mean_diff and probe vectors from contrastive pairs")
+    _common(p)
+    p.add_argument("--trait-set", default="starter_traits", help="folder under datasets/traits/")
+    p.add_argument("--traits", help="comma list of category/name [all in the trait set]")
+    p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
+    p.add_argument("--position", default="response[:]", help="token positions to average")
+    p.add_argument("--val-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="recompute vectors that exist")
+
+    p = sub.add_parser("viz", help="serve the dashboard over an experiments tree")
+    p.add_argument("--root", help="folder holding experiments/ [cwd, $RAYPIPE_ROOT]")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    return parser
+
+
+def infer_options(args) -> InferOptions:
+    traits = getattr(args, "traits", None)
+    return InferOptions(
+        output=OutputOptions(
+            root=_root(args),
+            experiment=args.experiment,
+            prompt_set=args.prompt_set,
+            regenerate=args.regenerate,
+            force=getattr(args, "force", False),
+            truncate=args.truncate,
+        ),
+        model=ModelOptions(
+            dtype=args.dtype,
+            device=args.device,
+            load_in_4bit=args.load_in_4bit,
+            cache_dir=_cache(args),
+            variant=args.model_variant,
+        ),
+        generation=GenerationOptions(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            max_batch_size=args.batch_size,
+        ),
+        projection=ProjectionOptions(
+            component=getattr(args, "component", "residual"),
+            layers=getattr(args, "layers", "best"),
+            traits=tuple(t.strip() for t in traits.split(",") if t.strip()) if traits else None,
+            method=getattr(args, "method", None),
+            centered=getattr(args, "centered", False),
+            remove_massive_dims=getattr(args, "remove_massive_dims", False),
+            max_batch_tokens=getattr(args, "max_batch_tokens", 16384),
+        ),
+        run=RunOptions(
+            address=args.address,
+            generate_replicas=args.replicas,
+            project_replicas=args.replicas,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            backend=args.backend,
+            quiet=args.quiet,
+        ),
+    )
+
+
+def cmd_infer(args, project: bool) -> int:
+    from raypipe.pipeline.job import run_infer
+    from raypipe.pipeline.plan import plan_infer
+    from raypipe.pipeline.report import print_summary
+
+    opts = infer_options(args)
+    if opts.run.backend != "local":
+        raise InputError("--backend", "backend", f"{opts.run.backend!r} is not available yet")
+    plan = plan_infer(opts, need_vectors=project)
+    summary = run_infer(plan, project=project)
+    print_summary(plan, summary, traits_table=project)
+    return 1 if summary.failed else 0
+
+
+def cmd_extract(args) -> int:
+    from raypipe.extract import ExtractOptions, run_extract
+
+    traits = tuple(t.strip() for t in args.traits.split(",")) if args.traits else None
+    opts = ExtractOptions(
+        root=_root(args),
+        experiment=args.experiment,
+        trait_set=args.trait_set,
+        traits=traits,
+        component=args.component,
+        position=args.position,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        force=args.force,
+        model=ModelOptions(
+            dtype=args.dtype,
+            device=args.device,
+            load_in_4bit=args.load_in_4bit,
+            cache_dir=_cache(args),
+            variant=args.model_variant,
+        ),
+    )
+    run_extract(opts)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
+    try:
+        if args.command in ("infer", "generate"):
+            return cmd_infer(args, project=args.command == "infer")
+        if args.command == "extract":
+            return cmd_extract(args)
+        if args.command == "viz":
+            from raypipe.viz.server import serve
+
+            serve(_root(args), host=args.host, port=args.port)
+            return 0
+    except RaypipeError as e:
+        print(f"raypipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raypipe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`raypipe extract`: contrastive pairs -> mean_diff and probe vectors at every layer."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raypipe.engine.models import ModelSpec, resolve_model_path
+from raypipe.errors import InputError
+from raypipe.options import ModelOptions
+from raypipe.store.atomic import write_json, write_tensor
+from raypipe.store.experiment import load_experiment
+from raypipe.store.outputs import now_iso
+from raypipe.store.pairs import list_trait_data, load_trait_data
+from raypipe.store.paths import ExperimentPaths
+
+METHODS = ("mean_diff", "probe")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    root: Path
+    experiment: str
+    trait_set: str = "starter_traits"
+    traits: tuple[str, ...] | None = None
+    component: str = "residual"
+    position: str = "response[:]"
+    val_fraction: float = 0.25
+    seed: int = 0
+    batch_size: int = 32
+    force: bool = False
+    model: ModelOptions = ModelOptions()
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise InputError("--val-fraction", "val_fraction", "must be between 0 and 1")
+        from raypipe.engine.activations import position_range
+
+        try:
+            position_range(self.position, 1, 2)
+        except ValueError as e:
+            raise InputError("--position", "position", str(e)) from None
+
+
+def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split by pair, so both sides of a pair land on the same side of the split."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _done(paths: ExperimentPaths, trait: str, variant: str, opts: ExtractOptions) -> bool:
+    return all(
+        (
+            paths.vectors_dir(trait, variant, opts.position, opts.component, m) / "metadata.json"
+        ).is_file()
+        for m in METHODS
+    )
+
+
+def run_extract(opts: ExtractOptions, out=sys.stdout) -> dict[str, dict]:
+    """Returns {trait: {"layer", "val_acc", "val_effect_size", "method"}} at each best layer."""
+    import torch
+
+    from raypipe.engine.activations import position_range, segment_means
+    from raypipe.engine.generate import encode_prompt, format_prompt, uses_chat_template
+    from raypipe.engine.hooks import decoder_layers
+    from raypipe.engine.models import load_model
+    from raypipe.engine.vectors import evaluate, mean_diff, probe
+
+    paths = ExperimentPaths(opts.root, opts.experiment)
+    config = load_experiment(paths)
+    variant = config.variant(opts.model.variant, "extraction")
+    folder = paths.trait_data_dir(opts.trait_set)
+    traits = list(opts.traits) if opts.traits else list_trait_data(folder)
+    if not traits:
+        raise InputError(folder, "trait_set", "no */*/pairs.json found")
+    data = {t: load_trait_data(folder, t) for t in traits}  # validate all before loading a model
+    todo = [t for t in traits if opts.force or not _done(paths, t, variant.name, opts)]
+    report: dict[str, dict] = {}
+    if not todo:
+        print(f"extract: vectors for {len(traits)} traits exist (use --force to redo)", file=out)
+        return report
+    m = opts.model
+    spec = ModelSpec(variant.model, m.cache_dir, variant.lora, m.dtype, m.device, m.load_in_4bit)
+    resolve_model_path(spec.model, spec.cache_dir)
+    model, tok = load_model(spec)
+    chat = uses_chat_template(tok, config.use_chat_template)
+    n_layers = len(decoder_layers(model))
+    layers = list(range(n_layers))
+    print(f"{'trait':<24} {'pairs':>5} {'best':>4} {'val acc':>8} {'effect':>7}  method", file=out)
+    for trait in todo:
+        td = data[trait]
+        seqs, ranges = [], []
+        for pair in td.pairs:
+            prompt_ids = encode_prompt(tok, format_prompt(tok, pair.prompt, None, chat), chat)
+            for text in (pair.positive, pair.negative):
+                resp = tok(text, add_special_tokens=False)["input_ids"]
+                full = prompt_ids + resp
+                seqs.append(full)
+                ranges.append(position_range(opts.position, len(prompt_ids), len(full)))
+        acts = segment_means(
+            model, seqs, ranges, layers, opts.component, opts.batch_size, tok.pad_token_id or 0
+        )  # (2P, L, D)
+        pos_all, neg_all = acts[0::2], acts[1::2]
+        train, val = split(len(td.pairs), opts.val_fraction, opts.seed)
+        best = None
+        for method in METHODS:
+            vdir = paths.vectors_dir(trait, variant.name, opts.position, opts.component, method)
+            meta_layers = {}
+            for layer in layers:
+                tp, tn = pos_all[train, layer], neg_all[train, layer]
+                v = mean_diff(tp, tn) if method == "mean_diff" else probe(tp, tn)
+                stats = evaluate(v, (tp, tn), (pos_all[val, layer], neg_all[val, layer]))
+                meta_layers[str(layer)] = stats
+                write_tensor(vdir / f"layer{layer}.pt", torch.tensor(v, dtype=torch.float32))
+                if method == "probe" and (best is None or stats["val_effect_size"] > best[1]):
+                    best = (layer, stats["val_effect_size"], stats["val_acc"])
+            # metadata last: its presence marks the vector set complete
+            write_json(
+                vdir / "metadata.json",
+                {
+                    "model": variant.model,
+                    "trait": trait,
+                    "method": method,
+                    "component": opts.component,
+                    "position": opts.position,
+                    "layers": meta_layers,
+                    "timestamp": now_iso(),
+                    "n_train": int(len(train)),
+                    "n_val": int(len(val)),
+                    "seed": opts.seed,
+                    "source": f"datasets/traits/{opts.trait_set}/{trait}/pairs.json",
+                },
+            )
+        report[trait] = {
+            "layer": best[0],
+            "val_effect_size": best[1],
+            "val_acc": best[2],
+            "method": "probe",
+        }
+        print(
+            f"{trait:<24} {len(td.pairs):>5} {best[0]:>4} {best[2]:>8.2f} {best[1]:>7.2f}  probe",
+            file=out,
+            flush=True,
+        )
+    return report

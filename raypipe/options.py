@@ -1,0 +1,87 @@
+"""Validated option objects, one per concern, built once by the CLI and passed down whole."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raypipe.engine.generate import GenerationOptions
+from raypipe.engine.hooks import COMPONENTS
+from raypipe.errors import InputError
+from raypipe.store.paths import check_name, check_relpath
+
+BACKENDS = ("local", "auto", "vllm")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    dtype: str = "auto"
+    device: str = "auto"
+    load_in_4bit: bool = False
+    cache_dir: Path = Path(os.path.expanduser("~/.cache/raypipe"))
+    variant: str | None = None  # None: the config's default for the role
+
+
+@dataclass(frozen=True)
+class ProjectionOptions:
+    component: str = "residual"
+    layers: str = "best,best+5"
+    traits: tuple[str, ...] | None = None  # None: every extracted trait
+    method: str | None = None  # None: probe, then mean_diff
+    centered: bool = False
+    remove_massive_dims: bool = False
+    max_batch_tokens: int = 16384
+    early_stop: bool = True
+
+    def __post_init__(self):
+        if self.component not in COMPONENTS:
+            raise InputError("--component", "component", f"must be one of {COMPONENTS}")
+        if self.traits is not None:
+            for t in self.traits:
+                check_relpath(t, "--traits", "traits", parts=2)
+        if self.method is not None and self.method not in ("probe", "mean_diff"):
+            raise InputError("--method", "method", "must be probe or mean_diff")
+        if self.max_batch_tokens < 1:
+            raise InputError("--max-batch-tokens", "max_batch_tokens", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    root: Path
+    experiment: str
+    prompt_set: str
+    regenerate: bool = False
+    force: bool = False
+    truncate: bool = False
+
+    def __post_init__(self):
+        check_name(self.experiment, "--experiment", "experiment")
+        check_relpath(self.prompt_set, "--prompt-set", "prompt_set")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    address: str | None = None  # None: a local Ray on loopback
+    generate_replicas: int = 1
+    project_replicas: int = 1
+    batch_size: int = 64  # rows per Ray Data batch
+    threads: int | None = None  # torch threads per worker; None: all cores of the node
+    backend: str = "local"
+    quiet: bool = False
+
+    def __post_init__(self):
+        for name in ("generate_replicas", "project_replicas", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')}", name, "must be at least 1")
+        if self.backend not in BACKENDS:
+            raise InputError("--backend", "backend", f"must be one of {BACKENDS}")
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    output: OutputOptions
+    model: ModelOptions = field(default_factory=ModelOptions)
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+    projection: ProjectionOptions = field(default_factory=ProjectionOptions)
+    run: RunOptions = field(default_factory=RunOptions)

@@ -1,0 +1,1 @@
+"""Ray Data pipelines: thin stage adapters over the engine, the job builder, resume logic."""

@@ -1,0 +1,179 @@
+"""Builds and runs the Ray Data job: read -> generate -> write responses -> project -> write."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from raypipe.engine.models import resolve_model_path
+from raypipe.options import RunOptions
+from raypipe.pipeline.plan import InferPlan
+from raypipe.pipeline.stages import (
+    GenerateStage,
+    ProjectionSink,
+    ProjectStage,
+    ResponseSource,
+    write_projections,
+    write_responses,
+)
+from raypipe.store.outputs import VectorInfo
+from raypipe.store.parquet import build_parquet
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    generated: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def start_ray(run: RunOptions) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(log_to_driver=True, logging_level="WARNING")
+    if run.address:
+        ray.init(address=run.address, **kwargs)
+    else:
+        # Loopback only: a local run never listens on, or talks to, any other address.
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not run.quiet
+    ctx.print_on_execution_start = False
+
+
+def _has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"[raypipe] {msg}", file=sys.stderr, flush=True)
+
+
+def run_infer(plan: InferPlan, project: bool = True) -> Summary:
+    import ray
+
+    opts = plan.opts
+    run = opts.run
+    for note in plan.notes:
+        log(note, run.quiet)
+    rows = [r for r in plan.rows if r["generate"] or (project and r["project"])]
+    summary = Summary(total=len(plan.rows), skipped=len(plan.rows) - len(rows))
+    if rows:
+        # Convert an alias once, here, rather than racing in every worker.
+        resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
+        start_ray(run)
+        _execute(plan, rows, project, summary)
+    tables = build_parquet(plan.paths, plan.variant, plan.prompts.name)
+    summary.outputs = {
+        "responses": str(plan.paths.responses_dir(plan.variant, plan.prompts.name)),
+        "projections": str(plan.paths.projections_root(plan.variant)),
+        **{f"parquet:{k}": str(v[0]) for k, v in tables.items()},
+    }
+    if ray.is_initialized() and not run.address:
+        ray.shutdown()
+    return summary
+
+
+def _execute(plan: InferPlan, rows: list[dict], project: bool, summary: Summary) -> None:
+    import ray
+
+    opts, run = plan.opts, plan.opts.run
+    gpu = 1 if _has_gpus() else 0
+    cpus = 1 if gpu else 0.5  # fractional on CPU nodes: both pools fit on a 2-core machine
+    actor_args = dict(max_restarts=-1, max_task_retries=-1)  # a dead worker is replaced
+    source = ResponseSource(plan.paths, plan.variant, plan.model.spec.model)
+    need_gen = any(r["generate"] for r in rows)
+    ds = ray.data.from_items(rows)
+    ds = ds.map_batches(
+        GenerateStage,
+        fn_constructor_kwargs=dict(
+            spec=plan.model.spec,
+            opts=opts.generation,
+            chat_config=plan.config.use_chat_template,
+            context=plan.model.context,
+            truncate=opts.output.truncate,
+            source=source,
+            threads=run.threads,
+        ),
+        compute=ray.data.ActorPoolStrategy(size=run.generate_replicas if need_gen else 1),
+        batch_size=run.batch_size,
+        batch_format="pandas",
+        num_cpus=cpus,
+        num_gpus=gpu if need_gen else 0,
+        **actor_args,
+    )
+    ds = ds.map_batches(
+        write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
+    )
+    if project:
+        vectors = [(v.layer, v.vector) for v in plan.vectors]
+        ds = ds.map_batches(
+            ProjectStage,
+            fn_constructor_kwargs=dict(
+                spec=plan.model.spec,
+                vectors=vectors,
+                component=opts.projection.component,
+                massive_dims=plan.massive_dims,
+                max_batch_tokens=opts.projection.max_batch_tokens,
+                early_stop=opts.projection.early_stop,
+                threads=run.threads,
+            ),
+            compute=ray.data.ActorPoolStrategy(size=run.project_replicas),
+            batch_size=run.batch_size,
+            batch_format="pandas",
+            num_cpus=cpus,
+            num_gpus=gpu,
+            **actor_args,
+        )
+        sink = ProjectionSink(
+            paths=plan.paths,
+            variant=plan.variant,
+            vectors=tuple(
+                VectorInfo(v.trait, v.method, v.position, v.layer, v.selection_source, v.baseline)
+                for v in plan.vectors
+            ),
+            component=opts.projection.component,
+            centered=opts.projection.centered,
+            force=opts.output.force,
+            massive_dims=plan.massive_dims,
+        )
+        ds = ds.map_batches(
+            write_projections, fn_kwargs={"sink": sink}, batch_format="pandas", num_cpus=0.1
+        )
+    start = time.perf_counter()
+    seen = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for row in batch.to_dict("records"):
+            seen += 1
+            status = row["status"] if "status" in row else ("failed" if row["error"] else "done")
+            if status == "failed":
+                summary.failed += 1
+                summary.failures.append((row["prompt_id"], row["error"]))
+            elif status == "skipped":
+                summary.skipped += 1
+            else:
+                summary.done += 1
+                summary.tokens += int(row.get("n_tokens") or len(row.get("token_ids") or []))
+            summary.generated += bool(row["generated"])
+        summary.seconds = time.perf_counter() - start
+        log(
+            f"{seen}/{len(rows)} prompts | generated {summary.generated} | failed "
+            f"{summary.failed} | {summary.tokens_per_second:,.0f} tok/s",
+            run.quiet,
+        )

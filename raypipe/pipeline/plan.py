@@ -1,0 +1,139 @@
+"""Validate every input and decide the work, before Ray starts or any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raypipe.engine.models import ModelSpec, load_config, text_config
+from raypipe.errors import InputError
+from raypipe.options import InferOptions
+from raypipe.store.atomic import read_json
+from raypipe.store.experiment import ExperimentConfig, load_experiment
+from raypipe.store.paths import ExperimentPaths
+from raypipe.store.prompts import PromptSet, load_prompt_set
+from raypipe.store.vectors import VectorSpec, list_traits, parse_layers, resolve_vectors
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: ModelSpec
+    n_layers: int
+    hidden_size: int
+    context: int
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    opts: InferOptions
+    paths: ExperimentPaths
+    config: ExperimentConfig
+    variant: str
+    model: ModelInfo
+    prompts: PromptSet
+    vectors: tuple[VectorSpec, ...]
+    notes: tuple[str, ...]
+    massive_dims: tuple[int, ...] | None
+    rows: tuple[dict, ...]  # one per prompt: what the stages need and what is to be done
+
+
+def model_info(model: str, lora: str | None, opts: InferOptions) -> ModelInfo:
+    m = opts.model
+    spec = ModelSpec(
+        model=model,
+        cache_dir=m.cache_dir,
+        lora=lora,
+        dtype=m.dtype,
+        device=m.device,
+        load_in_4bit=m.load_in_4bit,
+    )
+    try:
+        cfg = text_config(load_config(model, m.cache_dir))
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(model, "model", f"cannot read the model config: {e}") from None
+    return ModelInfo(
+        spec=spec,
+        n_layers=int(cfg.num_hidden_layers),
+        hidden_size=int(cfg.hidden_size),
+        context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+    )
+
+
+def _massive_dims(paths: ExperimentPaths, variant: str) -> tuple[int, ...]:
+    path = paths.calibration_file(variant)
+    if not path.is_file():
+        raise InputError(
+            path,
+            "calibration",
+            "--remove-massive-dims needs a calibration; run `raypipe calibrate` first",
+        )
+    data = read_json(path, "calibration")
+    dims = data.get("aggregate", {}).get("massive_dims") if isinstance(data, dict) else None
+    if not isinstance(dims, list) or not all(isinstance(d, int) for d in dims):
+        raise InputError(path, "aggregate.massive_dims", "must be a list of integers")
+    return tuple(dims)
+
+
+def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
+    out = opts.output
+    paths = ExperimentPaths(out.root, out.experiment)
+    config = load_experiment(paths)
+    prompts = load_prompt_set(paths.datasets, out.prompt_set)
+    variant = config.variant(opts.model.variant, "application")
+    extraction = config.extraction_variant
+    info = model_info(variant.model, variant.lora, opts)
+    proj = opts.projection
+    vectors, notes, dims = [], [], None
+    if need_vectors:
+        traits = list(proj.traits) if proj.traits is not None else list_traits(paths, extraction)
+        if not traits:
+            raise InputError(
+                paths.extraction_dir(),
+                "traits",
+                f"no extracted trait vectors for variant {extraction!r}; run `raypipe extract`",
+            )
+        layers = parse_layers(proj.layers, info.n_layers)
+        vectors, notes = resolve_vectors(
+            paths,
+            traits,
+            extraction,
+            proj.component,
+            layers,
+            info.n_layers,
+            info.hidden_size,
+            proj.method,
+        )
+        dims = _massive_dims(paths, variant.name) if proj.remove_massive_dims else None
+    rows = []
+    for item in prompts.items:
+        response = paths.response_file(variant.name, prompts.name, item.id)
+        generate = out.regenerate or not response.is_file()
+        missing = [
+            t
+            for t in dict.fromkeys(v.trait for v in vectors)
+            if not paths.projection_file(variant.name, t, prompts.name, item.id).is_file()
+        ]
+        rows.append(
+            {
+                "prompt_set": prompts.name,
+                "prompt_id": item.id,
+                "text": item.text,
+                "system_prompt": item.system_prompt,
+                "note": item.note,
+                "generate": generate,
+                "project": need_vectors and (generate or out.force or bool(missing)),
+            }
+        )
+    return InferPlan(
+        opts=opts,
+        paths=paths,
+        config=config,
+        variant=variant.name,
+        model=info,
+        prompts=prompts,
+        vectors=tuple(vectors),
+        notes=tuple(notes),
+        massive_dims=dims,
+        rows=tuple(rows),
+    )

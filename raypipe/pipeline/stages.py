@@ -1,0 +1,307 @@
+"""Ray Data stages: each builds its engine object in __init__ and maps one batch in __call__."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from raypipe.engine.generate import GenerationOptions
+from raypipe.engine.models import ModelSpec
+from raypipe.errors import RaypipeError
+from raypipe.store.outputs import (
+    VectorInfo,
+    projection_entry,
+    projection_record,
+    read_response,
+    response_record,
+    write_projection,
+    write_response,
+)
+from raypipe.store.paths import ExperimentPaths
+
+RESPONSE_COLUMNS = ("prompt_text", "response_text", "token_ids", "prompt_end", "tokens")
+
+
+def require(batch: pd.DataFrame, stage: str, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in batch.columns]
+    if missing:
+        raise RaypipeError(
+            f"stage {stage}: missing columns {missing}; present: {sorted(batch.columns)}"
+        )
+
+
+def _set_threads(threads: int | None) -> None:
+    import os
+
+    import torch
+
+    # Ray sets OMP_NUM_THREADS to the actor's CPU share (often 1); use the node instead.
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def _rows(batch: pd.DataFrame) -> list[dict]:
+    return batch.to_dict("records")
+
+
+def _frame(rows: list[dict], columns: tuple[str, ...]) -> pd.DataFrame:
+    return pd.DataFrame({c: [r.get(c) for r in rows] for c in columns})
+
+
+@dataclass(frozen=True)
+class ResponseSource:
+    """Where a stage finds and writes response files."""
+
+    paths: ExperimentPaths
+    variant: str
+    model_name: str
+
+
+class GenerateStage:
+    """Generates responses for rows marked `generate`; loads the existing file for the rest."""
+
+    NEEDS = ("prompt_set", "prompt_id", "text", "system_prompt", "note", "generate", "project")
+    PRODUCES = NEEDS + RESPONSE_COLUMNS + ("generated", "error")
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        opts: GenerationOptions,
+        chat_config: bool | None,
+        context: int,
+        truncate: bool,
+        source: ResponseSource,
+        threads: int | None = None,
+    ):
+        self.spec, self.opts, self.chat_config = spec, opts, chat_config
+        self.context, self.truncate, self.source, self.threads = context, truncate, source, threads
+        self.responder = None  # loaded on the first row that needs generation
+
+    def _engine(self):
+        if self.responder is None:
+            from raypipe.engine.generate import uses_chat_template
+            from raypipe.engine.models import load_model
+            from raypipe.engine.respond import Responder
+
+            _set_threads(self.threads)
+            model, tok = load_model(self.spec)
+            self.responder = Responder(
+                model,
+                tok,
+                self.opts,
+                uses_chat_template(tok, self.chat_config),
+                self.context,
+                self.truncate,
+            )
+        return self.responder
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        require(batch, "generate", self.NEEDS)
+        rows = _rows(batch)
+        todo = []
+        for row in rows:
+            row["error"], row["generated"] = None, False
+            if not row["generate"]:
+                path = self.source.paths.response_file(
+                    self.source.variant, row["prompt_set"], row["prompt_id"]
+                )
+                try:
+                    rec = read_response(path)
+                except RaypipeError:
+                    todo.append(row)  # unreadable: generate it again rather than fail
+                    continue
+                row.update(
+                    prompt_text=rec["prompt"],
+                    response_text=rec["response"],
+                    token_ids=rec["token_ids"],
+                    prompt_end=rec["prompt_end"],
+                    tokens=rec["tokens"],
+                )
+            else:
+                todo.append(row)
+        if todo:
+            for row, res in zip(todo, self._respond(todo)):
+                row.update(
+                    prompt_text=res.prompt_text,
+                    response_text=res.response_text,
+                    token_ids=res.token_ids,
+                    prompt_end=res.prompt_end,
+                    tokens=res.tokens,
+                    error=res.error,
+                    generated=res.error is None,
+                    project=res.error is None,
+                )
+        return _frame(rows, self.PRODUCES)
+
+    def _respond(self, rows: list[dict]):
+        engine = self._engine()
+        items = [(r["text"], r["system_prompt"]) for r in rows]
+        try:
+            return engine.respond(items)
+        except Exception:
+            if len(items) == 1:
+                raise
+        # One bad row must not sink the batch: retry one by one, recording each failure.
+        out = []
+        for item in items:
+            try:
+                out.extend(engine.respond([item]))
+            except Exception as e:
+                from raypipe.engine.respond import Response
+
+                out.append(Response("", "", [], 0, [], error=f"{type(e).__name__}: {e}"))
+        return out
+
+
+def write_responses(batch: pd.DataFrame, source: ResponseSource) -> pd.DataFrame:
+    """Persist new responses right away: a later crash never costs a finished generation."""
+    require(batch, "write_responses", GenerateStage.PRODUCES)
+    for row in _rows(batch):
+        if not row["generated"]:
+            continue
+        write_response(
+            source.paths.response_file(source.variant, row["prompt_set"], row["prompt_id"]),
+            response_record(
+                prompt=row["prompt_text"],
+                response=row["response_text"],
+                system_prompt=row["system_prompt"],
+                tokens=list(row["tokens"]),
+                token_ids=list(row["token_ids"]),
+                prompt_end=row["prompt_end"],
+                model=source.model_name,
+                note=row["note"],
+            ),
+        )
+    return batch
+
+
+class ProjectStage:
+    """One hooked prefill per batch over the exact ids; emits flat score arrays per row."""
+
+    NEEDS = ("prompt_id", "token_ids", "project", "error")
+    SCORE_COLUMNS = ("scores", "norms", "cleaned_scores", "cleaned_norms")
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        vectors: list[tuple[int, list[float]]],
+        component: str,
+        massive_dims: tuple[int, ...] | None,
+        max_batch_tokens: int,
+        early_stop: bool = True,
+        threads: int | None = None,
+    ):
+        from raypipe.engine.models import load_model
+        from raypipe.engine.projector import Projector
+
+        _set_threads(threads)
+        model, tok = load_model(spec)
+        self.projector = Projector(
+            model,
+            vectors,
+            component=component,
+            massive_dims=list(massive_dims) if massive_dims else None,
+            early_stop=early_stop,
+            max_batch_tokens=max_batch_tokens,
+            pad_id=tok.pad_token_id or 0,
+        )
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        require(batch, "project", self.NEEDS)
+        rows = _rows(batch)
+        todo = [r for r in rows if r["project"] and r["error"] is None]
+        results = self.projector.project([list(r["token_ids"]) for r in todo]) if todo else []
+        for row in rows:
+            for col in self.SCORE_COLUMNS:
+                row[col] = None
+        for row, res in zip(todo, results):
+            row["scores"], row["norms"] = res.scores.ravel(), res.norms.ravel()
+            if res.cleaned_scores is not None:
+                row["cleaned_scores"] = res.cleaned_scores.ravel()
+                row["cleaned_norms"] = res.cleaned_norms.ravel()
+        return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
+
+
+@dataclass(frozen=True)
+class ProjectionSink:
+    """What the projection writer needs to lay out and label the files."""
+
+    paths: ExperimentPaths
+    variant: str
+    vectors: tuple[VectorInfo, ...]
+    component: str
+    centered: bool
+    force: bool
+    massive_dims: tuple[int, ...] | None
+
+
+SUMMARY_COLUMNS = ("prompt_id", "status", "generated", "n_tokens", "error")
+
+
+def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame:
+    """One JSON per prompt per trait; existing files stay unless --force or regenerated."""
+    require(
+        batch,
+        "write_projections",
+        ("prompt_set", "prompt_id", "prompt_end", "generated") + ProjectStage.SCORE_COLUMNS,
+    )
+    out = []
+    n_vec = len(sink.vectors)
+    by_trait: dict[str, list[int]] = {}
+    for i, info in enumerate(sink.vectors):
+        by_trait.setdefault(info.trait, []).append(i)
+    for row in _rows(batch):
+        summary = {
+            "prompt_id": row["prompt_id"],
+            "generated": bool(row["generated"]),
+            "n_tokens": len(row["token_ids"]) if row.get("token_ids") is not None else 0,
+            "error": row.get("error"),
+        }
+        if row.get("error"):
+            out.append({**summary, "status": "failed"})
+            continue
+        if row["scores"] is None:
+            out.append({**summary, "status": "skipped"})
+            continue
+        scores = np.asarray(row["scores"], dtype=np.float32).reshape(n_vec, -1)
+        norms = np.asarray(row["norms"], dtype=np.float32).reshape(n_vec, -1)
+        cleaned = row.get("cleaned_scores")
+        if cleaned is not None:
+            cleaned = np.asarray(cleaned, dtype=np.float32).reshape(n_vec, -1)
+            cleaned_norms = np.asarray(row["cleaned_norms"], dtype=np.float32).reshape(n_vec, -1)
+        end = int(row["prompt_end"])
+        for trait, idx in by_trait.items():
+            path = sink.paths.projection_file(
+                sink.variant, trait, row["prompt_set"], row["prompt_id"]
+            )
+            if path.exists() and not (sink.force or row["generated"]):
+                continue
+            entries = [
+                projection_entry(
+                    sink.vectors[i],
+                    scores[i],
+                    norms[i],
+                    end,
+                    sink.centered,
+                    (cleaned[i], cleaned_norms[i], list(sink.massive_dims))
+                    if cleaned is not None
+                    else None,
+                )
+                for i in idx
+            ]
+            write_projection(
+                path,
+                projection_record(
+                    prompt_id=row["prompt_id"],
+                    prompt_set=row["prompt_set"],
+                    n_prompt_tokens=end,
+                    n_response_tokens=scores.shape[1] - end,
+                    component=sink.component,
+                    position=sink.vectors[idx[0]].position,
+                    centered=sink.centered,
+                    entries=entries,
+                ),
+            )
+        out.append({**summary, "status": "done"})
+    return _frame(out, SUMMARY_COLUMNS)
