@@ -104,8 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _traits(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    traits = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not traits:
+        raise InputError("--traits", "traits", "names no trait")
+    return traits
+
+
 def infer_options(args) -> InferOptions:
-    traits = getattr(args, "traits", None)
     return InferOptions(
         output=OutputOptions(
             root=_root(args),
@@ -131,7 +139,7 @@ def infer_options(args) -> InferOptions:
         projection=ProjectionOptions(
             component=getattr(args, "component", "residual"),
             layers=getattr(args, "layers", "best"),
-            traits=tuple(t.strip() for t in traits.split(",") if t.strip()) if traits else None,
+            traits=_traits(getattr(args, "traits", None)),
             method=getattr(args, "method", None),
             centered=getattr(args, "centered", False),
             remove_massive_dims=getattr(args, "remove_massive_dims", False),
@@ -166,7 +174,7 @@ def cmd_infer(args, project: bool) -> int:
 def cmd_extract(args) -> int:
     from raypipe.extract import ExtractOptions, run_extract
 
-    traits = tuple(t.strip() for t in args.traits.split(",")) if args.traits else None
+    traits = _traits(args.traits)
     opts = ExtractOptions(
         root=_root(args),
         experiment=args.experiment,
@@ -199,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             return cmd_extract(args)
         if args.command == "viz":
-            from raypipe.viz.server import serve
+            from raypipe.viz.server import main as viz_main
 
-            serve(_root(args), host=args.host, port=args.port)
-            return 0
+            viz = ["--root", str(_root(args)), "--host", args.host, "--port", str(args.port)]
+            return viz_main(viz)
     except RaypipeError as e:
         print(f"raypipe: error: {e}", file=sys.stderr)
         return 2

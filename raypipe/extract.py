@@ -61,7 +61,7 @@ def _done(paths: ExperimentPaths, trait: str, variant: str, opts: ExtractOptions
     )
 
 
-def run_extract(opts: ExtractOptions, out=sys.stdout) -> dict[str, dict]:
+def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
     """Returns {trait: {"layer", "val_acc", "val_effect_size", "method"}} at each best layer."""
     import torch
 
@@ -71,6 +71,7 @@ def run_extract(opts: ExtractOptions, out=sys.stdout) -> dict[str, dict]:
     from raypipe.engine.models import load_model
     from raypipe.engine.vectors import evaluate, mean_diff, probe
 
+    out = out or sys.stdout
     paths = ExperimentPaths(opts.root, opts.experiment)
     config = load_experiment(paths)
     variant = config.variant(opts.model.variant, "extraction")

@@ -71,9 +71,16 @@ class RunOptions:
     quiet: bool = False
 
     def __post_init__(self):
-        for name in ("generate_replicas", "project_replicas", "batch_size"):
+        flags = {
+            "generate_replicas": ("--replicas", "replicas"),
+            "project_replicas": ("--replicas", "replicas"),
+            "batch_size": ("--batch-size", "batch_size"),
+        }
+        for name, (flag, label) in flags.items():
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')}", name, "must be at least 1")
+                raise InputError(flag, label, "must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise InputError("--threads", "threads", "must be at least 1")
         if self.backend not in BACKENDS:
             raise InputError("--backend", "backend", f"must be one of {BACKENDS}")
 

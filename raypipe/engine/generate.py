@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from raypipe.errors import InputError
@@ -21,7 +22,7 @@ class GenerationOptions:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise InputError("--max-new-tokens", "max_new_tokens", "must be at least 1")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InputError("--temperature", "temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             raise InputError("--top-p", "top_p", "must be in (0, 1]")

@@ -38,17 +38,26 @@ class Summary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def start_ray(run: RunOptions) -> None:
+def start_ray(run: RunOptions) -> bool:
+    """Connects to (or starts) Ray; True when this call started it, so the caller stops it."""
     import ray
 
     if ray.is_initialized():
-        return
+        _configure_data(run)
+        return False
     kwargs = dict(log_to_driver=True, logging_level="WARNING")
     if run.address:
         ray.init(address=run.address, **kwargs)
     else:
         # Loopback only: a local run never listens on, or talks to, any other address.
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    _configure_data(run)
+    return True
+
+
+def _configure_data(run: RunOptions) -> None:
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not run.quiet
     ctx.print_on_execution_start = False
@@ -77,16 +86,18 @@ def run_infer(plan: InferPlan, project: bool = True) -> Summary:
     if rows:
         # Convert an alias once, here, rather than racing in every worker.
         resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
-        start_ray(run)
-        _execute(plan, rows, project, summary)
+        started = start_ray(run)
+        try:
+            _execute(plan, rows, project, summary)
+        finally:
+            if started and not run.address:
+                ray.shutdown()
     tables = build_parquet(plan.paths, plan.variant, plan.prompts.name)
     summary.outputs = {
         "responses": str(plan.paths.responses_dir(plan.variant, plan.prompts.name)),
         "projections": str(plan.paths.projections_root(plan.variant)),
         **{f"parquet:{k}": str(v[0]) for k, v in tables.items()},
     }
-    if ray.is_initialized() and not run.address:
-        ray.shutdown()
     return summary
 
 
@@ -96,7 +107,8 @@ def _execute(plan: InferPlan, rows: list[dict], project: bool, summary: Summary)
     opts, run = plan.opts, plan.opts.run
     gpu = 1 if _has_gpus() else 0
     cpus = 1 if gpu else 0.5  # fractional on CPU nodes: both pools fit on a 2-core machine
-    actor_args = dict(max_restarts=-1, max_task_retries=-1)  # a dead worker is replaced
+    # Ray Data's actor pools already restart dead actors and retry their tasks
+    # (max_restarts=-1, max_task_retries=-1 by default), so a killed worker costs no rows.
     source = ResponseSource(plan.paths, plan.variant, plan.model.spec.model)
     need_gen = any(r["generate"] for r in rows)
     ds = ray.data.from_items(rows)
@@ -116,7 +128,6 @@ def _execute(plan: InferPlan, rows: list[dict], project: bool, summary: Summary)
         batch_format="pandas",
         num_cpus=cpus,
         num_gpus=gpu if need_gen else 0,
-        **actor_args,
     )
     ds = ds.map_batches(
         write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
@@ -139,7 +150,6 @@ def _execute(plan: InferPlan, rows: list[dict], project: bool, summary: Summary)
             batch_format="pandas",
             num_cpus=cpus,
             num_gpus=gpu,
-            **actor_args,
         )
         sink = ProjectionSink(
             paths=plan.paths,

@@ -69,7 +69,10 @@ def _massive_dims(paths: ExperimentPaths, variant: str) -> tuple[int, ...]:
             "--remove-massive-dims needs a calibration; run `raypipe calibrate` first",
         )
     data = read_json(path, "calibration")
-    dims = data.get("aggregate", {}).get("massive_dims") if isinstance(data, dict) else None
+    aggregate = data.get("aggregate") if isinstance(data, dict) else None
+    if not isinstance(aggregate, dict):
+        raise InputError(path, "aggregate", "must be an object holding massive_dims")
+    dims = aggregate.get("massive_dims")
     if not isinstance(dims, list) or not all(isinstance(d, int) for d in dims):
         raise InputError(path, "aggregate.massive_dims", "must be a list of integers")
     return tuple(dims)

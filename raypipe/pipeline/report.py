@@ -57,7 +57,8 @@ def trait_table(plan: InferPlan) -> list[dict]:
     return out
 
 
-def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=sys.stdout) -> None:
+def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=None) -> None:
+    out = out or sys.stdout
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p("")
     p(f"raypipe: {plan.paths.experiment} / {plan.variant} / {plan.prompts.name}")

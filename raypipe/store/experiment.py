@@ -66,7 +66,7 @@ def load_experiment(paths: ExperimentPaths) -> ExperimentConfig:
     chosen = {}
     for role in ("extraction", "application"):
         value = defaults.get(role, first)
-        if value not in variants:
+        if not isinstance(value, str) or value not in variants:
             raise InputError(path, f"defaults.{role}", f"names unknown variant {value!r}")
         chosen[role] = value
     chat = data.get("use_chat_template")

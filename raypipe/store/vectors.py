@@ -39,22 +39,22 @@ def parse_layers(text: str, n_layers: int, where: str = "--layers") -> LayerSpec
             raise InputError(where, "layers", f"empty term in {text!r}")
         if term == "all":
             absolute.extend(range(n_layers))
-        elif m := re.fullmatch(r"best(?:([+-])(\d+))?", term):
+        elif m := re.fullmatch(r"best(?:([+-])([0-9]{1,6}))?", term):
             off = int(m.group(2) or 0)
             offsets.append(-off if m.group(1) == "-" else off)
-        elif m := re.fullmatch(r"(\d+)%-(\d+)%", term):
+        elif m := re.fullmatch(r"([0-9]{1,3})%-([0-9]{1,3})%", term):
             lo, hi = int(m.group(1)), int(m.group(2))
             if not 0 <= lo <= hi <= 100:
                 raise InputError(where, "layers", f"bad percent range {term!r}")
             last = n_layers - 1
             absolute.extend(range(round(lo / 100 * last), round(hi / 100 * last) + 1))
-        elif m := re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?", term):
+        elif m := re.fullmatch(r"([0-9]{1,6})-([0-9]{1,6})(?::([0-9]{1,6}))?", term):
             lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
             if lo > hi or step < 1:
                 raise InputError(where, "layers", f"bad range {term!r}")
             hi = min(hi, n_layers - 1) if hi == n_layers else hi  # `0-30` on 30 layers means all
             absolute.extend(range(lo, hi + 1, step))
-        elif term.isdigit():
+        elif re.fullmatch(r"[0-9]{1,6}", term):
             absolute.append(int(term))
         else:
             raise InputError(
@@ -194,7 +194,10 @@ def load_vector(path: Path, hidden_size: int) -> list[float]:
     try:
         t = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # truncated, pickled objects, not a tensor file
-        raise InputError(path, "vector", f"cannot load: {type(e).__name__}: {e}") from None
+        # torch's own message spans lines and suggests weights_only=False: never pass that on.
+        raise InputError(
+            path, "vector", f"not a loadable tensor file ({type(e).__name__})"
+        ) from None
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
         raise InputError(path, "vector", "must be a 1-D float tensor")
     if t.shape[0] != hidden_size:
@@ -239,7 +242,8 @@ def load_steering(path: Path) -> SteeringResults | None:
         return None
     direction, baseline, runs = "positive", None, []
     try:
-        lines = path.read_text("utf-8").splitlines()
+        # JSONL lines end at "\n" only: U+2028 and friends may sit unescaped inside strings.
+        lines = path.read_text("utf-8").split("\n")
     except UnicodeDecodeError:
         raise InputError(path, "results", "not valid UTF-8") from None
     for n, line in enumerate(lines, 1):
@@ -333,7 +337,7 @@ def resolve_vectors(
     """Every (trait, layer) vector to project, plus notes for the user (clamps, choices)."""
     specs: list[VectorSpec] = []
     notes: list[str] = []
-    for trait in traits:
+    for trait in dict.fromkeys(traits):
         vset = find_vector_set(paths, trait, variant, component, method)
         chosen: dict[int, str] = {}
         if layers.best_offsets:

@@ -62,10 +62,14 @@ class Query:
             return False
         raise ApiError(400, f"parameter {name!r} must be 0 or 1, got {value!r}")
 
-    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.optional_integer(name, lo, hi)
+        return default if value is None else value
+
+    def optional_integer(self, name: str, lo: int, hi: int) -> int | None:
         value = self.values.get(name)
         if value is None or value == "":
-            return default
+            return None
         try:
             number = int(value)
         except ValueError:
@@ -105,7 +109,9 @@ def variants(tree: Tree, q: Query) -> dict[str, Any]:
     experiment = q.text("experiment")
     names = tree.variants(experiment)
     config = tree.config(experiment)
-    declared = config.get("model_variants") if isinstance(config.get("model_variants"), dict) else {}
+    declared = (
+        config.get("model_variants") if isinstance(config.get("model_variants"), dict) else {}
+    )
     out = []
     for name in names:
         spec = declared.get(name) if isinstance(declared.get(name), dict) else {}
@@ -158,23 +164,33 @@ def traits(tree: Tree, q: Query) -> dict[str, Any]:
     out = []
     for trait in tree.traits(experiment, variant, prompt_set):
         sample = tree.first_projection(experiment, variant, trait, prompt_set) or {}
-        entries = [e for e in sample.get("projections") or [] if isinstance(e, dict)]
+        entries = sample.get("projections") or []
         out.append(
             {
                 "trait": trait,
-                "layers": sorted({int(e["layer"]) for e in entries if "layer" in e}),
+                "layers": sorted({L for e in entries if (L := _layer(e)) is not None}),
                 "methods": sorted({str(e.get("method")) for e in entries}),
-                "component": (sample.get("metadata") or {}).get("component"),
+                "component": _meta(sample).get("component"),
                 "has_cleaned": any("cleaned" in e for e in entries),
             }
         )
     return {"traits": out}
 
 
+def _meta(data: dict[str, Any]) -> dict[str, Any]:
+    meta = data.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _layer(entry: dict[str, Any]) -> int | None:
+    layer = entry.get("layer")
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) else None
+
+
 # -- Trait Dynamics --------------------------------------------------------------------------
 
 
-def _check_response(tree: Tree, response: dict[str, Any], where: str) -> tuple[list[str], int]:
+def _check_response(response: dict[str, Any], where: str) -> tuple[list[str], int]:
     tokens = [str(t) for t in response["tokens"]]
     end = response.get("prompt_end")
     if not isinstance(end, int) or not 0 <= end <= len(tokens):
@@ -186,12 +202,11 @@ def _score_pair(
     entry: dict[str, Any], mode: str, centered: bool, cleaned: bool, already: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     try:
-        return tuple(  # type: ignore[return-value]
-            segment_scores(entry, seg, mode, centered, cleaned, already)
-            for seg in ("prompt", "response")
-        )
+        p = segment_scores(entry, "prompt", mode, centered, cleaned, already)
+        r = segment_scores(entry, "response", mode, centered, cleaned, already)
     except (KeyError, TypeError, ValueError) as err:
         raise ApiError(422, f"projection entry is missing or has bad data: {err}") from None
+    return p, r
 
 
 def prompt(tree: Tree, q: Query) -> dict[str, Any]:
@@ -201,7 +216,7 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
     centered, cleaned = q.flag("centered"), q.flag("cleaned")
 
     response = tree.response(experiment, variant, prompt_set, prompt_id)
-    tokens, end = _check_response(tree, response, f"prompt {prompt_id}")
+    tokens, end = _check_response(response, f"prompt {prompt_id}")
     calibration = tree.calibration(experiment, variant)
     out_traits, missing, skipped, warnings = [], [], [], []
     for trait in tree.traits(experiment, variant, prompt_set):
@@ -209,13 +224,15 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
         if data is None:
             missing.append(trait)
             continue
-        meta = data.get("metadata") or {}
+        meta = _meta(data)
         already = bool(meta.get("centered"))
         series = []
         for entry in data["projections"]:
             label = f"{trait} L{entry.get('layer')}"
             if cleaned and "cleaned" not in entry:
-                skipped.append({"trait": trait, "layer": entry.get("layer"), "reason": "no cleaned"})
+                skipped.append(
+                    {"trait": trait, "layer": entry.get("layer"), "reason": "no cleaned"}
+                )
                 continue
             p, r = _score_pair(entry, mode, centered, cleaned, already)
             if p.size != end or r.size != len(tokens) - end:
@@ -260,8 +277,13 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
             **{
                 key: response.get(key)
                 for key in (
-                    "prompt", "response", "system_prompt", "inference_model", "prompt_note",
-                    "capture_date", "tags",
+                    "prompt",
+                    "response",
+                    "system_prompt",
+                    "inference_model",
+                    "prompt_note",
+                    "capture_date",
+                    "tags",
                 )
             },
         },
@@ -291,21 +313,27 @@ class _Pair:
         self.layers = self._common_layers()
         if not self.layers:
             raise ApiError(404, f"trait {self.trait!r} has no layer projected in both variants")
-        layer = q.integer("layer", None, 0, 10_000)
+        layer = q.optional_integer("layer", 0, 10_000)
         method = q.optional("method")
         choices = [(m, L) for m, L in self.layers if (layer is None or L == layer)]
         choices = [(m, L) for m, L in choices if method is None or m == method]
         if not choices:
             have = ", ".join(f"{m} L{L}" for m, L in self.layers)
-            raise ApiError(404, f"no projection for that layer/method in both variants (have {have})")
+            raise ApiError(
+                404, f"no projection for that layer/method in both variants (have {have})"
+            )
         self.method, self.layer = choices[0]
 
     def _common_layers(self) -> list[tuple[str, int]]:
         found = []
         for variant in (self.a, self.b):
-            sample = self.tree.first_projection(self.experiment, variant, self.trait, self.prompt_set)
+            sample = self.tree.first_projection(
+                self.experiment, variant, self.trait, self.prompt_set
+            )
             entries = (sample or {}).get("projections") or []
-            found.append({(str(e.get("method")), int(e["layer"])) for e in entries if "layer" in e})
+            found.append(
+                {(str(e.get("method")), L) for e in entries if (L := _layer(e)) is not None}
+            )
         return sorted(found[0] & found[1], key=lambda ml: (ml[1], ml[0]))
 
     def entry(self, data: dict | None) -> tuple[dict, bool] | None:
@@ -313,7 +341,7 @@ class _Pair:
             return None
         for e in data["projections"]:
             if e.get("layer") == self.layer and str(e.get("method")) == self.method:
-                return e, bool((data.get("metadata") or {}).get("centered"))
+                return e, bool(_meta(data).get("centered"))
         return None
 
     def scores(self, found: tuple[dict, bool], variant: str) -> np.ndarray:
@@ -439,7 +467,7 @@ def _loaders(
 
     def tokens(v: str, pid: str) -> tuple[list[str], int]:
         response = tree.response(exp, v, ps, pid)
-        return _check_response(tree, response, f"{v} prompt {pid}")
+        return _check_response(response, f"{v} prompt {pid}")
 
     return entry, tokens, "json"
 
@@ -451,7 +479,7 @@ def compare_prompt(tree: Tree, q: Query) -> dict[str, Any]:
     exp, ps = pair.experiment, pair.prompt_set
     responses = [tree.response(exp, v, ps, pid) for v in (pair.a, pair.b)]
     (ta, ea), (tb, eb) = (
-        _check_response(tree, r, f"{v} prompt {pid}")
+        _check_response(r, f"{v} prompt {pid}")
         for r, v in zip(responses, (pair.a, pair.b), strict=True)
     )
     found = []
@@ -488,7 +516,7 @@ def overview(tree: Tree, q: Query) -> dict[str, Any]:
     experiment, variant, prompt_set = q.text("experiment"), q.text("variant"), q.text("prompt_set")
     mode = q.choice("mode", SCORE_MODES, "raw")
     centered = q.flag("centered")
-    bins = q.integer("bins", 30, 1, 200)
+    bins = q.optional_integer("bins", 1, 200)  # None: chosen per trait from the prompt count
     top = q.integer("top", 5, 1, 100)
     table = tree.parquet(experiment, variant, "projections", prompt_set)
     if table is None:
@@ -498,7 +526,7 @@ def overview(tree: Tree, q: Query) -> dict[str, Any]:
             f"(expected inference/{variant}/parquet/projections/{prompt_set}.parquet)",
         )
     responses = tree.parquet(experiment, variant, "responses", prompt_set)
-    result = tables.overview(table, responses, mode, centered, bins, top)  # type: ignore[arg-type]
+    result = tables.overview(table, responses, mode, centered, bins, top)
     return {
         "experiment": experiment,
         "variant": variant,

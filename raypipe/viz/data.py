@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,27 @@ class Tree:
 
     Names are matched against what exists on disk and every resolved path must stay under
     `root/experiments`, so `..`, absolute paths and symlinks out of the tree all read as 404.
-    Nothing is cached: a pipeline may be writing new prompts while the dashboard runs.
+    The server makes one Tree per request: folder listings are memoized for that request
+    only, since a pipeline may be writing new prompts while the dashboard runs.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.base = self.root / "experiments"
+        self._memo: dict[tuple, Any] = {}
+
+    def _once(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     # -- path safety -------------------------------------------------------------------------
 
     def inside(self, path: Path) -> Path:
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # symlink loops, names too long for the filesystem
+            raise ApiError(404, "not found") from None
         if not resolved.is_relative_to(self.base.resolve()):
             raise ApiError(404, "not found")
         return resolved
@@ -114,7 +125,10 @@ class Tree:
     # -- experiments and variants ------------------------------------------------------------
 
     def experiments(self) -> list[str]:
-        return [n for n in self._subdirs(self.base) if self._safe_dir(self.base / n)]
+        return self._once(
+            ("experiments",),
+            lambda: [n for n in self._subdirs(self.base) if self._safe_dir(self.base / n)],
+        )
 
     def _safe_dir(self, path: Path) -> bool:
         try:
@@ -139,7 +153,10 @@ class Tree:
 
     def variants(self, experiment: str) -> list[str]:
         inference = self.experiment_dir(experiment) / "inference"
-        return [n for n in self._subdirs(inference) if self._safe_dir(inference / n)]
+        return self._once(
+            ("variants", experiment),
+            lambda: [n for n in self._subdirs(inference) if self._safe_dir(inference / n)],
+        )
 
     def variant_dir(self, experiment: str, variant: str) -> Path:
         if variant not in self.variants(experiment):
@@ -159,6 +176,9 @@ class Tree:
     def prompt_sets(self, experiment: str, variant: str) -> list[str]:
         """Prompt sets with response JSONs or a projections Parquet table, as `a/b` paths."""
         vdir = self.variant_dir(experiment, variant)
+        return self._once(("prompt_sets", experiment, variant), lambda: self._find_sets(vdir))
+
+    def _find_sets(self, vdir: Path) -> list[str]:
         found: set[str] = set()
         responses = vdir / "responses"
         for dirpath, dirnames, filenames in os.walk(responses):
@@ -220,6 +240,12 @@ class Tree:
         """Traits (`category/name`) that have a projections folder for this prompt set."""
         self.check_prompt_set(experiment, variant, prompt_set)
         projections = self.variant_dir(experiment, variant) / "projections"
+        return self._once(
+            ("traits", experiment, variant, prompt_set),
+            lambda: self._find_traits(projections, prompt_set),
+        )
+
+    def _find_traits(self, projections: Path, prompt_set: str) -> list[str]:
         out = []
         for category in self._subdirs(projections):
             for name in self._subdirs(projections / category):
@@ -242,10 +268,12 @@ class Tree:
         self.check_trait(experiment, variant, prompt_set, trait)
         folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
         path = self._prompt_file(folder, prompt_id)
-        if not path.is_file():
-            return None
+        return self._read_projection(path) if path.is_file() else None
+
+    def _read_projection(self, path: Path) -> dict:
         data = self.read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("projections"), list):
+        entries = data.get("projections") if isinstance(data, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise ApiError(422, f"{self.rel(path)} has no projections list")
         return data
 
@@ -263,7 +291,7 @@ class Tree:
             )
         except FileNotFoundError:
             return None
-        return self.read_json(folder / names[0]) if names else None
+        return self._read_projection(folder / names[0]) if names else None
 
     # -- Parquet -----------------------------------------------------------------------------
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
 from raypipe.viz.data import ApiError
+
+if TYPE_CHECKING:
+    import duckdb
 
 # Per-prompt mean response score in each mode; `shift` is the baseline when centering.
 # Centering comes before the division because the baseline is in raw units (SPEC section 6).
@@ -25,6 +27,11 @@ _MEAN_EXPR = {
 
 def connect() -> duckdb.DuckDBPyConnection:
     """A private in-memory DuckDB that never spills or installs anything near the data."""
+    try:
+        import duckdb
+    except ImportError:
+        # Only the overview needs DuckDB; the rest of the dashboard runs without it.
+        raise ApiError(501, "the overview needs DuckDB: pip install 'raypipe[viz]'") from None
     return duckdb.connect(
         ":memory:",
         config={
@@ -36,6 +43,8 @@ def connect() -> duckdb.DuckDBPyConnection:
 
 
 def _query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], path: Path) -> dict:
+    import duckdb
+
     try:
         return con.execute(sql, params).fetchnumpy()
     except duckdb.Error as err:
@@ -47,7 +56,7 @@ def overview(
     responses: Path | None,
     mode: str,
     centered: bool,
-    bins: int,
+    bins: int | None,
     top: int,
 ) -> dict[str, Any]:
     """Histogram and top prompts of mean response scores, per (trait, method, layer, component)."""
@@ -77,7 +86,7 @@ def overview(
     return {"n_prompts": n_prompts, "groups": groups}
 
 
-def _groups(cols: dict, bins: int, top: int) -> list[dict[str, Any]]:
+def _groups(cols: dict, bins: int | None, top: int) -> list[dict[str, Any]]:
     n = len(cols["trait"])
     if n == 0:
         return []
@@ -104,7 +113,9 @@ def _groups(cols: dict, bins: int, top: int) -> list[dict[str, Any]]:
             "n_missing": int((~ok).sum()),
         }
         if vals.size:
-            counts, edges = np.histogram(vals, bins=bins)
+            # About sqrt(n) bins unless asked: readable for 5 prompts and for 10,000.
+            n_bins = bins or int(np.clip(np.ceil(np.sqrt(vals.size)), 5, 40))
+            counts, edges = np.histogram(vals, bins=n_bins)
             order = np.argsort(-vals, kind="stable")[:top]
             group.update(
                 mean=float(vals.mean()),
@@ -131,18 +142,27 @@ def _previews(con: duckdb.DuckDBPyConnection, path: Path, ids: list[str]) -> dic
 
 def previews(path: Path) -> dict[str, str]:
     """First characters of every response in a responses table, for the prompt picker."""
-    con = connect()
     try:
-        sql = "SELECT prompt_id, left(response, 90) AS preview FROM read_parquet(?)"
-        cols = _query(con, sql, [str(path)], path)
-    finally:
-        con.close()
-    return dict(zip(map(str, cols["prompt_id"]), map(str, cols["preview"]), strict=True))
+        table = pq.read_table(path, columns=["prompt_id", "response"])
+    except (OSError, ValueError, KeyError) as err:
+        raise ApiError(422, f"cannot read Parquet table {path.name}: {err}") from None
+    ids = table.column("prompt_id").to_pylist()
+    texts = table.column("response").to_pylist()
+    return {str(i): (t or "")[:90] for i, t in zip(ids, texts, strict=True)}
 
 
 _ENTRY_COLUMNS = [
-    "prompt_id", "trait", "method", "layer", "baseline", "centered", "prompt_scores",
-    "response_scores", "prompt_norms", "response_norms", "normalized_prompt",
+    "prompt_id",
+    "trait",
+    "method",
+    "layer",
+    "baseline",
+    "centered",
+    "prompt_scores",
+    "response_scores",
+    "prompt_norms",
+    "response_norms",
+    "normalized_prompt",
     "normalized_response",
 ]
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: one Ray session for the whole run, and a tiny-model experiment tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import save_tiny_model, write_prompt_set, write_vectors
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+TRAITS = ["behavior/alpha", "tone/beta"]
+PROMPTS = [
+    "what is the capital of France ?",
+    "tell me about water",
+    "how do you make a small house ?",
+    "write a long sentence about the old man and the sea of people who live here",
+    "go",
+    "why is the air so hot this day ?",
+    "name three good things",
+    "help me think",
+    "is it true that you can play ?",
+    "say one thing",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def tiny_root(tmp_path, tiny_model_dir) -> Path:
+    """A fresh root with experiments/tiny (variant 'base'), vectors and a prompt set."""
+    exp = tmp_path / "experiments" / "tiny"
+    exp.mkdir(parents=True)
+    (exp / "config.json").write_text(
+        json.dumps(
+            {
+                "defaults": {"extraction": "base", "application": "base"},
+                "model_variants": {"base": {"model": str(tiny_model_dir)}},
+            }
+        )
+    )
+    write_vectors(exp, TRAITS, n_layers=4, hidden=64)
+    write_prompt_set(tmp_path, "tests/small", PROMPTS)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (ray.init costs ~4 s and 1.6 GiB)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
+    yield ray
+    ray.shutdown()
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

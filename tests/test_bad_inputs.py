@@ -1,0 +1,639 @@
+"""Bad inputs through the real CLI: exit 2, one `raypipe: error:` line, outputs untouched.
+
+Every case runs `raypipe.cli.main([...])` against a fresh tiny experiment tree. Validation
+happens before Ray starts or a model loads, so `run_infer` and `ray.init` are replaced with
+stubs that fail the test: a case that gets past validation can never start a cluster.
+Corpus files live in tests/bad_inputs/{prompts,config,steering,metadata}/; inputs whose bytes
+are easier to make in code (tensors, non-UTF-8, huge files) are generated here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from raypipe.cli import main
+
+CORPUS = Path(__file__).parent / "bad_inputs"
+EXP = "{root}/experiments/tiny"
+CONFIG = EXP + "/config.json"
+PROBE = EXP + "/extraction/behavior/alpha/base/vectors/response_all/residual/probe"
+LAYER0 = PROBE + "/layer0.pt"
+METADATA = PROBE + "/metadata.json"
+STEERING = EXP + "/steering/behavior/alpha/base/response_all/steering/results.jsonl"
+CALIBRATION = EXP + "/inference/base/massive_activations/calibration.json"
+TRAITS_DIR = EXP + "/extraction"
+
+
+class ValidationPassed(AssertionError):
+    """Raised by the stubs: the bad input got past validation to the Ray job."""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    where: str  # the file or flag the error line must name; `{root}` is the tree's root
+    field: str  # the field printed right after it
+    prepare: Callable[[Path], None] | None = None
+    flags: dict = field(default_factory=dict)  # flag -> value (may use `{root}`)
+    switches: tuple[str, ...] = ()
+    message: str = ""  # a piece of the message
+    command: str = "infer"
+
+
+# ---------------------------------------------------------------- tree helpers
+
+
+def _p(template: str, root: Path) -> Path:
+    return Path(template.format(root=root))
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _write_bytes(template: str, data: bytes) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        path = _p(template, root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return prepare
+
+
+def _write_json(template: str, obj) -> Callable[[Path], None]:
+    return _write_bytes(template, json.dumps(obj).encode())
+
+
+def _save_vector(obj) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        torch.save(obj, _p(LAYER0, root))
+
+    return prepare
+
+
+def _truncate_vector(root: Path) -> None:
+    path = _p(LAYER0, root)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _delete(template: str) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        path = _p(template, root)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    return prepare
+
+
+def _drop_effect_sizes(root: Path) -> None:
+    path = _p(METADATA, root)
+    meta = json.loads(path.read_text())
+    for entry in meta["layers"].values():
+        entry.pop("val_effect_size", None)
+    path.write_text(json.dumps(meta))
+
+
+def _model_at(template: str, config_json: str | None = None) -> Callable[[Path], None]:
+    """Point the experiment's model at `template`; optionally create it with a config.json."""
+
+    def prepare(root: Path) -> None:
+        folder = _p(template, root)
+        if template.startswith("{root}"):
+            folder.mkdir(parents=True, exist_ok=True)
+            if config_json is not None:
+                (folder / "config.json").write_text(config_json)
+        _p(CONFIG, root).write_text(
+            json.dumps({"model_variants": {"base": {"model": str(folder)}}})
+        )
+
+    return prepare
+
+
+# ---------------------------------------------------------------- corpus: file -> field
+
+PROMPT_FIELDS = {
+    "malformed": "line 1",
+    "truncated": "line 4",
+    "top_level_string": "prompts",
+    "top_level_number": "prompts",
+    "top_level_null": "prompts",
+    "prompts_not_list": "prompts",
+    "prompts_missing": "prompts",
+    "prompts_empty": "prompts",
+    "bare_list_empty": "prompts",
+    "item_not_object": "prompts[1]",
+    "item_null": "prompts[0]",
+    "id_missing": "prompts[0].id",
+    "id_bool": "prompts[0].id",
+    "id_null": "prompts[0].id",
+    "id_float": "prompts[0].id",
+    "id_list": "prompts[0].id",
+    "id_traversal": "prompts[0].id",
+    "id_slash": "prompts[0].id",
+    "id_backslash": "prompts[0].id",
+    "id_dotdot": "prompts[0].id",
+    "id_hidden": "prompts[0].id",
+    "id_empty": "prompts[0].id",
+    "id_negative": "prompts[0].id",
+    "id_space": "prompts[0].id",
+    "id_newline": "prompts[0].id",
+    "id_duplicate_int_str": "prompts[1].id",  # int 1 and "1" are the same file name
+    "id_duplicate_str": "prompts[2].id",
+    "text_missing": "prompts[0].text",
+    "text_not_string": "prompts[0].text",
+    "text_null": "prompts[0].text",
+    "prompt_not_string": "prompts[0].prompt",
+    "text_empty": "prompts[0].text",
+    "text_whitespace": "prompts[0].text",
+    "system_prompt_not_string": "system_prompt",
+    "item_system_prompt_not_string": "prompts[0].system_prompt",
+    "note_not_string": "prompts[0].note",
+}
+CONFIG_FIELDS = {
+    "malformed": "line 2",
+    "top_level_list": "config",
+    "variants_missing": "model_variants",
+    "variants_empty": "model_variants",
+    "variants_list": "model_variants",
+    "variant_not_object": "model_variants.base",
+    "variant_model_missing": "model_variants.base.model",
+    "variant_model_blank": "model_variants.base.model",
+    "variant_lora_empty": "model_variants.base.lora",
+    "variant_name_unsafe": "model_variants.../base",
+    "defaults_not_object": "defaults",
+    "default_unknown": "defaults.application",
+    "default_list": "defaults.application",
+    "chat_template_string": "use_chat_template",
+}
+STEERING_FIELDS = {
+    "malformed_line": "line 2",
+    "line_not_object": "line 1",
+    "direction_unknown": "line 1.direction",
+    "baseline_no_result": "line 2.result",
+    "baseline_trait_mean_string": "line 2.result.trait_mean",
+    "run_no_config": "line 3",
+    "run_vectors_empty": "line 3.config.vectors",
+    "run_layer_string": "line 3.config.vectors[0].layer",
+    "run_trait_mean_null": "line 3.result.trait_mean",
+    "run_coherence_nan": "line 3.result.coherence_mean",
+}
+METADATA_FIELDS = {
+    "malformed": "line 1",
+    "not_object": "metadata",
+    "layers_list": "layers",
+    "layer_entry_not_object": "layers.0",
+    "baseline_nan": "layers.0.baseline",
+    "baseline_string": "layers.0.baseline",
+    "position_missing": "position",
+}
+CORPUS_FIELDS = {
+    ("prompts", ".json"): PROMPT_FIELDS,
+    ("config", ".json"): CONFIG_FIELDS,
+    ("steering", ".jsonl"): STEERING_FIELDS,
+    ("metadata", ".json"): METADATA_FIELDS,
+}
+
+
+def _corpus_case(kind: str, name: str, fld: str) -> Case:
+    src = CORPUS / kind / f"{name}{'.jsonl' if kind == 'steering' else '.json'}"
+    if kind == "prompts":
+        target = "{root}/datasets/inference/bad/" + f"{name}.json"
+        return Case(
+            f"prompts/{name}",
+            target,
+            fld,
+            lambda root: _copy(src, _p(target, root)),
+            flags={"--prompt-set": f"bad/{name}"},
+        )
+    target, flags = {
+        "config": (CONFIG, {}),
+        "steering": (STEERING, {"--traits": "behavior/alpha", "--layers": "best"}),
+        "metadata": (METADATA, {"--traits": "behavior/alpha", "--layers": "0"}),
+    }[kind]
+    return Case(f"{kind}/{name}", target, fld, lambda root: _copy(src, _p(target, root)), flags)
+
+
+CORPUS_CASES = [
+    _corpus_case(kind, name, fld)
+    for (kind, _), fields in CORPUS_FIELDS.items()
+    for name, fld in fields.items()
+]
+
+# ---------------------------------------------------------------- generated and flag cases
+
+HUGE = [{"id": 0, "text": "word " * 40_001}]  # 200,005 characters: over the 200,000 limit
+VEC = {"--traits": "behavior/alpha", "--layers": "0"}
+MODEL_DIR = "{root}/models/m"
+
+GENERATED_CASES = [
+    Case(
+        "prompts/huge_text",
+        "{root}/datasets/inference/bad/huge.json",
+        "prompts[0].text",
+        _write_json("{root}/datasets/inference/bad/huge.json", HUGE),
+        {"--prompt-set": "bad/huge"},
+        message="limit 200000",
+    ),
+    Case(
+        "prompts/not_utf8",
+        "{root}/datasets/inference/bad/latin1.json",
+        "prompt_set",
+        _write_bytes(
+            "{root}/datasets/inference/bad/latin1.json", b'[{"id": 0, "text": "caf\xe9"}]'
+        ),
+        {"--prompt-set": "bad/latin1"},
+        message="not valid UTF-8",
+    ),
+    Case(
+        "prompts/unknown_set",
+        "{root}/datasets/inference/nope/none.json",
+        "prompt_set",
+        flags={"--prompt-set": "nope/none"},
+        message="not found",
+    ),
+    Case("prompts/set_dotdot", "--prompt-set", "prompt_set", flags={"--prompt-set": "../x"}),
+    Case(
+        "prompts/set_dotdot_nested",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": "tests/../tests/small"},
+    ),
+    Case("prompts/set_empty", "--prompt-set", "prompt_set", flags={"--prompt-set": ""}),
+    Case(
+        "prompts/generate_command",
+        "{root}/datasets/inference/bad/prompts_empty.json",
+        "prompts",
+        lambda root: _copy(
+            CORPUS / "prompts/prompts_empty.json",
+            root / "datasets/inference/bad/prompts_empty.json",
+        ),
+        {"--prompt-set": "bad/prompts_empty"},
+        command="generate",
+    ),
+    # experiment and config
+    Case(
+        "experiment/unknown",
+        "{root}/experiments/nope/config.json",
+        "experiment",
+        flags={"--experiment": "nope"},
+    ),
+    Case(
+        "experiment/root_missing",
+        "{root}/nowhere/experiments/tiny/config.json",
+        "experiment",
+        flags={"--root": "{root}/nowhere"},
+    ),
+    Case("experiment/dotdot", "--experiment", "experiment", flags={"--experiment": "../tiny"}),
+    Case("experiment/empty", "--experiment", "experiment", flags={"--experiment": ""}),
+    Case(
+        "experiment/config_not_utf8",
+        CONFIG,
+        "config",
+        _write_bytes(CONFIG, b'{"model_variants": {"b\xff": {"model": "m"}}}'),
+    ),
+    Case(
+        "config/unknown_model_variant",
+        "--model-variant",
+        "model_variant",
+        flags={"--model-variant": "chat"},
+        message="'chat'",
+    ),
+    # the model the config points at
+    Case(
+        "model/path_missing",
+        "/nonexistent/raypipe-model",
+        "model",
+        _model_at("/nonexistent/raypipe-model"),
+    ),
+    Case("model/folder_without_config", MODEL_DIR, "model", _model_at(MODEL_DIR)),
+    Case("model/config_malformed", MODEL_DIR, "model", _model_at(MODEL_DIR, '{"model_type": "lla')),
+    # traits
+    Case("traits/dotdot", "--traits", "traits", flags={"--traits": "behavior/.."}),
+    Case("traits/leading_dotdot", "--traits", "traits", flags={"--traits": "../behavior/alpha"}),
+    Case("traits/one_part", "--traits", "traits", flags={"--traits": "alpha"}),
+    Case("traits/three_parts", "--traits", "traits", flags={"--traits": "behavior/alpha/x"}),
+    Case(
+        "traits/unknown",
+        TRAITS_DIR + "/behavior/nope/base/vectors",
+        "traits",
+        flags={"--traits": "behavior/nope"},
+        message="'behavior/nope'",
+    ),
+    Case(
+        "traits/second_unknown",
+        TRAITS_DIR + "/tone/nope/base/vectors",
+        "traits",
+        flags={"--traits": "behavior/alpha,tone/nope"},
+    ),
+    Case("traits/none_extracted", TRAITS_DIR, "traits", _delete(TRAITS_DIR)),
+    Case(
+        "traits/no_residual_vectors",
+        EXP + "/extraction/tone/beta/base/vectors",
+        "traits",
+        flags={"--traits": "tone/beta", "--component": "attn_contribution"},
+        message="attn_contribution",
+    ),
+    # vector files
+    Case("vector/nan", LAYER0, "vector", _save_vector(torch.full((64,), float("nan"))), VEC),
+    Case(
+        "vector/inf",
+        LAYER0,
+        "vector",
+        _save_vector(torch.cat([torch.ones(63), torch.tensor([float("inf")])])),
+        VEC,
+    ),
+    Case("vector/zero", LAYER0, "vector", _save_vector(torch.zeros(64)), VEC, message="zeros"),
+    Case(
+        "vector/wrong_hidden_size",
+        LAYER0,
+        "vector",
+        _save_vector(torch.ones(63)),
+        VEC,
+        message="hidden size is 64",
+    ),
+    Case("vector/two_dims", LAYER0, "vector", _save_vector(torch.ones(1, 64)), VEC),
+    Case(
+        "vector/int_tensor", LAYER0, "vector", _save_vector(torch.ones(64, dtype=torch.int64)), VEC
+    ),
+    Case("vector/dict", LAYER0, "vector", _save_vector({"vector": torch.ones(64)}), VEC),
+    Case("vector/list", LAYER0, "vector", _save_vector([1.0] * 64), VEC),
+    Case(
+        "vector/truncated",
+        LAYER0,
+        "vector",
+        _truncate_vector,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case("vector/empty_file", LAYER0, "vector", _write_bytes(LAYER0, b""), VEC),
+    Case("vector/text_file", LAYER0, "vector", _write_bytes(LAYER0, b"0.1 0.2 0.3\n"), VEC),
+    Case("metadata/missing", METADATA, "metadata", _delete(METADATA), VEC),
+    Case(
+        "layers/no_vector_at_layer",
+        PROBE,
+        "layers",
+        _delete(PROBE + "/layer2.pt"),
+        {"--traits": "behavior/alpha", "--layers": "2"},
+        message="no vector at layer 2",
+    ),
+    Case(
+        "layers/best_without_any_evidence",
+        PROBE,
+        "layers",
+        _drop_effect_sizes,
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="val_effect_size",
+    ),
+    Case(
+        "steering/not_utf8",
+        STEERING,
+        "results",
+        _write_bytes(STEERING, b'{"type": "header", "direction": "n\xe9gative"}\n'),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+    ),
+    # --layers
+    Case("layers/beyond_depth", "--layers", "layers", flags={"--layers": "4"}, message="4 layers"),
+    Case(
+        "layers/one_beyond_depth",
+        "--layers",
+        "layers",
+        flags={"--layers": "0,99"},
+        message="layer 99",
+    ),
+    Case("layers/range_beyond_depth", "--layers", "layers", flags={"--layers": "2-9"}),
+    Case("layers/word", "--layers", "layers", flags={"--layers": "middle"}),
+    Case("layers/reversed_range", "--layers", "layers", flags={"--layers": "3-1"}),
+    Case("layers/zero_step", "--layers", "layers", flags={"--layers": "0-3:0"}),
+    Case("layers/percent_over_100", "--layers", "layers", flags={"--layers": "10%-120%"}),
+    Case("layers/empty_term", "--layers", "layers", flags={"--layers": "1,,2"}),
+    Case("layers/best_garbage", "--layers", "layers", flags={"--layers": "best+x"}),
+    Case("layers/negative", "--layers", "layers", flags={"--layers": "-1"}),
+    Case("layers/float", "--layers", "layers", flags={"--layers": "1.5"}),
+    # calibration for --remove-massive-dims
+    Case(
+        "calibration/missing",
+        CALIBRATION,
+        "calibration",
+        switches=("--remove-massive-dims",),
+        message="raypipe calibrate",
+    ),
+    Case(
+        "calibration/dims_not_ints",
+        CALIBRATION,
+        "aggregate.massive_dims",
+        _write_json(CALIBRATION, {"aggregate": {"massive_dims": ["12"]}}),
+        switches=("--remove-massive-dims",),
+    ),
+    # numeric and choice flags validated by the option objects
+    Case(
+        "flags/max_new_tokens_negative",
+        "--max-new-tokens",
+        "max_new_tokens",
+        flags={"--max-new-tokens": "-5"},
+    ),
+    Case(
+        "flags/max_new_tokens_zero",
+        "--max-new-tokens",
+        "max_new_tokens",
+        flags={"--max-new-tokens": "0"},
+    ),
+    Case(
+        "flags/temperature_negative",
+        "--temperature",
+        "temperature",
+        flags={"--temperature": "-0.5"},
+    ),
+    Case("flags/batch_size_zero", "--batch-size", "batch_size", flags={"--batch-size": "0"}),
+    Case(
+        "flags/max_batch_tokens_zero",
+        "--max-batch-tokens",
+        "max_batch_tokens",
+        flags={"--max-batch-tokens": "0"},
+    ),
+    Case("flags/dtype", "--dtype", "dtype", flags={"--dtype": "float8"}),
+    Case("flags/device", "--device", "device", flags={"--device": "tpu"}),
+    Case("flags/backend_vllm", "--backend", "backend", flags={"--backend": "vllm"}),
+]
+
+# Bugs found by this corpus (all fixed): kept as regular cases below.
+BUGS: dict[str, tuple[type, str]] = {}
+BUG_INPUTS = [
+    Case(
+        "prompts/deeply_nested",
+        "{root}/datasets/inference/bad/deep.json",
+        "file",
+        _write_bytes("{root}/datasets/inference/bad/deep.json", b"[" * 5000 + b"]" * 5000),
+        {"--prompt-set": "bad/deep"},
+    ),
+    Case(
+        "prompts/id_with_5000_digits",
+        "{root}/datasets/inference/bad/bigint.json",
+        "file",
+        _write_bytes(
+            "{root}/datasets/inference/bad/bigint.json",
+            b'[{"id": ' + b"1" * 5000 + b', "text": "hi"}]',
+        ),
+        {"--prompt-set": "bad/bigint"},
+    ),
+    Case(
+        "calibration/aggregate_list",
+        CALIBRATION,
+        "aggregate",
+        _write_json(CALIBRATION, {"aggregate": [1, 2]}),
+        switches=("--remove-massive-dims",),
+    ),
+    Case("layers/superscript_digit", "--layers", "layers", flags={"--layers": "\u00b2"}),
+    Case("flags/replicas_zero", "--replicas", "replicas", flags={"--replicas": "0"}),
+    Case("flags/temperature_nan", "--temperature", "temperature", flags={"--temperature": "nan"}),
+    Case("flags/threads_negative", "--threads", "threads", flags={"--threads": "-2"}),
+    Case("traits/empty_list", "--traits", "traits", flags={"--traits": " , "}),
+]
+
+
+def _param(case: Case):
+    if case.id not in BUGS:
+        return pytest.param(case, id=case.id)
+    exc, why = BUGS[case.id]
+    return pytest.param(
+        case, id=case.id, marks=pytest.mark.xfail(strict=True, raises=exc, reason=why)
+    )
+
+
+PARAMS = [_param(c) for c in CORPUS_CASES + GENERATED_CASES + BUG_INPUTS]
+assert set(BUGS) <= {p.id for p in PARAMS}
+
+# ---------------------------------------------------------------- fixtures and checks
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Validation must end every case: reaching the Ray job fails the test instead."""
+    import ray
+
+    import raypipe.pipeline.job as job
+
+    def stop(*args, **kwargs):
+        raise ValidationPassed("the bad input got past validation to the Ray job")
+
+    monkeypatch.setattr(job, "run_infer", stop)
+    monkeypatch.setattr(ray, "init", stop)
+
+
+@pytest.fixture
+def root(tiny_root, monkeypatch) -> Path:
+    """The tiny tree plus sentinel outputs that no failed run may touch."""
+    root = tiny_root.resolve()
+    monkeypatch.setenv("RAYPIPE_CACHE", str(root / "cache"))
+    monkeypatch.delenv("RAYPIPE_ROOT", raising=False)
+    inf = root / "experiments/tiny/inference"
+    sentinels = {
+        inf / "sentinel.txt": b"do not touch\n",
+        inf / "base/responses/tests/small/0.json": b'{"prompt": "sentinel"}',
+        inf / "base/projections/behavior/alpha/tests/small/0.json": b'{"metadata": {}}',
+        inf / "base/parquet/projections/tests/small.parquet": b"PAR1 sentinel PAR1",
+    }
+    for path, data in sentinels.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root, with a hash of each file's bytes."""
+    return {
+        p.relative_to(root).as_posix(): (
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+        )
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def argv(case: Case, root: Path) -> list[str]:
+    flags = {"--root": "{root}", "--experiment": "tiny", "--prompt-set": "tests/small"}
+    flags.update(case.flags)
+    out = [case.command]
+    for flag, value in flags.items():
+        out += [flag, value.format(root=root)]
+    return out + list(case.switches) + ["--quiet"]
+
+
+def test_corpus_is_complete():
+    """Every corpus file is a case, and every case's file exists."""
+    on_disk = {(p.parent.name, p.stem) for p in CORPUS.rglob("*") if p.is_file()}
+    on_disk.discard(("bad_inputs", "README"))
+    listed = {(kind, name) for (kind, _), fields in CORPUS_FIELDS.items() for name in fields}
+    assert on_disk == listed
+    for (kind, suffix), fields in CORPUS_FIELDS.items():
+        for name in fields:
+            assert (CORPUS / kind / f"{name}{suffix}").is_file()
+
+
+def test_enough_distinct_cases():
+    ids = [p.id for p in PARAMS]
+    assert len(ids) == len(set(ids))
+    assert len(ids) >= 30
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_bad_input(case: Case, root: Path, capfd):
+    if case.prepare is not None:
+        case.prepare(root)
+    before = snapshot(root)
+    capfd.readouterr()
+
+    rc = main(argv(case, root))
+
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert rc == 2, err
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    prefix = f"raypipe: error: {case.where.format(root=root)}: {case.field}: "
+    assert lines[0].startswith(prefix), f"\n{lines[0]}\n{prefix}"
+    assert case.message in lines[0][len(prefix) :]
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--component", "bogus"], "--component"),
+        (["--method", "svm"], "--method"),
+        (["--backend", "tpu"], "--backend"),
+        (["--max-new-tokens", "ten"], "--max-new-tokens"),
+        (["--temperature", "hot"], "--temperature"),
+        (["--layers"], "--layers"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_bad_flag_rejected_by_argparse(args, flag, root: Path, capfd):
+    before = snapshot(root)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["infer", "--root", str(root), "--experiment", "tiny", "--prompt-set", "tests/small"]
+            + args
+            + ["--quiet"]
+        )
+    out, err = capfd.readouterr()
+    assert e.value.code == 2
+    assert "Traceback" not in out + err
+    assert flag in err and "error:" in err.splitlines()[-1]
+    assert snapshot(root) == before
+
+
+def test_missing_experiment_flag_rejected_by_argparse(root: Path, capfd):
+    with pytest.raises(SystemExit) as e:
+        main(["infer", "--root", str(root), "--prompt-set", "tests/small"])
+    assert e.value.code == 2
+    assert "--experiment" in capfd.readouterr().err

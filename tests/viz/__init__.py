@@ -1,0 +1,1 @@
+"""Tests of the dashboard (raypipe.viz): API, scores, Parquet overview, headless browser."""
