@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="overwrite existing projection files")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="prefill token budget")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--capture", action="store_true", help="save raw activations, no projection")
+    mode.add_argument(
+        "--from-activations", action="store_true", help="project saved raw activations (no model)"
+    )
 
     p = sub.add_parser("generate", help="generate responses only")
     _common(p)
@@ -165,9 +170,16 @@ def cmd_infer(args, project: bool) -> int:
     opts = infer_options(args)
     if opts.run.backend != "local":
         raise InputError("--backend", "backend", f"{opts.run.backend!r} is not available yet")
+    mode = "stream"
+    if getattr(args, "capture", False):
+        mode = "capture"
+    elif getattr(args, "from_activations", False):
+        mode = "from_activations"
+        if opts.output.regenerate:
+            raise InputError("--regenerate", "regenerate", "no model runs with --from-activations")
     plan = plan_infer(opts, need_vectors=project)
-    summary = run_infer(plan, project=project)
-    print_summary(plan, summary, traits_table=project)
+    summary = run_infer(plan, project=project, mode=mode)
+    print_summary(plan, summary, traits_table=project and mode != "capture")
     return 1 if summary.failed else 0
 
 

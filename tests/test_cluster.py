@@ -108,7 +108,7 @@ def _stop_session(sid: int) -> None:
 
 @pytest.fixture
 def ray_head():
-    """A separate Ray head on loopback with token auth; yields (dashboard URL, client env)."""
+    """A separate Ray head on loopback, token auth on; yields (dashboard URL, env, token)."""
     if not RAY.exists():
         pytest.skip(f"no ray CLI at {RAY}")
     gcs, dashboard, *more = _free_ports(9)
@@ -150,7 +150,7 @@ def ray_head():
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
             "--include-dashboard=true",
-        ],  # fmt: skip
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -214,7 +214,7 @@ def test_ray_job_submit_end_to_end(tiny_root, ray_head):
             "--max-new-tokens",
             "5",
             "--quiet",
-        ],  # fmt: skip
+        ],
         env={**env, "RAY_ADDRESS": address},
         capture_output=True,
         text=True,

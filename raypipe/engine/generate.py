@@ -68,22 +68,26 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def plan_batches(lengths: list[int], extra: int, opts: GenerationOptions) -> list[list[int]]:
-    """Index batches: length-sorted (longest first) and sized by the padded token budget."""
+    """Index batches: length-sorted (longest first), sized by the padded token budget, and cut
+    where padding would exceed a quarter of the batch, so short prompts never ride with long."""
     order = list(range(len(lengths)))
     if opts.sort_by_length:
         order.sort(key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     cur: list[int] = []
-    cur_max = 0
+    width = 0
     for i in order:
-        new_max = max(cur_max, lengths[i] + extra)
-        if cur and (
-            len(cur) >= opts.max_batch_size or new_max * (len(cur) + 1) > opts.max_batch_tokens
-        ):
-            batches.append(cur)
-            cur, new_max = [], lengths[i] + extra
+        need = lengths[i] + extra
+        if cur:
+            new_width = max(width, need)
+            over_budget = new_width * (len(cur) + 1) > opts.max_batch_tokens
+            too_big = len(cur) >= opts.max_batch_size or over_budget
+            too_ragged = opts.sort_by_length and need < 0.75 * width
+            if too_big or too_ragged:
+                batches.append(cur)
+                cur, width = [], 0
         cur.append(i)
-        cur_max = new_max
+        width = max(width, need)
     if cur:
         batches.append(cur)
     return batches

@@ -10,6 +10,8 @@ from raypipe.engine.models import resolve_model_path
 from raypipe.options import RunOptions
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.stages import (
+    CaptureSink,
+    CaptureStage,
     GenerateStage,
     ProjectionSink,
     ProjectStage,
@@ -74,21 +76,33 @@ def log(msg: str, quiet: bool = False) -> None:
         print(f"[raypipe] {msg}", file=sys.stderr, flush=True)
 
 
-def run_infer(plan: InferPlan, project: bool = True) -> Summary:
+def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Summary:
+    """mode: stream (generate + project), capture (save raw activations), from_activations."""
     import ray
 
     opts = plan.opts
     run = opts.run
     for note in plan.notes:
         log(note, run.quiet)
-    rows = [r for r in plan.rows if r["generate"] or (project and r["project"])]
-    summary = Summary(total=len(plan.rows), skipped=len(plan.rows) - len(rows))
+    if mode == "from_activations":
+        summary = Summary(total=len(plan.rows))
+        started = start_ray(run)  # no model anywhere: plain Ray tasks read the .pt files
+        try:
+            _from_activations(plan, summary)
+        finally:
+            if started and not run.address:
+                ray.shutdown()
+        rows = []
+    else:
+        todo = _capture_rows(plan) if mode == "capture" else plan.rows
+        rows = [r for r in todo if r["generate"] or (project and r["project"])]
+        summary = Summary(total=len(plan.rows), skipped=len(plan.rows) - len(rows))
     if rows:
         # Convert an alias once, here, rather than racing in every worker.
         resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
         started = start_ray(run)
         try:
-            _execute(plan, rows, project, summary)
+            _execute(plan, rows, project, summary, mode)
         finally:
             if started and not run.address:
                 ray.shutdown()
@@ -98,10 +112,47 @@ def run_infer(plan: InferPlan, project: bool = True) -> Summary:
         "projections": str(plan.paths.projections_root(plan.variant)),
         **{f"parquet:{k}": str(v[0]) for k, v in tables.items()},
     }
+    if mode == "capture":
+        comp = opts.projection.component
+        raw = plan.paths.raw_file(plan.variant, comp, plan.prompts.name, "_").parent
+        summary.outputs["raw"] = str(raw)
     return summary
 
 
-def _execute(plan: InferPlan, rows: list[dict], project: bool, summary: Summary) -> None:
+def _capture_rows(plan: InferPlan) -> list[dict]:
+    """For --capture a prompt is to do when its raw file is missing, whatever projections exist."""
+    comp, force = plan.opts.projection.component, plan.opts.output.force
+    out = []
+    for r in plan.rows:
+        raw = plan.paths.raw_file(plan.variant, comp, r["prompt_set"], r["prompt_id"])
+        out.append({**r, "project": r["generate"] or force or not raw.is_file()})
+    return out
+
+
+def _from_activations(plan: InferPlan, summary: Summary) -> None:
+    from raypipe.fromacts import run_from_activations
+
+    opts = plan.opts
+    start = time.perf_counter()
+    res = run_from_activations(
+        plan.paths,
+        plan.variant,
+        plan.prompts.name,
+        [r["prompt_id"] for r in plan.rows],
+        list(plan.vectors),
+        opts.projection.component,
+        opts.projection.centered,
+        opts.output.force,
+        plan.massive_dims,
+    )
+    summary.seconds = time.perf_counter() - start
+    summary.done, summary.skipped, summary.failed = res.done, res.skipped, res.failed
+    summary.tokens, summary.failures = res.tokens, res.failures
+
+
+def _execute(
+    plan: InferPlan, rows: list[dict], project: bool, summary: Summary, mode: str = "stream"
+) -> None:
     import ray
 
     opts, run = plan.opts, plan.opts.run
@@ -132,7 +183,23 @@ def _execute(plan: InferPlan, rows: list[dict], project: bool, summary: Summary)
     ds = ds.map_batches(
         write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
     )
-    if project:
+    if project and mode == "capture":
+        ds = ds.map_batches(
+            CaptureStage,
+            fn_constructor_kwargs=dict(
+                spec=plan.model.spec,
+                layers=sorted({v.layer for v in plan.vectors}),
+                max_batch_tokens=opts.projection.max_batch_tokens,
+                sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
+                threads=run.threads,
+            ),
+            compute=ray.data.ActorPoolStrategy(size=run.project_replicas),
+            batch_size=run.batch_size,
+            batch_format="pandas",
+            num_cpus=cpus,
+            num_gpus=gpu,
+        )
+    elif project:
         vectors = [(v.layer, v.vector) for v in plan.vectors]
         ds = ds.map_batches(
             ProjectStage,

@@ -239,6 +239,73 @@ class ProjectionSink:
 SUMMARY_COLUMNS = ("prompt_id", "status", "generated", "n_tokens", "error")
 
 
+@dataclass(frozen=True)
+class CaptureSink:
+    """Where the capture stage writes raw `.pt` files."""
+
+    paths: ExperimentPaths
+    variant: str
+    component: str
+
+
+class CaptureStage:
+    """One hooked prefill per batch; writes the raw `.pt` files from the actor itself (they are
+    large: passing them on to a writer stage would copy them through the object store)."""
+
+    NEEDS = ("prompt_set", "prompt_id", "generated", "project", "error") + RESPONSE_COLUMNS
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layers: list[int],
+        max_batch_tokens: int,
+        sink: CaptureSink,
+        threads: int | None = None,
+    ):
+        from raypipe.engine.capture import Capturer
+        from raypipe.engine.models import load_model
+
+        _set_threads(threads)
+        model, tok = load_model(spec)
+        self.sink = sink
+        self.capturer = Capturer(
+            model, layers, sink.component, max_batch_tokens, tok.pad_token_id or 0
+        )
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from raypipe.store.captures import build_capture, write_capture
+
+        require(batch, "capture", self.NEEDS)
+        rows = _rows(batch)
+        todo = [r for r in rows if r["project"] and not r["error"]]
+        acts = self.capturer.capture([list(r["token_ids"]) for r in todo]) if todo else []
+        for row, layers in zip(todo, acts):
+            path = self.sink.paths.raw_file(
+                self.sink.variant, self.sink.component, row["prompt_set"], row["prompt_id"]
+            )
+            record = build_capture(
+                prompt_text=row["prompt_text"],
+                response_text=row["response_text"],
+                tokens=list(row["tokens"]),
+                token_ids=list(row["token_ids"]),
+                prompt_end=int(row["prompt_end"]),
+                activations=layers,
+                component=self.sink.component,
+            )
+            write_capture(path, record)
+        out = [
+            {
+                "prompt_id": r["prompt_id"],
+                "status": "failed" if r["error"] else "done" if r["project"] else "skipped",
+                "generated": bool(r["generated"]),
+                "n_tokens": len(r["token_ids"]) if r["token_ids"] is not None else 0,
+                "error": r["error"],
+            }
+            for r in rows
+        ]
+        return _frame(out, SUMMARY_COLUMNS)
+
+
 def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame:
     """One JSON per prompt per trait; existing files stay unless --force or regenerated."""
     require(

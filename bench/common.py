@@ -1,0 +1,95 @@
+"""Shared benchmark helpers: models (embedded or random real shapes), timing, token batches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
+
+SHAPES = {
+    "llama-3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+    ),
+}
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--random-weights", action="store_true", help="random model of --shape")
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def load(args):
+    """(model, pad_id) on args.device: the embedded model, or random weights of a real shape."""
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.random_weights:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**SHAPES[args.shape], pad_token_id=0)
+        torch.manual_seed(0)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg)
+        torch.set_default_dtype(old)
+        return model.eval(), 0
+    from raypipe.engine.models import ModelSpec, load_model
+
+    spec = ModelSpec(
+        "smollm2-135m-instruct",
+        Path(os.environ.get("RAYPIPE_CACHE", "~/.cache/raypipe")).expanduser(),
+        dtype=args.dtype,
+        device=args.device,
+    )
+    model, tok = load_model(spec)
+    return model, tok.pad_token_id or 0
+
+
+def token_batches(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: str, repeats: int) -> float:
+    """Median wall time of `repeats` runs after one warm-up."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def emit(result: dict) -> None:
+    """Last line of every benchmark: one JSON object of its ratios."""
+    print(json.dumps(result))
