@@ -63,11 +63,17 @@ def main() -> None:
 
     t_sorted, n_sorted = timed(sorted_opts)
     t_fixed, n_fixed = timed(fixed_opts)
-    print(f"device={args.device} prompts={len(prompts)} max_new_tokens={args.max_new_tokens} "
-          f"prompt tokens={sum(map(len, prompts))}")
-    print(f"  sorted, token-budget batches   {t_sorted:8.2f} s  {n_sorted / t_sorted:9.1f} new tok/s")
-    print(f"  unsorted, fixed batch {args.fixed_batch:<3}      {t_fixed:8.2f} s  "
-          f"{n_fixed / t_fixed:9.1f} new tok/s")
+    print(
+        f"device={args.device} prompts={len(prompts)} max_new_tokens={args.max_new_tokens} "
+        f"prompt tokens={sum(map(len, prompts))}"
+    )
+    print(
+        f"  sorted, token-budget batches   {t_sorted:8.2f} s  {n_sorted / t_sorted:9.1f} new tok/s"
+    )
+    print(
+        f"  unsorted, fixed batch {args.fixed_batch:<3}      {t_fixed:8.2f} s  "
+        f"{n_fixed / t_fixed:9.1f} new tok/s"
+    )
     result = {
         "device": args.device,
         "sorted_generation_speedup": round((n_sorted / t_sorted) / (n_fixed / t_fixed), 2),
@@ -79,8 +85,10 @@ def main() -> None:
             model.generation_config.cache_implementation = "static"
             model.forward = torch.compile(model.forward, mode="reduce-overhead")
             t_static, n_static = timed(sorted_opts)
-            print(f"  sorted + static cache, compiled {t_static:7.2f} s  "
-                  f"{n_static / t_static:9.1f} new tok/s")
+            print(
+                f"  sorted + static cache, compiled {t_static:7.2f} s  "
+                f"{n_static / t_static:9.1f} new tok/s"
+            )
             result["static_compiled_vs_plain"] = round(
                 (n_static / t_static) / (n_sorted / t_sorted), 2
             )

@@ -16,8 +16,14 @@ from raypipe.engine.projector import Projector  # noqa: E402
 
 def check(dtype, tol) -> float:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4)
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(cfg).to("cuda", dtype).eval()
     seqs = [torch.randint(3, 1000, (n,)).tolist() for n in (7, 50, 23, 130, 1)]
     vecs = [(layer, torch.randn(256)) for layer in (0, 2, 3, 3)]

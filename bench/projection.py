@@ -30,11 +30,13 @@ def main() -> None:
     best = n_layers // 2
     hooked = [best, min(best + 5, n_layers - 1)]
     g = torch.Generator().manual_seed(1)
-    vectors = [(layer, torch.randn(hidden, generator=g)) for layer in hooked
-               for _ in range(args.traits)]
+    vectors = [
+        (layer, torch.randn(hidden, generator=g)) for layer in hooked for _ in range(args.traits)
+    ]
     projector = Projector(model, vectors, max_batch_tokens=args.batch_tokens, pad_id=pad)
-    full_hooks = Projector(model, vectors, max_batch_tokens=args.batch_tokens, pad_id=pad,
-                           early_stop=False)
+    full_hooks = Projector(
+        model, vectors, max_batch_tokens=args.batch_tokens, pad_id=pad, early_stop=False
+    )
     batches = [[seqs[i] for i in b] for b in projector._batches([len(s) for s in seqs])]
     padded = [pad_right(b, pad, stack.embed_tokens.weight.device) for b in batches]
 
@@ -82,6 +84,7 @@ def main() -> None:
     t_hooks_full = timeit(run(full_hooks), dev, r)
     t_hs = timeit(hidden_states_to_host, dev, r)
     t_b1 = timeit(batch1_sync_per_layer, dev, max(1, r // 2)) * len(seqs) / len(sub)
+
     # Early stop: the projector with its top hooked layer at k, against the same projector
     # hooked at the last layer (the whole stack). Embedding cost makes small k a bit slower.
     def at(k):
@@ -95,26 +98,34 @@ def main() -> None:
         errors[k] = (at(k) / t_full - expected) / expected
     sync(dev)
     tok = lambda t: f"{n_tokens / t:>10,.0f} tok/s"  # noqa: E731
-    print(f"device={dev} shape={'random ' + args.shape if args.random_weights else 'embedded'} "
-          f"dtype={args.dtype} prompts={len(seqs)} tokens={n_tokens} layers={n_layers} "
-          f"hooked={hooked} vectors={len(vectors)}")
+    print(
+        f"device={dev} shape={'random ' + args.shape if args.random_weights else 'embedded'} "
+        f"dtype={args.dtype} prompts={len(seqs)} tokens={n_tokens} layers={n_layers} "
+        f"hooked={hooked} vectors={len(vectors)}"
+    )
     print(f"  bare forward (decoder stack, all layers)      {t_bare:8.3f} s {tok(t_bare)}")
-    print(f"  raypipe projector (early stop at {hooked[-1]:>2})         {t_proj:8.3f} s {tok(t_proj)}")
-    print(f"  raypipe projector, no early stop              {t_hooks_full:8.3f} s "
-          f"{tok(t_hooks_full)}")
+    top = hooked[-1]
+    print(f"  raypipe projector (early stop at {top:>2})         {t_proj:8.3f} s {tok(t_proj)}")
+    print(
+        f"  raypipe projector, no early stop              {t_hooks_full:8.3f} s {tok(t_hooks_full)}"
+    )
     print(f"  output_hidden_states -> host, project there   {t_hs:8.3f} s {tok(t_hs)}")
-    print(f"  batch 1 + lm_head + host sync per layer       {t_b1:8.3f} s {tok(t_b1)} "
-          f"(timed on {len(sub)} prompts, scaled)")
+    print(
+        f"  batch 1 + lm_head + host sync per layer       {t_b1:8.3f} s {tok(t_b1)} "
+        f"(timed on {len(sub)} prompts, scaled)"
+    )
     for k, e in errors.items():
         print(f"  early stop at layer {k:>2}: {e:+.1%} off (k+1)/n of the full stack")
-    emit({
-        "device": dev,
-        "overhead_vs_forward": round(t_hooks_full / t_bare, 4),
-        "projector_vs_forward": round(t_proj / t_bare, 4),
-        "speedup_vs_batch1": round(t_b1 / t_proj, 2),
-        "speedup_vs_hidden_states": round(t_hs / t_proj, 2),
-        "early_stop_error": round(max(abs(e) for e in errors.values()), 4),
-    })
+    emit(
+        {
+            "device": dev,
+            "overhead_vs_forward": round(t_hooks_full / t_bare, 4),
+            "projector_vs_forward": round(t_proj / t_bare, 4),
+            "speedup_vs_batch1": round(t_b1 / t_proj, 2),
+            "speedup_vs_hidden_states": round(t_hs / t_proj, 2),
+            "early_stop_error": round(max(abs(e) for e in errors.values()), 4),
+        }
+    )
 
 
 if __name__ == "__main__":
