@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--force", action="store_true", help="recompute vectors that exist")
 
+    p = sub.add_parser("calibrate", help="find massive activation dims on a neutral prompt set")
+    _common(p)
+    p.add_argument(
+        "--prompt-set",
+        default="neutral/calibration",
+        help="path under datasets/inference/ [neutral/calibration]",
+    )
+    p.add_argument("--max-tokens", type=int, default=5000, help="prefill token budget [5000]")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
+    p.add_argument("--force", action="store_true", help="recompute an existing calibration")
+
     p = sub.add_parser("viz", help="serve the dashboard over an experiments tree")
     p.add_argument("--root", help="folder holding experiments/ [cwd, $RAYPIPE_ROOT]")
     p.add_argument("--host", default="127.0.0.1")
@@ -210,6 +221,30 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import io
+
+    from raypipe.calibrate import run_calibrate
+
+    run_calibrate(
+        _root(args),
+        args.experiment,
+        args.prompt_set,
+        model=ModelOptions(
+            dtype=args.dtype,
+            device=args.device,
+            load_in_4bit=args.load_in_4bit,
+            cache_dir=_cache(args),
+            variant=args.model_variant,
+        ),
+        max_tokens=args.max_tokens,
+        force=args.force,
+        batch_size=args.batch_size,
+        out=io.StringIO() if args.quiet else None,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
@@ -218,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_infer(args, project=args.command == "infer")
         if args.command == "extract":
             return cmd_extract(args)
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         if args.command == "viz":
             from raypipe.viz.server import main as viz_main
 

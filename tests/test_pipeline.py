@@ -122,6 +122,10 @@ def test_infer_end_to_end(ray_session, tiny_root, tiny_model_dir, capsys):
                     np.testing.assert_allclose(
                         e["token_norms"]["prompt"], norms[: rec["prompt_end"]], rtol=1e-4
                     )
+    # SPEC 8: the first run of a variant leaves a passively collected calibration.
+    cal = json.loads((out / "massive_activations" / "calibration.json").read_text())
+    assert cal["model_variant"] == "base" and cal["tokens_seen"] > 0
+    assert sorted(cal["aggregate"]["layer_norms"], key=int) == ["0", "1", "2", "3"]
     table = pq.read_table(out / "parquet" / "projections" / "tests" / "small.parquet")
     assert table.num_rows == len(PROMPTS) * len(TRAITS) * 3
     responses_table = pq.read_table(out / "parquet" / "responses" / "tests" / "small.parquet")

@@ -10,6 +10,7 @@ from raypipe.engine.models import resolve_model_path
 from raypipe.options import RunOptions
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.stages import (
+    CalibrationTarget,
     CaptureSink,
     CaptureStage,
     GenerateStage,
@@ -201,6 +202,17 @@ def _execute(
         )
     elif project:
         vectors = [(v.layer, v.vector) for v in plan.vectors]
+        calibration = None
+        cal_path = plan.paths.calibration_file(plan.variant)
+        if not cal_path.is_file():
+            # SPEC 8: the first run of a variant collects calibration passively.
+            calibration = CalibrationTarget(
+                path=cal_path,
+                experiment=plan.paths.experiment,
+                model=plan.model.spec.model,
+                variant=plan.variant,
+                source=f"raypipe infer:{plan.prompts.name}",
+            )
         ds = ds.map_batches(
             ProjectStage,
             fn_constructor_kwargs=dict(
@@ -211,6 +223,7 @@ def _execute(
                 max_batch_tokens=opts.projection.max_batch_tokens,
                 early_stop=opts.projection.early_stop,
                 threads=run.threads,
+                calibration=calibration,
             ),
             compute=ray.data.ActorPoolStrategy(size=run.project_replicas),
             batch_size=run.batch_size,

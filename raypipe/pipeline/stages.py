@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -176,6 +177,18 @@ def write_responses(batch: pd.DataFrame, source: ResponseSource) -> pd.DataFrame
     return batch
 
 
+@dataclass(frozen=True)
+class CalibrationTarget:
+    """Where the first run of a variant writes its passively collected calibration."""
+
+    path: Path
+    experiment: str
+    model: str
+    variant: str
+    source: str
+    budget: int = 5000
+
+
 class ProjectStage:
     """One hooked prefill per batch over the exact ids; emits flat score arrays per row."""
 
@@ -191,6 +204,7 @@ class ProjectStage:
         max_batch_tokens: int,
         early_stop: bool = True,
         threads: int | None = None,
+        calibration: CalibrationTarget | None = None,
     ):
         from raypipe.engine.models import load_model
         from raypipe.engine.projector import Projector
@@ -206,12 +220,23 @@ class ProjectStage:
             max_batch_tokens=max_batch_tokens,
             pad_id=tok.pad_token_id or 0,
         )
+        self.early_stop = early_stop
+        self.calibration = calibration
+        self.collector = None
+        if calibration is not None:
+            from raypipe.engine.calibration import CalibrationCollector
+
+            # Calibration hooks every block, so the first batches run the whole stack.
+            self.collector = CalibrationCollector(model, budget=calibration.budget).attach()
+            self.projector.early_stop = False
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         require(batch, "project", self.NEEDS)
         rows = _rows(batch)
         todo = [r for r in rows if r["project"] and r["error"] is None]
         results = self.projector.project([list(r["token_ids"]) for r in todo]) if todo else []
+        if self.collector is not None and todo:
+            self._save_calibration()
         for row in rows:
             for col in self.SCORE_COLUMNS:
                 row[col] = None
@@ -221,6 +246,21 @@ class ProjectStage:
                 row["cleaned_scores"] = res.cleaned_scores.ravel()
                 row["cleaned_norms"] = res.cleaned_norms.ravel()
         return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
+
+    def _save_calibration(self) -> None:
+        """Rewritten after each batch, so a run shorter than the budget still leaves a file."""
+        from raypipe.calibrate import calibration_record
+        from raypipe.store.atomic import write_json
+
+        c = self.calibration
+        record = calibration_record(
+            c.experiment, c.model, c.variant, c.source, self.collector.result()
+        )
+        write_json(c.path, record)
+        if self.collector.done:
+            self.collector.detach()
+            self.collector = None
+            self.projector.early_stop = self.early_stop
 
 
 @dataclass(frozen=True)

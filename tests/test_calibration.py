@@ -1,0 +1,275 @@
+"""Massive-activation calibration on a tiny Llama with one planted massive dim."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from raypipe.calibrate import run_calibrate
+from raypipe.engine.calibration import CalibrationCollector, passive
+from raypipe.engine.generate import encode_prompt, format_prompt
+from raypipe.engine.hooks import pad_right
+from raypipe.engine.projector import Projector
+from raypipe.options import ModelOptions
+from raypipe.store.paths import ExperimentPaths
+from tests.conftest import PROMPTS
+from tests.tiny import tiny_llama, tiny_tokenizer, write_prompt_set
+
+DIM = 7  # the planted massive dim
+JUNK = 240  # a pad id whose embedding is huge in JUNK_DIM: padding must never be counted
+JUNK_DIM = 3
+# An attention-sink-like token (ids 203+ are outside the tiny tokenizer's vocabulary): its
+# whole hidden state is inflated, with SINK_DIM about 700x its own median but far above the
+# median of the sequence's hidden state, as at SmolLM2-135M's first token.
+SINK = 250
+SINK_DIM = 5
+
+
+def planted_llama() -> LlamaForCausalLM:
+    """tiny_llama with o_proj biases: layer 1 adds 1e4 to dim 7 of every token's residual;
+    plus the JUNK and SINK embeddings above."""
+    cfg = tiny_llama().config
+    cfg.attention_bias = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for block in model.model.layers:
+            attn = block.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                proj.bias.zero_()
+        model.model.layers[1].self_attn.o_proj.bias[DIM] = 1e4
+        emb = model.model.embed_tokens.weight
+        emb[JUNK, JUNK_DIM] = 1e5
+        gen = torch.Generator().manual_seed(3)
+        emb[SINK] = 2 * torch.randn(emb.shape[1], generator=gen)
+        emb[SINK, SINK_DIM] = 1e3
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return planted_llama()
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (9, 17, 4, 12, 6)]
+
+
+def hook_ids(model) -> set[tuple[str, int]]:
+    """Every forward (pre-)hook on the model. Compared before and after, not against empty:
+    transformers adds its own permanent hooks the first time hidden states are requested."""
+    return {
+        (name, hid)
+        for name, m in model.named_modules()
+        for hid in (*m._forward_hooks, *m._forward_pre_hooks)
+    }
+
+
+def observe_all(model, batches, **kwargs) -> dict:
+    c = CalibrationCollector(model, **kwargs)
+    for batch in batches:
+        c.observe(*pad_right(batch, JUNK, "cpu"))
+    return c.result()
+
+
+def assert_close(a, b, path="result"):
+    """Same structure, same ints, floats equal to fp32 summation noise."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"{path}: {a} != {b}"
+    else:
+        assert a == b, path
+
+
+def test_flags_exactly_the_planted_dim(model, seqs):
+    res = observe_all(model, [seqs])
+    agg = res["aggregate"]
+    assert res["tokens_seen"] == sum(map(len, seqs))
+    assert agg["n_prompts"] == len(seqs)
+    assert agg["massive_dims"] == [DIM]
+    assert agg["massive_by_layer"]["0"] == []
+    for layer in ("1", "2", "3"):
+        (entry,) = agg["massive_by_layer"][layer]
+        assert entry["dim"] == DIM and entry["sequence_fraction"] == 1.0
+        assert entry["massive_tokens"] == res["tokens_seen"]
+        assert 9e3 < entry["max"] < 1.1e4 and entry["ratio"] > 1e4
+        assert agg["top_dims_by_layer"][layer][0] == DIM
+        assert agg["dim_magnitude_by_layer"][layer][str(DIM)] > 9e3
+    assert set(agg["layer_norms"]) == {"0", "1", "2", "3"}
+    json.dumps(res, allow_nan=False)
+
+
+def test_reference_median_of_the_sequence_not_the_token(model, seqs):
+    with_sink = [[SINK] + s for s in seqs]
+    by_layer = observe_all(model, [with_sink])["aggregate"]
+    assert by_layer["massive_dims"] == [SINK_DIM, DIM]
+    assert [e["dim"] for e in by_layer["massive_by_layer"]["0"]] == [SINK_DIM]
+    by_token = observe_all(model, [with_sink], reference="token")["aggregate"]
+    assert by_token["massive_dims"] == [DIM]
+
+
+def test_stats_match_hidden_states(seqs):
+    """Ground truth: HF's hidden_states[L + 1] is block L's output (last layer: final norm)."""
+    model = planted_llama()  # a model of its own: output_hidden_states leaves hooks behind
+    seq = seqs[1]
+    res = observe_all(model, [[seq]])["aggregate"]
+    with torch.no_grad():
+        hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+    for layer in range(len(hs) - 2):
+        h = hs[layer + 1][0].abs()  # (T, D)
+        key = str(layer)
+        assert math.isclose(res["layer_norms"][key], float(h.norm(dim=-1).mean()), rel_tol=1e-5)
+        assert math.isclose(res["layer_medians"][key], float(h.median(-1).values.median()))
+        mean = h.mean(0)
+        assert res["top_dims_by_layer"][key] == mean.topk(5).indices.tolist()
+        for d, value in res["dim_magnitude_by_layer"][key].items():
+            assert math.isclose(value, float(mean[int(d)]), rel_tol=1e-5)
+
+
+def test_padding_is_excluded(model, seqs):
+    # Pads are JUNK, whose embedding would be a massive JUNK_DIM at layer 0 if it were counted.
+    padded = observe_all(model, [seqs])
+    single = observe_all(model, [[s] for s in seqs])
+    assert_close(padded, single)
+    assert all(
+        e["dim"] != JUNK_DIM for v in padded["aggregate"]["massive_by_layer"].values() for e in v
+    )
+
+
+def test_budget_cuts_in_row_order_and_stops(model, seqs):
+    before = hook_ids(model)
+    a, b = seqs[0], seqs[1]
+    c = CalibrationCollector(model, budget=len(a) + 5)
+    assert c.observe(*pad_right([a, b], JUNK, "cpu")) == len(a) + 5
+    assert c.done and c.tokens_seen == len(a) + 5
+    assert c.observe(*pad_right([a], JUNK, "cpu")) == 0
+    # Under causal attention b's first 5 tokens are the same as b[:5] alone.
+    assert_close(c.result(), observe_all(model, [[a, b[:5]]]))
+    assert hook_ids(model) == before
+
+
+def test_hooks_removed_on_error(model, seqs):
+    before = hook_ids(model)
+    ids, mask = pad_right(seqs, JUNK, "cpu")
+    c = CalibrationCollector(model)
+    with pytest.raises((ValueError, RuntimeError, IndexError)):
+        c.observe(ids, mask[:, :-1])
+    assert hook_ids(model) == before
+    with pytest.raises(KeyError):
+        with passive(model):
+            assert hook_ids(model) != before
+            raise KeyError("boom")
+    assert hook_ids(model) == before
+
+
+def test_passive_detaches_itself_at_budget(model, seqs):
+    before = hook_ids(model)
+    ids, mask = pad_right(seqs, JUNK, "cpu")
+    with passive(model, budget=20) as c:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        # The full forward reached the last layer, so the hooks came off inside the block.
+        assert c.done and not c.attached
+        assert hook_ids(model) == before
+    assert c.tokens_seen == 20
+    assert_close(c.result(), observe_all(model, [seqs], budget=20))
+
+
+def test_passive_with_early_stopping_projector(model, seqs):
+    before = hook_ids(model)
+    gen = torch.Generator().manual_seed(2)
+    vectors = [(1, torch.randn(64, generator=gen)), (0, torch.randn(64, generator=gen))]
+    proj = Projector(model, vectors, pad_id=JUNK)  # stops after layer 1
+    plain = proj.project(seqs)
+    with passive(model, budget=10_000) as c:
+        hooked = proj.project(seqs)
+    for x, y in zip(plain, hooked):
+        assert (x.scores == y.scores).all() and (x.norms == y.norms).all()
+    res = c.result()
+    agg = res["aggregate"]
+    assert res["tokens_seen"] == sum(map(len, seqs)) and agg["n_prompts"] == len(seqs)
+    assert set(agg["layer_norms"]) == {"0", "1"}  # layers 2 and 3 never ran
+    assert agg["massive_dims"] == [DIM]
+    full = observe_all(model, [seqs])["aggregate"]
+    for key in ("0", "1"):
+        assert_close(agg["massive_by_layer"][key], full["massive_by_layer"][key])
+        assert math.isclose(agg["layer_norms"][key], full["layer_norms"][key], rel_tol=1e-4)
+    assert hook_ids(model) == before
+
+    # Budget met in a forward that stopped early: the next forward's pre-hook detaches.
+    with passive(model, budget=5) as c:
+        proj.project(seqs[:2])
+        assert c.done and c.tokens_seen == 5
+        proj.project(seqs[2:])
+        assert not c.attached and hook_ids(model) == before
+        assert c.tokens_seen == 5
+
+
+def test_passive_counts_prefill_not_decode(model, seqs):
+    a, b = seqs[2], seqs[4]
+    width = max(len(a), len(b))
+    # Left padding, as generate() wants it.
+    ids = torch.tensor([[JUNK] * (width - len(s)) + s for s in (a, b)])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in (a, b)])
+    with passive(model) as c:
+        model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+        )
+    assert c.tokens_seen == len(a) + len(b)
+    assert c.result()["aggregate"]["n_prompts"] == 2
+
+
+def test_run_calibrate_writes_the_file(tiny_root, tmp_path):
+    folder = tmp_path / "planted"
+    planted_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    exp = tiny_root / "experiments" / "planted"
+    exp.mkdir(parents=True)
+    (exp / "config.json").write_text(
+        json.dumps({"model_variants": {"base": {"model": str(folder)}}})
+    )
+    write_prompt_set(tiny_root, "neutral/calibration", PROMPTS)
+    opts = ModelOptions(dtype="float32", device="cpu")
+    out = io.StringIO()
+    record = run_calibrate(tiny_root, "planted", model=opts, max_tokens=60, out=out)
+
+    path = ExperimentPaths(tiny_root, "planted").calibration_file("base")
+    on_disk = json.loads(path.read_text())
+    assert on_disk == record
+    assert on_disk["experiment"] == "planted" and on_disk["model_variant"] == "base"
+    assert on_disk["model"] == str(folder)
+    assert on_disk["source"] == "raypipe calibrate:neutral/calibration"
+    assert on_disk["tokens_seen"] == 60
+    agg = on_disk["aggregate"]
+    for key in ("n_prompts", "top_dims_by_layer", "dim_magnitude_by_layer", "layer_norms"):
+        assert key in agg
+    assert agg["massive_dims"] == [DIM]
+    assert f"massive dims: [{DIM}]" in out.getvalue()
+
+    # What --remove-massive-dims reads back.
+    from raypipe.pipeline.plan import _massive_dims
+
+    assert _massive_dims(ExperimentPaths(tiny_root, "planted"), "base") == (DIM,)
+
+    # Exists: skipped without a model load; --force redoes it.
+    out = io.StringIO()
+    assert run_calibrate(tiny_root, "planted", model=opts, out=out) == record
+    assert "exists" in out.getvalue()
+    again = run_calibrate(tiny_root, "planted", model=opts, force=True, out=io.StringIO())
+    tok = tiny_tokenizer()
+    lengths = [len(encode_prompt(tok, format_prompt(tok, p, None, True), True)) for p in PROMPTS]
+    assert again["tokens_seen"] == sum(lengths) and again["aggregate"]["n_prompts"] == len(PROMPTS)
