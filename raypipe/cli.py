@@ -56,6 +56,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="generation and projection replicas")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
     p.add_argument("--threads", type=int, help="torch threads per worker [all cores]")
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        help="GPUs per actor [1 if the cluster has GPUs when the job starts, else 0]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +174,7 @@ def infer_options(args) -> InferOptions:
             threads=args.threads,
             backend=args.backend,
             quiet=args.quiet,
+            gpus_per_replica=args.gpus_per_replica,
         ),
     )
 

@@ -69,6 +69,9 @@ class RunOptions:
     threads: int | None = None  # torch threads per worker; None: all cores of the node
     backend: str = "local"
     quiet: bool = False
+    # GPUs per generation/projection actor; None: 1 if the cluster shows GPUs at start, else 0.
+    # Set it on autoscaling clusters whose GPU workers start at zero, so Ray asks for them.
+    gpus_per_replica: float | None = None
 
     def __post_init__(self):
         flags = {
@@ -79,6 +82,8 @@ class RunOptions:
         for name, (flag, label) in flags.items():
             if getattr(self, name) < 1:
                 raise InputError(flag, label, "must be at least 1")
+        if self.gpus_per_replica is not None and not 0 <= self.gpus_per_replica <= 64:
+            raise InputError("--gpus-per-replica", "gpus_per_replica", "must be in 0..64")
         if self.threads is not None and self.threads < 1:
             raise InputError("--threads", "threads", "must be at least 1")
         if self.backend not in BACKENDS:

@@ -157,7 +157,7 @@ def _execute(
     import ray
 
     opts, run = plan.opts, plan.opts.run
-    gpu = 1 if _has_gpus() else 0
+    gpu = run.gpus_per_replica if run.gpus_per_replica is not None else (1 if _has_gpus() else 0)
     cpus = 1 if gpu else 0.5  # fractional on CPU nodes: both pools fit on a 2-core machine
     # Ray Data's actor pools already restart dead actors and retry their tasks
     # (max_restarts=-1, max_task_retries=-1 by default), so a killed worker costs no rows.
