@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from raypipe.engine.capture import Capturer, token_budget_batches
+from raypipe.engine.batching import plan_batches
+from raypipe.engine.capture import Capturer
 from raypipe.engine.hooks import pad_right
 from raypipe.engine.projector import Projector
 from raypipe.errors import InputError
@@ -100,7 +101,7 @@ def test_capture_matches_hidden_states(dtype):
     model, seqs, layers = _model(dtype), _seqs(), [0, 2]
     got = Capturer(model, layers, "residual", max_batch_tokens=64).capture(seqs)
     # The same padded batches through a plain HF forward: bit-identical hidden states.
-    for batch in token_budget_batches([len(s) for s in seqs], 64):
+    for batch in plan_batches([len(s) for s in seqs], 64):
         ids, mask = pad_right([seqs[i] for i in batch], 0, "cpu")
         with torch.no_grad():
             hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states

@@ -5,27 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The same batch plan as the Projector: capturing and projecting the same sequences run the
+# very same padded batches, so hidden states (and scores) agree bit for bit.
+from raypipe.engine.batching import plan_batches
 from raypipe.engine.hooks import COMPONENTS, decoder_layers, hooked_prefill, model_device, pad_right
-
-
-def token_budget_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first so that padded width x rows stays within the budget.
-
-    The same grouping as the Projector's: capturing and projecting the same sequences then run
-    the very same padded batches, so the hidden states (and the scores) agree bit for bit.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]
-        if cur and width * (len(cur) + 1) > max_batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 class Capturer:
@@ -68,7 +51,7 @@ class Capturer:
         if any(len(s) == 0 for s in seqs):
             raise ValueError("cannot capture an empty sequence")
         out: list[dict[int, torch.Tensor] | None] = [None] * len(seqs)
-        for batch in token_budget_batches([len(s) for s in seqs], self.max_batch_tokens):
+        for batch in plan_batches([len(s) for s in seqs], self.max_batch_tokens):
             for i, acts in zip(batch, self._capture_batch([seqs[i] for i in batch])):
                 out[i] = acts
         return out  # type: ignore[return-value]

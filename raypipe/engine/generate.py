@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from raypipe.engine.batching import plan_batches
 from raypipe.errors import InputError
 
 
@@ -67,32 +68,6 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def plan_batches(lengths: list[int], extra: int, opts: GenerationOptions) -> list[list[int]]:
-    """Index batches: length-sorted (longest first), sized by the padded token budget, and cut
-    where padding would exceed a quarter of the batch, so short prompts never ride with long."""
-    order = list(range(len(lengths)))
-    if opts.sort_by_length:
-        order.sort(key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    width = 0
-    for i in order:
-        need = lengths[i] + extra
-        if cur:
-            new_width = max(width, need)
-            over_budget = new_width * (len(cur) + 1) > opts.max_batch_tokens
-            too_big = len(cur) >= opts.max_batch_size or over_budget
-            too_ragged = opts.sort_by_length and need < 0.75 * width
-            if too_big or too_ragged:
-                batches.append(cur)
-                cur, width = [], 0
-        cur.append(i)
-        width = max(width, need)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 class Generator:
     """Batched `generate` over token-id prompts; returns response ids without the EOS."""
 
@@ -106,7 +81,10 @@ class Generator:
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(prompts)
         extra = self.opts.max_new_tokens
-        for batch in plan_batches([len(p) for p in prompts], extra, self.opts):
+        o = self.opts
+        lengths = [len(p) for p in prompts]
+        plan = plan_batches(lengths, o.max_batch_tokens, o.max_batch_size, extra, o.sort_by_length)
+        for batch in plan:
             for i, ids in zip(batch, self._generate_batch([prompts[i] for i in batch])):
                 out[i] = ids
         return out  # type: ignore[return-value]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raypipe.engine.batching import plan_batches
 from raypipe.engine.hooks import hooked_prefill, model_device, pad_right
 
 
@@ -76,18 +77,7 @@ class Projector:
         return out
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        batches, cur = [], []
-        for i in order:
-            # Longest first, so the first member's length is the padded width.
-            width = lengths[cur[0]] if cur else lengths[i]
-            if cur and width * (len(cur) + 1) > self.max_batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            batches.append(cur)
-        return batches
+        return plan_batches(lengths, self.max_batch_tokens)
 
     @torch.inference_mode()
     def project(self, seqs: list[list[int]]) -> list[SequenceScores]:
