@@ -1,0 +1,108 @@
+"""Capture cost, side by side: raypipe's capture (hooked layers only, model dtype, early stop,
+one .pt per prompt) vs (b) output_hidden_states to the host, saving the same layers."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import emit, load, parser, sync, token_batches
+
+from raypipe.engine.capture import Capturer
+from raypipe.engine.hooks import decoder_stack, pad_right
+from raypipe.store.atomic import write_tensor
+from raypipe.store.captures import build_capture, write_capture
+
+
+def folder_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=60)
+    p.add_argument("--max-len", type=int, default=160)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    args = p.parse_args()
+    model, pad = load(args)
+    stack = decoder_stack(model)
+    n_layers, vocab = len(stack.layers), stack.embed_tokens.weight.shape[0]
+    layers = [n_layers // 2, min(n_layers // 2 + 5, n_layers - 1)]
+    seqs = token_batches(args.prompts, args.min_len, args.max_len, vocab)
+    n_tokens = sum(map(len, seqs))
+    capturer = Capturer(model, layers, "residual", args.batch_tokens, pad)
+    batches = [[seqs[i] for i in b] for b in capturer_batches(capturer, seqs)]
+
+    def ours(out: Path):
+        for i, acts in enumerate(capturer.capture(seqs)):
+            s = seqs[i]
+            end = len(s) // 2
+            rec = build_capture(
+                prompt_text="",
+                response_text="",
+                tokens=[""] * len(s),
+                token_ids=s,
+                prompt_end=end,
+                activations=acts,
+                component="residual",
+            )
+            write_capture(out / f"{i}.pt", rec)
+
+    @torch.inference_mode()
+    def hidden_states(out: Path):
+        i = 0
+        for b in batches:
+            ids, mask = pad_right(b, pad, stack.embed_tokens.weight.device)
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            host = [h.float().cpu() for h in hs]  # the common way: everything to the host, fp32
+            for row, s in enumerate(b):
+                write_tensor(
+                    out / f"{i}.pt", {lay: host[lay + 1][row, : len(s)].clone() for lay in layers}
+                )
+                i += 1
+
+    def timed(fn) -> tuple[float, int]:
+        with tempfile.TemporaryDirectory() as tmp:
+            fn(Path(tmp))  # warm-up
+        with tempfile.TemporaryDirectory() as tmp:
+            sync(args.device)
+            t = time.perf_counter()
+            fn(Path(tmp))
+            sync(args.device)
+            return time.perf_counter() - t, folder_bytes(Path(tmp))
+
+    t_ours, b_ours = timed(ours)
+    t_hs, b_hs = timed(hidden_states)
+    print(
+        f"device={args.device} dtype={args.dtype} prompts={len(seqs)} tokens={n_tokens} "
+        f"layers={layers}"
+    )
+    print(
+        f"  raypipe capture          {t_ours:7.2f} s {n_tokens / t_ours:9.0f} tok/s "
+        f"{b_ours / n_tokens:8.0f} bytes/token"
+    )
+    print(
+        f"  hidden_states -> host    {t_hs:7.2f} s {n_tokens / t_hs:9.0f} tok/s "
+        f"{b_hs / n_tokens:8.0f} bytes/token"
+    )
+    emit(
+        {
+            "device": args.device,
+            "capture_speedup_vs_hidden_states": round(t_hs / t_ours, 2),
+            "capture_bytes_per_token": round(b_ours / n_tokens),
+            "hidden_states_bytes_per_token": round(b_hs / n_tokens),
+        }
+    )
+
+
+def capturer_batches(capturer: Capturer, seqs: list[list[int]]) -> list[list[int]]:
+    from raypipe.engine.batching import plan_batches
+
+    return plan_batches([len(s) for s in seqs], capturer.max_batch_tokens)
+
+
+if __name__ == "__main__":
+    main()
