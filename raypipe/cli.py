@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="overwrite existing projection files")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="prefill token budget")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks per projection replica (a model too big for one device) [1]",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--capture", action="store_true", help="save raw activations, no projection")
     mode.add_argument(
@@ -117,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=5000, help="prefill token budget [5000]")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
     p.add_argument("--force", action="store_true", help="recompute an existing calibration")
+
+    p = sub.add_parser("status", help="count finished, missing and stray files (no Ray, no model)")
+    p.add_argument("--root", help="folder holding experiments/ and datasets/ [cwd, $RAYPIPE_ROOT]")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--prompt-set", required=True, help="under datasets/inference/, comma list")
+    p.add_argument("--model-variant", help="variant from config.json [config default]")
+    p.add_argument("--cache-dir", help="converted-model cache [~/.cache/raypipe, $RAYPIPE_CACHE]")
+    p.add_argument("--layers", default="best,best+5", help="as for infer [best,best+5]")
+    p.add_argument("--traits", help="comma list of category/name [all extracted]")
+    p.add_argument("--method", choices=("probe", "mean_diff"), help="[probe, then mean_diff]")
+    p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     p = sub.add_parser("viz", help="serve the dashboard over an experiments tree")
     p.add_argument("--root", help="folder holding experiments/ [cwd, $RAYPIPE_ROOT]")
@@ -175,6 +193,7 @@ def infer_options(args) -> InferOptions:
             backend=args.backend,
             quiet=args.quiet,
             gpus_per_replica=args.gpus_per_replica,
+            tp=getattr(args, "tp", 1),
         ),
     )
 
@@ -194,6 +213,10 @@ def cmd_infer(args, project: bool) -> int:
         mode = "from_activations"
         if opts.output.regenerate:
             raise InputError("--regenerate", "regenerate", "no model runs with --from-activations")
+    if opts.run.tp > 1 and mode != "stream":
+        raise InputError(
+            "--tp", "tp", f"projects in stream mode only, not with --{mode.replace('_', '-')}"
+        )
     plan = plan_infer(opts, need_vectors=project)
     summary = run_infer(plan, project=project, mode=mode)
     print_summary(plan, summary, traits_table=project and mode != "capture")
@@ -261,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_extract(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
+        if args.command == "status":
+            from raypipe.status import main_status
+
+            return main_status(args, _root(args), _cache(args))
         if args.command == "viz":
             from raypipe.viz.server import main as viz_main
 

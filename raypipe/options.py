@@ -72,6 +72,7 @@ class RunOptions:
     # GPUs per generation/projection actor; None: 1 if the cluster shows GPUs at start, else 0.
     # Set it on autoscaling clusters whose GPU workers start at zero, so Ray asks for them.
     gpus_per_replica: float | None = None
+    tp: int = 1  # tensor-parallel ranks per projection replica; 1: the whole model in one actor
 
     def __post_init__(self):
         flags = {
@@ -86,6 +87,8 @@ class RunOptions:
             raise InputError("--gpus-per-replica", "gpus_per_replica", "must be in 0..64")
         if self.threads is not None and self.threads < 1:
             raise InputError("--threads", "threads", "must be at least 1")
+        if not 1 <= self.tp <= 64:
+            raise InputError("--tp", "tp", "must be in 1..64")
         if self.backend not in BACKENDS:
             raise InputError("--backend", "backend", f"must be one of {BACKENDS}")
 

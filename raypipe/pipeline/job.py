@@ -213,8 +213,16 @@ def _execute(
                 variant=plan.variant,
                 source=f"raypipe infer:{plan.prompts.name}",
             )
+        stage, stage_kwargs = ProjectStage, {}
+        stage_cpus, stage_gpus = cpus, gpu
+        if run.tp > 1:
+            from raypipe.pipeline.tp_stage import TPProjectStage
+
+            # The stage only coordinates; its gang of `tp` rank actors holds the devices.
+            stage, stage_kwargs = TPProjectStage, dict(tp=run.tp, gpus_per_rank=1 if gpu else 0)
+            stage_cpus, stage_gpus = 0.1, 0
         ds = ds.map_batches(
-            ProjectStage,
+            stage,
             fn_constructor_kwargs=dict(
                 spec=plan.model.spec,
                 vectors=vectors,
@@ -224,12 +232,13 @@ def _execute(
                 early_stop=opts.projection.early_stop,
                 threads=run.threads,
                 calibration=calibration,
+                **stage_kwargs,
             ),
             compute=ray.data.ActorPoolStrategy(size=run.project_replicas),
             batch_size=run.batch_size,
             batch_format="pandas",
-            num_cpus=cpus,
-            num_gpus=gpu,
+            num_cpus=stage_cpus,
+            num_gpus=stage_gpus,
         )
         sink = ProjectionSink(
             paths=plan.paths,

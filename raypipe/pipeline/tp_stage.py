@@ -1,0 +1,210 @@
+"""Ray Data stage for tensor-parallel prefill: a gang of rank actors serving as one replica."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from raypipe.engine.models import ModelSpec
+from raypipe.errors import RaypipeError
+from raypipe.pipeline.stages import CalibrationTarget, ProjectStage, _frame, _rows, require
+
+
+class _Rank:
+    """One rank actor: picks the rendezvous port (rank 0), then holds a TPProjector."""
+
+    def __init__(self):
+        self.engine = None
+
+    def free_port(self) -> int:
+        from raypipe.engine.tp import free_port
+
+        return free_port()
+
+    def setup(self, **kwargs) -> None:
+        from raypipe.engine.tp import TPProjector
+
+        self.engine = TPProjector(**kwargs)
+
+    def project(self, seqs: list[list[int]], collecting: bool):
+        return self.engine.project(seqs, collecting)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+class TPProjectStage:
+    """ProjectStage's contract, with the model sharded over `tp` actors in a placement group.
+
+    The stage itself only coordinates (no model, no accelerator): every batch goes to all
+    ranks at once, since each rank runs the same forward on its shard, and rank 0's scores
+    come back. The gang fate-shares with the stage: actors and placement group go when it
+    does, and a failed rank takes the whole gang down (its peers would wait forever in a
+    collective), to be rebuilt on the next batch.
+    """
+
+    NEEDS = ProjectStage.NEEDS
+    SCORE_COLUMNS = ProjectStage.SCORE_COLUMNS
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        vectors: list[tuple[int, list[float]]],
+        component: str,
+        massive_dims: tuple[int, ...] | None,
+        max_batch_tokens: int,
+        early_stop: bool = True,
+        threads: int | None = None,
+        calibration: CalibrationTarget | None = None,
+        tp: int = 2,
+        gpus_per_rank: float | None = None,
+        ready_timeout_s: float = 600.0,
+    ):
+        if tp < 1:
+            raise RaypipeError(f"stage project: tp must be at least 1, got {tp}")
+        self.tp = tp
+        self.gpus_per_rank = gpus_per_rank
+        self.ready_timeout_s = ready_timeout_s
+        self.setup_args = dict(
+            world=tp,
+            spec=spec,
+            vectors=vectors,
+            component=component,
+            massive_dims=massive_dims,
+            max_batch_tokens=max_batch_tokens,
+            early_stop=early_stop,
+            threads=threads,
+        )
+        self.calibration = calibration
+        self.collecting = calibration is not None
+        self.pg = None
+        self.actors: list = []
+        self._start()
+
+    def _bundle(self) -> dict[str, float]:
+        import ray
+
+        gpus = self.gpus_per_rank
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        # One whole GPU per rank: NCCL refuses two ranks on one device.
+        return {"GPU": 1, "CPU": 1} if gpus else {"CPU": 0.5}
+
+    def _start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = self._bundle()
+        # STRICT_PACK: one node, so the ranks meet on loopback and NCCL stays intra-node.
+        self.pg = placement_group([bundle] * self.tp, strategy="STRICT_PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
+        if not ready:
+            self.close()
+            raise RaypipeError(
+                f"stage project: no node could hold {self.tp} x {bundle} for --tp "
+                f"{self.tp} within {self.ready_timeout_s:.0f} s"
+            )
+        rank_actor = ray.remote(_Rank)
+        self.actors = [
+            rank_actor.options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i
+                ),
+            ).remote()
+            for i in range(self.tp)
+        ]
+        port = self._gather([self.actors[0].free_port.remote()])[0]
+        # A gang rebuilt after the calibration finished must not collect again.
+        budget = self.calibration.budget if self.collecting else None
+        self._gather(
+            [
+                a.setup.remote(
+                    rank=i,
+                    master_addr="127.0.0.1",
+                    port=port,
+                    calibration_budget=budget,
+                    **self.setup_args,
+                )
+                for i, a in enumerate(self.actors)
+            ]
+        )
+
+    def _gather(self, refs: list) -> list:
+        """ray.get on every rank, but on the first failure tear the gang down at once."""
+        import ray
+
+        pending, by_ref = list(refs), {r: i for i, r in enumerate(refs)}
+        out: list = [None] * len(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                out[by_ref[done[0]]] = ray.get(done[0])
+            except Exception:
+                self.close()
+                raise
+        return out
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        require(batch, "project", self.NEEDS)
+        rows = _rows(batch)
+        todo = [r for r in rows if r["project"] and r["error"] is None]
+        results = []
+        if todo:
+            if not self.actors:
+                self._start()
+            seqs = [list(map(int, r["token_ids"])) for r in todo]
+            collecting = self.collecting
+            results, calib, done = self._gather(
+                [a.project.remote(seqs, collecting) for a in self.actors]
+            )[0]
+            if collecting:
+                self._save_calibration(calib, done)
+        for row in rows:
+            for col in self.SCORE_COLUMNS:
+                row[col] = None
+        for row, res in zip(todo, results):
+            row["scores"], row["norms"] = res.scores.ravel(), res.norms.ravel()
+            if res.cleaned_scores is not None:
+                row["cleaned_scores"] = res.cleaned_scores.ravel()
+                row["cleaned_norms"] = res.cleaned_norms.ravel()
+        return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
+
+    def _save_calibration(self, result: dict, done: bool) -> None:
+        """As ProjectStage: rewritten after each batch until rank 0's collector is done."""
+        from raypipe.calibrate import calibration_record
+        from raypipe.store.atomic import write_json
+
+        c = self.calibration
+        write_json(c.path, calibration_record(c.experiment, c.model, c.variant, c.source, result))
+        if done:
+            self.collecting = False
+
+    def close(self) -> None:
+        """Leave the process group on every rank, then kill the actors and free the bundles."""
+        import ray
+
+        actors, self.actors = self.actors, []
+        if actors:
+            # Bounded: a rank stuck in a collective never answers; it is killed below anyway.
+            ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
+            for a in actors:
+                ray.kill(a)
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
+
+    def __del__(self):
+        try:
+            import ray
+
+            if ray.is_initialized():
+                self.close()
+        except Exception:
+            pass  # interpreter shutdown: Ray reclaims the gang with its owner anyway
