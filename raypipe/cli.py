@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -246,13 +247,11 @@ def cmd_extract(args) -> int:
             variant=args.model_variant,
         ),
     )
-    run_extract(opts)
+    run_extract(opts, out=io.StringIO() if args.quiet else None)
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    import io
-
     from raypipe.calibrate import run_calibrate
 
     run_calibrate(

@@ -14,6 +14,8 @@ export function niceTicks(lo, hi, count = 6) {
   for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
     ticks.push(Math.abs(v) < step * 1e-9 ? 0 : v);
   }
+  // A narrow range can leave a single labelled tick: ask for finer steps until there are two.
+  if (ticks.length < 2 && count < 48) return niceTicks(lo, hi, count * 2);
   return { ticks, step };
 }
 
@@ -72,10 +74,15 @@ export function tokenChart(host, opts) {
     class: 'axis-label', transform: `translate(14 ${m.top + h / 2}) rotate(-90)`, 'text-anchor': 'middle', text: opts.yLabel || '',
   }));
 
+  let lastX = -Infinity;
+  let row = 0;
   for (const mark of opts.markers || []) {
     const mx = x(mark.at - 0.5);
-    root.append(svg('line', { class: `marker ${mark.class || ''}`, x1: mx, x2: mx, y1: m.top - 6, y2: m.top + h }));
-    root.append(svg('text', { class: `marker-label ${mark.class || ''}`, x: mx + 5, y: m.top - 10, text: mark.label }));
+    // Labels of markers close together go on two rows instead of printing over each other.
+    row = mx - lastX < 120 ? 1 - row : 0;
+    lastX = mx;
+    root.append(svg('line', { class: `marker ${mark.class || ''}`, x1: mx, x2: mx, y1: m.top - 6 - 12 * row, y2: m.top + h }));
+    root.append(svg('text', { class: `marker-label ${mark.class || ''}`, x: mx + 5, y: m.top - 10 - 12 * row, text: mark.label }));
   }
 
   const band = w / n;
