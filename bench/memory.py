@@ -41,11 +41,29 @@ def session_rss(sid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
+def telling(old: str, new: str) -> str:
+    """A worker starts as `python .../default_worker.py ...`, Ray retitles it `ray::IDLE`, then
+    `ray::<actor>` (`ray::<actor>.<method>` while busy) or `ray::<task>`: keep the actor or
+    task title, the shortest of those seen."""
+
+    def rank(cmd: str) -> int:
+        if not cmd.startswith("ray::"):
+            return 0
+        return 1 if cmd.startswith("ray::IDLE") else 2
+
+    if rank(new) != rank(old):
+        return new if rank(new) > rank(old) else old
+    return new if len(new) < len(old) else old
+
+
 def kind(pid: int, driver: int, cmd: str) -> str:
     if pid == driver:
         return "driver"
-    # Ray names worker processes `ray::<actor or task>` (idle ones `ray::IDLE`).
-    return "workers" if cmd.startswith("ray::") else "ray_system"
+    # Ray titles worker processes `ray::<actor or task>` (idle ones `ray::IDLE`); its node
+    # agents take such titles too, but they are part of Ray itself, like gcs and raylet.
+    if cmd.startswith("ray::") and "Agent" not in cmd.split(" ")[0]:
+        return "workers"
+    return "ray_system"
 
 
 def build_root(base: Path, model: Path, n: int, seed: int) -> Path:
@@ -106,9 +124,7 @@ def measure(root: Path, args, interval: float) -> dict:
     while proc.poll() is None:
         for pid, (cmdline, rss) in session_rss(proc.pid).items():
             name, peak = peaks.get(pid, (cmdline, 0))
-            # A worker's title changes as it takes on an actor: keep the most telling one.
-            name = cmdline if len(cmdline) > len(name) or name.startswith("ray::IDLE") else name
-            peaks[pid] = (name, max(peak, rss))
+            peaks[pid] = (telling(name, cmdline), max(peak, rss))
         time.sleep(interval)
     seconds = time.perf_counter() - start
     reader.join(5)
@@ -122,14 +138,20 @@ def measure(root: Path, args, interval: float) -> dict:
         tail = b"".join(stderr).decode(errors="replace")[-3000:]
         raise SystemExit(f"infer failed ({proc.returncode}) on {root}:\n{tail}")
     sums = {"driver": 0, "workers": 0, "ray_system": 0}
+    counts = dict.fromkeys(sums, 0)
     biggest = {}
     for pid, (name, peak) in peaks.items():
         k = kind(pid, proc.pid, name)
         sums[k] += peak
+        counts[k] += 1
         if k == "workers":
             label = name.split(" ")[0]
             biggest[label] = max(biggest.get(label, 0), peak)
-    return {"seconds": seconds, "processes": len(peaks), **sums, "per_worker": biggest}
+    return {"seconds": seconds, "counts": counts, **sums, "per_worker": biggest}
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def main() -> None:
@@ -155,23 +177,25 @@ def main() -> None:
     labels = {
         "driver": "driver",
         "workers": "workers (sum of maxima)",
-        "ray_system": "gcs/raylet/agents (sum)",
+        "ray_system": "gcs, raylet, agents (sum of maxima)",
     }
     print(f"{'peak RSS, MiB':<44}{f'N={sizes[0]}':>10}{f'N={sizes[1]}':>10}{'ratio':>8}")
     for key, label in labels.items():
         a, b = small[key] / MIB, large[key] / MIB
-        print(f"{label:<44}{a:>10.0f}{b:>10.0f}{b / a:>8.2f}")
+        print(f"{label:<44}{a:>10.0f}{b:>10.0f}{ratio(b, a):>8.2f}")
     for name in sorted(set(small["per_worker"]) | set(large["per_worker"])):
         a = small["per_worker"].get(name, 0) / MIB
         b = large["per_worker"].get(name, 0) / MIB
         print(f"  largest {name[:34]:<34}{a:>10.0f}{b:>10.0f}")
-    print(f"{'processes seen':<44}{small['processes']:>10}{large['processes']:>10}")
+    for key, label in labels.items():
+        a, b = small["counts"][key], large["counts"][key]
+        print(f"{'processes: ' + label.split(' (')[0]:<44}{a:>10}{b:>10}")
     print(f"{'wall seconds':<44}{small['seconds']:>10.1f}{large['seconds']:>10.1f}")
     print(
         json.dumps(
             {
-                "rss_ratio_driver": round(large["driver"] / small["driver"], 3),
-                "rss_ratio_workers": round(large["workers"] / small["workers"], 3),
+                "rss_ratio_driver": round(ratio(large["driver"], small["driver"]), 3),
+                "rss_ratio_workers": round(ratio(large["workers"], small["workers"]), 3),
                 "n": args.n,
             }
         )

@@ -1,0 +1,186 @@
+"""`raypipe status`: what is done, missing or stray for a prompt set, without Ray or a model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from raypipe.errors import InputError
+from raypipe.options import InferOptions, ModelOptions, OutputOptions, ProjectionOptions
+from raypipe.pipeline.plan import InferPlan, plan_infer
+from raypipe.store.atomic import TMP_MARK
+from raypipe.store.parquet import projection_traits
+from raypipe.store.paths import ExperimentPaths
+
+MAX_LISTED = 10  # stray files and missing ids named in the text report
+
+
+def status_options(args, root: Path, cache_dir: Path, prompt_set: str) -> InferOptions:
+    """The infer options that matter for deciding the work, from `raypipe status` flags."""
+    traits = None
+    if args.traits is not None:
+        traits = tuple(dict.fromkeys(t.strip() for t in args.traits.split(",") if t.strip()))
+        if not traits:
+            raise InputError("--traits", "traits", "names no trait")
+    return InferOptions(
+        output=OutputOptions(root=root, experiment=args.experiment, prompt_set=prompt_set),
+        model=ModelOptions(cache_dir=cache_dir, variant=args.model_variant),
+        projection=ProjectionOptions(
+            component=args.component, layers=args.layers, traits=traits, method=args.method
+        ),
+    )
+
+
+def plan_for_status(opts: InferOptions) -> tuple[InferPlan, str | None]:
+    """plan_infer with vectors; an experiment with no extracted traits still reports responses."""
+    try:
+        return plan_infer(opts, need_vectors=True), None
+    except InputError as e:
+        if opts.projection.traits is not None or e.field != "traits":
+            raise
+        return plan_infer(opts, need_vectors=False), e.message
+
+
+def _json_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+
+
+def _newest(files: list[Path]) -> int | None:
+    times = [f.stat().st_mtime_ns for f in files]
+    return max(times) if times else None
+
+
+def _stray(folder: Path, prefix: str = ".") -> list[Path]:
+    """Temp files a killed writer left in `folder` (atomic.py names them `.{name}.tmp-XXXX`)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if TMP_MARK in p.name and p.name.startswith(prefix))
+
+
+def _parquet_state(path: Path, newest_json: int | None) -> str:
+    if not path.is_file():
+        return "missing" if newest_json is not None else "none (no JSON yet)"
+    if newest_json is not None and path.stat().st_mtime_ns < newest_json:
+        return "stale"
+    return "up to date"
+
+
+def collect_status(plan: InferPlan, note: str | None = None) -> dict:
+    """Counts for one prompt set, by file existence: what the next `infer` would skip or do."""
+    paths: ExperimentPaths = plan.paths
+    variant, name = plan.variant, plan.prompts.name
+    ids = [item.id for item in plan.prompts.items]
+    responses_dir = paths.responses_dir(variant, name)
+    missing_responses = [i for i in ids if not paths.response_file(variant, name, i).is_file()]
+
+    traits = {}
+    for trait in dict.fromkeys(v.trait for v in plan.vectors):
+        missing = [i for i in ids if not paths.projection_file(variant, trait, name, i).is_file()]
+        traits[trait] = {
+            "present": len(ids) - len(missing),
+            "missing": len(missing),
+            "missing_ids": missing,
+        }
+
+    raw_root = paths.inference_dir(variant) / "raw"
+    components = []
+    if raw_root.is_dir():
+        components = sorted(p.name for p in raw_root.iterdir() if p.is_dir())
+    raw = {c: sum(paths.raw_file(variant, c, name, i).is_file() for i in ids) for c in components}
+
+    # Every folder this prompt set writes into; a temp file there is a write that never finished.
+    # Parquet is rebuilt from every trait folder on disk, planned or not: so is this.
+    proj_dirs = [
+        paths.projections_root(variant) / t / name for t in projection_traits(paths, variant, name)
+    ]
+    folders = [responses_dir, paths.calibration_file(variant).parent, *proj_dirs]
+    folders += [paths.raw_file(variant, c, name, "_").parent for c in components]
+    stray = [p for f in folders for p in _stray(f)]
+    parquet = {}
+    newest = {
+        "responses": _newest(_json_files(responses_dir)),
+        "projections": _newest([f for d in proj_dirs for f in _json_files(d)]),
+    }
+    for table, newest_json in newest.items():
+        target = paths.parquet_file(variant, table, name)
+        stray += _stray(target.parent, f".{target.name}{TMP_MARK}")
+        parquet[table] = {"path": str(target), "state": _parquet_state(target, newest_json)}
+
+    root = paths.inference_dir(variant)
+    return {
+        "experiment": paths.experiment,
+        "variant": variant,
+        "prompt_set": name,
+        "prompts": len(ids),
+        "responses": {
+            "present": len(ids) - len(missing_responses),
+            "missing": len(missing_responses),
+            "missing_ids": missing_responses,
+        },
+        "projections": traits,
+        "projections_note": note,
+        "notes": list(plan.notes),
+        "raw": raw,
+        "stray_temp_files": [str(p.relative_to(root)) for p in stray],
+        "parquet": parquet,
+    }
+
+
+def _ids(ids: list[str]) -> str:
+    shown = ", ".join(ids[:MAX_LISTED])
+    return f" [{shown}{', ...' if len(ids) > MAX_LISTED else ''}]" if ids else ""
+
+
+def print_status(st: dict, out=None) -> None:
+    out = out or sys.stdout
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    r = st["responses"]
+    p(f"raypipe status: {st['experiment']} / {st['variant']} / {st['prompt_set']}")
+    p(f"  prompts: {st['prompts']}")
+    p(f"  responses: {r['present']} present, {r['missing']} missing{_ids(r['missing_ids'])}")
+    for n in st["notes"]:
+        p(f"  note: {n}")
+    if st["projections_note"]:
+        p(f"  projections: not counted ({st['projections_note']})")
+    for trait, t in st["projections"].items():
+        p(
+            f"  projections {trait}: {t['present']} present, {t['missing']} missing"
+            f"{_ids(t['missing_ids'])}"
+        )
+    for comp, n in st["raw"].items():
+        p(f"  raw captures ({comp}): {n} present")
+    if not st["raw"]:
+        p("  raw captures: none")
+    stray = st["stray_temp_files"]
+    p(f"  stray temp files: {len(stray)}")
+    for s in stray[:MAX_LISTED]:
+        p(f"    {s}")
+    if len(stray) > MAX_LISTED:
+        p(f"    ... and {len(stray) - MAX_LISTED} more")
+    for table, info in st["parquet"].items():
+        hint = " (older than the newest JSON; re-run `raypipe infer` to rebuild)"
+        state = info["state"] + (hint if info["state"] == "stale" else "")
+        p(f"  parquet {table}: {state}")
+
+
+def main_status(args, root: Path, cache_dir: Path, out=None) -> int:
+    """Entry from the CLI: one report per prompt set in the comma list `--prompt-set`."""
+    out = out or sys.stdout
+    sets = [s.strip() for s in args.prompt_set.split(",") if s.strip()]
+    if not sets:
+        raise InputError("--prompt-set", "prompt_set", "names no prompt set")
+    reports = []
+    for prompt_set in sets:
+        plan, note = plan_for_status(status_options(args, root, cache_dir, prompt_set))
+        reports.append(collect_status(plan, note))
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2), file=out)
+        return 0
+    for i, st in enumerate(reports):
+        if i:
+            print("", file=out)
+        print_status(st, out)
+    return 0
