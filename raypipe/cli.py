@@ -52,7 +52,13 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cut prompts longer than the context instead of reporting them",
     )
-    p.add_argument("--backend", default="local", choices=BACKENDS)
+    p.add_argument(
+        "--backend",
+        default="local",
+        choices=BACKENDS,
+        help="generation: local (HF) | vllm [local]; projection always runs on HF",
+    )
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per replica")
     p.add_argument("--address", help="Ray cluster address [a local Ray on loopback]")
     p.add_argument("--replicas", type=int, default=1, help="generation and projection replicas")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
@@ -194,6 +200,7 @@ def infer_options(args) -> InferOptions:
             backend=args.backend,
             quiet=args.quiet,
             gpus_per_replica=args.gpus_per_replica,
+            tensor_parallel_size=args.tensor_parallel_size,
             tp=getattr(args, "tp", 1),
         ),
     )
@@ -205,8 +212,19 @@ def cmd_infer(args, project: bool) -> int:
     from raypipe.pipeline.report import print_summary
 
     opts = infer_options(args)
-    if opts.run.backend != "local":
-        raise InputError("--backend", "backend", f"{opts.run.backend!r} is not available yet")
+    if opts.run.backend == "auto":
+        raise InputError(
+            "--backend", "backend", "'auto' (a long-lived model server) is not built yet"
+        )
+    if opts.run.backend == "vllm":
+        from raypipe.engine.vllm_backend import available
+
+        if not available():
+            raise InputError(
+                "--backend",
+                "backend",
+                "vllm is not installed (CPU: `make vllm`; GPU: pip install 'raypipe[vllm]')",
+            )
     mode = "stream"
     if getattr(args, "capture", False):
         mode = "capture"
@@ -219,6 +237,10 @@ def cmd_infer(args, project: bool) -> int:
             "--tp", "tp", f"projects in stream mode only, not with --{mode.replace('_', '-')}"
         )
     plan = plan_infer(opts, need_vectors=project)
+    if opts.run.backend == "vllm" and mode != "from_activations":
+        from raypipe.engine.vllm_backend import check_spec
+
+        check_spec(plan.model.spec)  # --load-in-4bit and friends: fail before Ray starts
     summary = run_infer(plan, project=project, mode=mode)
     print_summary(plan, summary, traits_table=project and mode != "capture")
     return 1 if summary.failed else 0

@@ -73,12 +73,14 @@ class RunOptions:
     # Set it on autoscaling clusters whose GPU workers start at zero, so Ray asks for them.
     gpus_per_replica: float | None = None
     tp: int = 1  # tensor-parallel ranks per projection replica; 1: the whole model in one actor
+    tensor_parallel_size: int = 1  # vLLM backend: GPUs per generation replica
 
     def __post_init__(self):
         flags = {
             "generate_replicas": ("--replicas", "replicas"),
             "project_replicas": ("--replicas", "replicas"),
             "batch_size": ("--batch-size", "batch_size"),
+            "tensor_parallel_size": ("--tensor-parallel-size", "tensor_parallel_size"),
         }
         for name, (flag, label) in flags.items():
             if getattr(self, name) < 1:

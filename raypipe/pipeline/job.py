@@ -163,6 +163,7 @@ def _execute(
     # (max_restarts=-1, max_task_retries=-1 by default), so a killed worker costs no rows.
     source = ResponseSource(plan.paths, plan.variant, plan.model.spec.model)
     need_gen = any(r["generate"] for r in rows)
+    gen_gpus = gpu * run.tensor_parallel_size if run.backend == "vllm" else gpu
     ds = ray.data.from_items(rows)
     ds = ds.map_batches(
         GenerateStage,
@@ -174,12 +175,14 @@ def _execute(
             truncate=opts.output.truncate,
             source=source,
             threads=run.threads,
+            backend=run.backend,
+            tensor_parallel_size=run.tensor_parallel_size,
         ),
         compute=ray.data.ActorPoolStrategy(size=run.generate_replicas if need_gen else 1),
         batch_size=run.batch_size,
         batch_format="pandas",
         num_cpus=cpus,
-        num_gpus=gpu if need_gen else 0,
+        num_gpus=gen_gpus if need_gen else 0,
     )
     ds = ds.map_batches(
         write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1

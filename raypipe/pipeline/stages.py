@@ -74,12 +74,26 @@ class GenerateStage:
         truncate: bool,
         source: ResponseSource,
         threads: int | None = None,
+        backend: str = "local",
+        tensor_parallel_size: int = 1,
     ):
         self.spec, self.opts, self.chat_config = spec, opts, chat_config
         self.context, self.truncate, self.source, self.threads = context, truncate, source, threads
+        self.backend, self.tensor_parallel_size = backend, tensor_parallel_size
         self.responder = None  # loaded on the first row that needs generation
 
     def _engine(self):
+        if self.responder is None and self.backend == "vllm":
+            from raypipe.engine.vllm_backend import VLLMResponder
+
+            self.responder = VLLMResponder(
+                self.spec,
+                self.opts,
+                self.chat_config,
+                self.context,
+                self.truncate,
+                tensor_parallel_size=self.tensor_parallel_size,
+            )
         if self.responder is None:
             from raypipe.engine.generate import uses_chat_template
             from raypipe.engine.models import load_model
