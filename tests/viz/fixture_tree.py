@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypipe.store.parquet import PROJECTIONS_SCHEMA, RESPONSES_SCHEMA
+
 EXPERIMENT = "demo"
 PROMPT_SET = "starter_prompts/general"
 VARIANTS = ("instruct", "lora")
@@ -169,43 +171,9 @@ def _write(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data))
 
 
-_LIST_F32 = pa.list_(pa.float32())
-PROJECTION_SCHEMA = pa.schema(
-    [
-        ("prompt_set", pa.string()),
-        ("prompt_id", pa.string()),
-        ("trait", pa.string()),
-        ("method", pa.string()),
-        ("layer", pa.int32()),
-        ("component", pa.string()),
-        ("position", pa.string()),
-        ("selection_source", pa.string()),
-        ("baseline", pa.float64()),
-        ("centered", pa.bool_()),
-        ("n_prompt_tokens", pa.int32()),
-        ("n_response_tokens", pa.int32()),
-        ("prompt_scores", _LIST_F32),
-        ("response_scores", _LIST_F32),
-        ("prompt_norms", _LIST_F32),
-        ("response_norms", _LIST_F32),
-        ("normalized_prompt", _LIST_F32),
-        ("normalized_response", _LIST_F32),
-    ]
-)
-RESPONSE_SCHEMA = pa.schema(
-    [
-        ("prompt_set", pa.string()),
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("response", pa.string()),
-        ("system_prompt", pa.string()),
-        ("token_ids", pa.list_(pa.int64())),
-        ("tokens", pa.list_(pa.string())),
-        ("prompt_end", pa.int32()),
-        ("model", pa.string()),
-        ("capture_date", pa.string()),
-    ]
-)
+# The pipeline's own schemas: the fixture's tables can never drift from what raypipe writes.
+PROJECTION_SCHEMA = PROJECTIONS_SCHEMA
+RESPONSE_SCHEMA = RESPONSES_SCHEMA
 
 
 def write_fixture_tree(root: Path) -> dict[str, Any]:
