@@ -475,9 +475,6 @@ def complete_tree(root: Path) -> None:
             write_projection(paths.projection_file("base", trait, "tests/small", pid), record)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="build_parquet stops at the first unreadable file (fix proposed)"
-)
 def test_one_unreadable_file_costs_only_itself(tiny_root, capsys):
     complete_tree(tiny_root)
     bad = out_dir(tiny_root) / "responses" / "tests" / "small" / "3.json"
@@ -491,9 +488,6 @@ def test_one_unreadable_file_costs_only_itself(tiny_root, capsys):
     assert pq.read_table(table).num_rows == len(PROMPTS) - 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="nothing removes the temp file of a killed writer (fix proposed)"
-)
 def test_temp_file_of_a_killed_writer_is_swept(tiny_root, capsys):
     import socket
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from raypipe.engine.models import resolve_model_path
+from raypipe.errors import InputError
 from raypipe.options import RunOptions
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.stages import (
@@ -20,8 +21,9 @@ from raypipe.pipeline.stages import (
     write_projections,
     write_responses,
 )
+from raypipe.store.atomic import read_json, sweep_temp_files, write_json
 from raypipe.store.outputs import VectorInfo
-from raypipe.store.parquet import build_parquet
+from raypipe.store.parquet import build_parquet, projection_traits
 
 
 @dataclass
@@ -85,6 +87,9 @@ def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Su
     run = opts.run
     for note in plan.notes:
         log(note, run.quiet)
+    removed = sweep_temp_files(_output_folders(plan))
+    if removed:
+        log(f"removed {len(removed)} temp file(s) left by an interrupted run", run.quiet)
     if mode == "from_activations":
         summary = Summary(total=len(plan.rows))
         started = start_ray(run)  # no model anywhere: plain Ray tasks read the .pt files
@@ -107,7 +112,12 @@ def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Su
         finally:
             if started and not run.address:
                 ray.shutdown()
-    tables = build_parquet(plan.paths, plan.variant, plan.prompts.name)
+    unreadable: list[str] = []
+    tables = build_parquet(plan.paths, plan.variant, plan.prompts.name, unreadable)
+    for err in unreadable:
+        # Finished work elsewhere stays in the tables; the broken file is named, not fatal.
+        summary.failed += 1
+        summary.failures.append(("file", f"{err} (left out of Parquet; delete it to redo it)"))
     summary.outputs = {
         "responses": str(plan.paths.responses_dir(plan.variant, plan.prompts.name)),
         "projections": str(plan.paths.projections_root(plan.variant)),
@@ -118,6 +128,37 @@ def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Su
         raw = plan.paths.raw_file(plan.variant, comp, plan.prompts.name, "_").parent
         summary.outputs["raw"] = str(raw)
     return summary
+
+
+def _output_folders(plan: InferPlan) -> list:
+    """Every folder this prompt set's files are written into (and so its temp files too)."""
+    p, v, name = plan.paths, plan.variant, plan.prompts.name
+    traits = set(projection_traits(p, v, name)) | {vec.trait for vec in plan.vectors}
+    return [
+        p.responses_dir(v, name),
+        *(p.projections_root(v) / t / name for t in sorted(traits)),
+        p.raw_file(v, plan.opts.projection.component, name, "_").parent,
+        p.parquet_file(v, "projections", name).parent,
+        p.parquet_file(v, "responses", name).parent,
+        p.calibration_file(v).parent,
+    ]
+
+
+def _calibration_complete(path) -> bool:
+    """A calibration file counts unless a killed run left it marked partial."""
+    if not path.is_file():
+        return False
+    try:
+        data = read_json(path, "calibration")
+    except InputError:
+        return False  # unreadable: collect it again
+    return not (isinstance(data, dict) and data.get("complete") is False)
+
+
+def _mark_complete(path) -> None:
+    data = read_json(path, "calibration")
+    if isinstance(data, dict) and data.get("complete") is False:
+        write_json(path, {**data, "complete": True})
 
 
 def _capture_rows(plan: InferPlan) -> list[dict]:
@@ -157,6 +198,7 @@ def _execute(
     import ray
 
     opts, run = plan.opts, plan.opts.run
+    calibration = None
     gpu = run.gpus_per_replica if run.gpus_per_replica is not None else (1 if _has_gpus() else 0)
     cpus = 1 if gpu else 0.5  # fractional on CPU nodes: both pools fit on a 2-core machine
     # Ray Data's actor pools already restart dead actors and retry their tasks
@@ -205,9 +247,9 @@ def _execute(
         )
     elif project:
         vectors = [(v.layer, v.vector) for v in plan.vectors]
-        calibration = None
         cal_path = plan.paths.calibration_file(plan.variant)
-        if not cal_path.is_file():
+        if not _calibration_complete(cal_path):
+            # A run killed before its budget filled left a partial one: collect it again.
             # SPEC 8: the first run of a variant collects calibration passively.
             calibration = CalibrationTarget(
                 path=cal_path,
@@ -279,3 +321,5 @@ def _execute(
             f"{summary.failed} | {summary.tokens_per_second:,.0f} tok/s",
             run.quiet,
         )
+    if calibration is not None and calibration.path.is_file():
+        _mark_complete(calibration.path)  # every prompt of the run was seen

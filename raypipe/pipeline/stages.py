@@ -270,6 +270,8 @@ class ProjectStage:
         record = calibration_record(
             c.experiment, c.model, c.variant, c.source, self.collector.result()
         )
+        # Below the budget it is a partial sample until the driver sees the run through.
+        record["complete"] = self.collector.done
         write_json(c.path, record)
         if self.collector.done:
             self.collector.detach()

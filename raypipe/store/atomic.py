@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 TMP_MARK = ".tmp-"
+STALE_TEMP_S = 24 * 3600  # a temp file this old is abandoned whoever wrote it
+
+
+def _tmp_prefix(path: Path) -> str:
+    # Host and pid name the writer, so a later run can tell an abandoned temp file (its writer
+    # was killed) from one being written right now by another process.
+    return f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-"
 
 
 def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -52,7 +61,7 @@ def write_with(path: Path, write: Callable[[str], None]) -> Path:
     """For writers that need a file name (pyarrow): `write(tmp_name)` fills it, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -64,6 +73,45 @@ def write_with(path: Path, write: Callable[[str], None]) -> Path:
             pass
         raise
     return path
+
+
+def _abandoned(path: Path, now: float) -> bool:
+    try:
+        if now - path.stat().st_mtime > STALE_TEMP_S:
+            return True
+    except FileNotFoundError:
+        return False
+    try:
+        host, pid, _ = path.name.split(TMP_MARK, 1)[1].rsplit("-", 2)
+        pid = int(pid)
+    except ValueError:
+        return False  # a name without host and pid: only its age tells
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_temp_files(folders) -> list[Path]:
+    """Remove temp files whose writer is gone (killed mid-write); returns what was removed."""
+    now, removed = time.time(), []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if TMP_MARK in p.name and p.name.startswith(".") and _abandoned(p, now):
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def read_json(path: Path, field: str = "file") -> Any:

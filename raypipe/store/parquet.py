@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypipe.errors import InputError
 from raypipe.store.atomic import write_with
 from raypipe.store.outputs import read_projection, read_response
 from raypipe.store.paths import ExperimentPaths
@@ -78,11 +79,24 @@ def projection_traits(paths: ExperimentPaths, variant: str, prompt_set: str) -> 
     )
 
 
-def _projection_rows(paths, variant, prompt_set) -> Iterator[dict]:
+def _readable(read, f: Path, unreadable: list[str] | None):
+    """`read(f)`, or None for a broken file when the caller collects them in `unreadable`."""
+    try:
+        return read(f)
+    except InputError as e:
+        if unreadable is None:
+            raise
+        unreadable.append(str(e))
+        return None
+
+
+def _projection_rows(paths, variant, prompt_set, unreadable=None) -> Iterator[dict]:
     for trait in projection_traits(paths, variant, prompt_set):
         folder = paths.projections_root(variant) / trait / prompt_set
         for f in _json_files(folder):
-            rec = read_projection(f)
+            rec = _readable(read_projection, f, unreadable)
+            if rec is None:
+                continue
             meta = rec["metadata"]
             for e in rec["projections"]:
                 yield {
@@ -107,9 +121,11 @@ def _projection_rows(paths, variant, prompt_set) -> Iterator[dict]:
                 }
 
 
-def _response_rows(paths, variant, prompt_set) -> Iterator[dict]:
+def _response_rows(paths, variant, prompt_set, unreadable=None) -> Iterator[dict]:
     for f in _json_files(paths.responses_dir(variant, prompt_set)):
-        r = read_response(f)
+        r = _readable(read_response, f, unreadable)
+        if r is None:
+            continue
         yield {
             "prompt_set": prompt_set,
             "prompt_id": f.stem,
@@ -147,13 +163,18 @@ def _write_table(target: Path, schema: pa.Schema, rows: Iterator[dict]) -> int:
 
 
 def build_parquet(
-    paths: ExperimentPaths, variant: str, prompt_set: str
+    paths: ExperimentPaths, variant: str, prompt_set: str, unreadable: list[str] | None = None
 ) -> dict[str, tuple[Path, int]]:
-    """Rebuild both tables from the JSON files: re-runs can never duplicate rows."""
+    """Rebuild both tables from the JSON files: re-runs can never duplicate rows. With a list
+    `unreadable`, a broken file is left out and named there instead of failing the build."""
     out = {}
     for table, schema, rows in (
-        ("projections", PROJECTIONS_SCHEMA, _projection_rows(paths, variant, prompt_set)),
-        ("responses", RESPONSES_SCHEMA, _response_rows(paths, variant, prompt_set)),
+        (
+            "projections",
+            PROJECTIONS_SCHEMA,
+            _projection_rows(paths, variant, prompt_set, unreadable),
+        ),
+        ("responses", RESPONSES_SCHEMA, _response_rows(paths, variant, prompt_set, unreadable)),
     ):
         target = paths.parquet_file(variant, table, prompt_set)
         out[table] = (target, _write_table(target, schema, rows))
