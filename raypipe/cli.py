@@ -30,6 +30,16 @@ def _cache(args) -> Path:
     ).expanduser()
 
 
+def _model_options(args) -> ModelOptions:
+    return ModelOptions(
+        dtype=args.dtype,
+        device=args.device,
+        load_in_4bit=args.load_in_4bit,
+        cache_dir=_cache(args),
+        variant=args.model_variant,
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", help="folder holding experiments/ and datasets/ [cwd, $RAYPIPE_ROOT]")
     p.add_argument("--experiment", required=True)
@@ -169,13 +179,7 @@ def infer_options(args) -> InferOptions:
             force=getattr(args, "force", False),
             truncate=args.truncate,
         ),
-        model=ModelOptions(
-            dtype=args.dtype,
-            device=args.device,
-            load_in_4bit=args.load_in_4bit,
-            cache_dir=_cache(args),
-            variant=args.model_variant,
-        ),
+        model=_model_options(args),
         generation=GenerationOptions(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
@@ -261,13 +265,7 @@ def cmd_extract(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         force=args.force,
-        model=ModelOptions(
-            dtype=args.dtype,
-            device=args.device,
-            load_in_4bit=args.load_in_4bit,
-            cache_dir=_cache(args),
-            variant=args.model_variant,
-        ),
+        model=_model_options(args),
     )
     run_extract(opts, out=io.StringIO() if args.quiet else None)
     return 0
@@ -280,13 +278,7 @@ def cmd_calibrate(args) -> int:
         _root(args),
         args.experiment,
         args.prompt_set,
-        model=ModelOptions(
-            dtype=args.dtype,
-            device=args.device,
-            load_in_4bit=args.load_in_4bit,
-            cache_dir=_cache(args),
-            variant=args.model_variant,
-        ),
+        model=_model_options(args),
         max_tokens=args.max_tokens,
         force=args.force,
         batch_size=args.batch_size,
