@@ -11,6 +11,19 @@ import numpy as np
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json, write_json
 
+RESPONSE_KEYS = (
+    "prompt",
+    "response",
+    "system_prompt",
+    "tokens",
+    "token_ids",
+    "prompt_end",
+    "inference_model",
+    "prompt_note",
+    "capture_date",
+    "tags",
+)
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
