@@ -37,6 +37,7 @@ class Capturer:
         self.component = component
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = pad_id
+        # Input ids only: _to_host copies each layer from wherever a split model ran it.
         self.device = model_device(model)
 
     @staticmethod

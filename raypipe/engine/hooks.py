@@ -89,8 +89,46 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def _execution_device(hook: Any) -> torch.device | None:
+    # accelerate chains several hooks on one module in a SequentialHook (`.hooks`).
+    for h in getattr(hook, "hooks", None) or (hook,):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev)
+    return None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where `module` computes and leaves its output.
+
+    A module dispatched by accelerate (device_map "auto", offload) runs on its hook's
+    execution device; offloaded weights wait on "meta" until then, so they cannot tell.
+    """
+    dev = _execution_device(getattr(module, "_hf_hook", None))
+    if dev is not None:
+        return dev
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    for sub in module.modules():
+        dev = _execution_device(getattr(sub, "_hf_hook", None))
+        if dev is not None:
+            return dev
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def model_device(model: nn.Module) -> torch.device:
-    return decoder_stack(model).embed_tokens.weight.device
+    """Where input ids go: the input embeddings' device (the first one of a split model)."""
+    return module_device(decoder_stack(model).embed_tokens)
+
+
+def layer_devices(
+    model: nn.Module, layers: list[int], component: str = "residual"
+) -> dict[int, torch.device]:
+    """{layer: device its hooked output lives on}; several devices when the model is split."""
+    blocks = decoder_layers(model)
+    return {layer: module_device(hook_point(blocks[layer], component)) for layer in layers}
 
 
 @torch.inference_mode()

