@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raypipe.engine.models import ModelSpec
 from raypipe.errors import InputError
 from raypipe.options import ModelOptions
 from raypipe.store.atomic import read_json, write_json
@@ -107,9 +106,7 @@ def run_calibrate(
         print(f"calibrate: {target} exists (use --force to redo)", file=out)
         return read_json(target, "calibration")
     prompts = load_prompt_set(paths.datasets, prompt_set)  # validated before the model loads
-    spec = ModelSpec(
-        variant.model, model.cache_dir, variant.lora, model.dtype, model.device, model.load_in_4bit
-    )
+    spec = model.spec(variant.model, variant.lora)
     lm, tok = load_model(spec)
     chat = uses_chat_template(tok, config.use_chat_template)
     context = getattr(text_config(lm.config), "max_position_embeddings", None)

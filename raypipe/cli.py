@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from raypipe.engine.generate import GenerationOptions
+from raypipe.engine.models import DEVICE_MAPS
 from raypipe.errors import InputError, RaypipeError
 from raypipe.options import (
     BACKENDS,
@@ -37,6 +38,7 @@ def _model_options(args) -> ModelOptions:
         load_in_4bit=args.load_in_4bit,
         cache_dir=_cache(args),
         variant=args.model_variant,
+        device_map=args.device_map,
     )
 
 
@@ -47,6 +49,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 [auto=bf16]")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda")
     p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4")
+    p.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="split the model over the GPUs a worker has (accelerate) [automatic: split "
+        "when a worker has several GPUs, e.g. --gpus-per-replica 2 without --tp]",
+    )
     p.add_argument("--cache-dir", help="converted-model cache [~/.cache/raypipe, $RAYPIPE_CACHE]")
     p.add_argument("--quiet", action="store_true")
 
@@ -66,7 +74,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--backend",
         default="local",
         choices=BACKENDS,
-        help="generation: local (HF) | vllm [local]; projection always runs on HF",
+        help="local: load the model in this job | auto: use a `raypipe serve` model server when "
+        "one is up for the model, else local | vllm: generate with vLLM (projection stays on "
+        "HF) [local]",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per replica")
     p.add_argument("--address", help="Ray cluster address [a local Ray on loopback]")
@@ -118,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate responses only")
     _common(p)
     _run_flags(p)
+
+    p = sub.add_parser(
+        "serve", help="keep the experiment's model loaded on a running Ray cluster (--backend auto)"
+    )
+    _common(p)
+    p.add_argument(
+        "--address", help="Ray cluster address [the cluster running on this machine, $RAY_ADDRESS]"
+    )
+    p.add_argument("--gpus", type=float, help="GPUs for the server [1 if the cluster has GPUs]")
+    p.add_argument("--threads", type=int, help="torch threads in the server [all cores]")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--stop", action="store_true", help="stop the server for this model")
+    action.add_argument(
+        "--status", action="store_true", help="say whether one is up; exit 1 if not"
+    )
 
     p = sub.add_parser("extract", help="compute mean_diff and probe vectors from contrastive pairs")
     _common(p)
@@ -216,9 +241,11 @@ def cmd_infer(args, project: bool) -> int:
     from raypipe.pipeline.report import print_summary
 
     opts = infer_options(args)
-    if opts.run.backend == "auto":
+    if opts.model.device_map and opts.run.tp > 1:
+        raise InputError("--device-map", "device_map", "splits by layers; --tp shards each layer")
+    if opts.run.backend == "auto" and opts.run.tp > 1:
         raise InputError(
-            "--backend", "backend", "'auto' (a long-lived model server) is not built yet"
+            "--backend", "backend", "auto serves a whole model from one server; not with --tp"
         )
     if opts.run.backend == "vllm":
         from raypipe.engine.vllm_backend import available
@@ -287,6 +314,52 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import ray
+
+    from raypipe.engine.models import resolve_model_path
+    from raypipe.pipeline import server
+    from raypipe.pipeline.plan import plan_serve
+
+    if args.gpus is not None and not 0 <= args.gpus <= 64:
+        raise InputError("--gpus", "gpus", "must be in 0..64")
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads", "threads", "must be at least 1")
+    _, info = plan_serve(_root(args), args.experiment, _model_options(args))
+    spec, name = info.spec, server.server_name(info.spec)
+    if not (args.stop or args.status):
+        resolve_model_path(spec.model, spec.cache_dir)  # convert an alias here, once
+    try:
+        ray.init(address=args.address or "auto", log_to_driver=False, logging_level="WARNING")
+    except ConnectionError:
+        raise RaypipeError(
+            "serve: no running Ray cluster to hold the server; start one with `ray start --head "
+            "--node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1`, or pass --address"
+        ) from None
+    try:
+        if args.stop:
+            stopped = server.stop_server(spec)
+            print(f"{'stopped' if stopped else 'no'} model server {name} for {spec.model}")
+            return 0
+        if args.status:
+            handle, found = server.find_server(spec)
+            print(server.describe(name, found) if handle is not None else found)
+            return 0 if handle is not None else 1
+        gpus = args.gpus
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        _, found, started = server.start_server(spec, gpus, threads=args.threads)
+        print(f"{'started' if started else 'already up:'} {server.describe(name, found)}")
+        variant = f" --model-variant {args.model_variant}" if args.model_variant else ""
+        print(
+            "jobs use it with --backend auto; stop it with: "
+            f"raypipe serve --experiment {args.experiment}{variant} --stop"
+        )
+        return 0
+    finally:
+        ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
@@ -297,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_extract(args)
         if args.command == "calibrate":
             return cmd_calibrate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "status":
             from raypipe.status import main_status
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypipe.engine.models import ModelSpec, resolve_model_path
+from raypipe.engine.models import resolve_model_path
 from raypipe.errors import InputError
 from raypipe.options import ModelOptions
 from raypipe.store.atomic import write_json, write_tensor
@@ -86,7 +86,7 @@ def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
         print(f"extract: vectors for {len(traits)} traits exist (use --force to redo)", file=out)
         return report
     m = opts.model
-    spec = ModelSpec(variant.model, m.cache_dir, variant.lora, m.dtype, m.device, m.load_in_4bit)
+    spec = m.spec(variant.model, variant.lora)
     resolve_model_path(spec.model, spec.cache_dir)
     model, tok = load_model(spec)
     chat = uses_chat_template(tok, config.use_chat_template)

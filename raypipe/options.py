@@ -8,6 +8,7 @@ from pathlib import Path
 
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.hooks import COMPONENTS
+from raypipe.engine.models import ModelSpec
 from raypipe.errors import InputError
 from raypipe.store.paths import check_name, check_relpath
 
@@ -21,6 +22,19 @@ class ModelOptions:
     load_in_4bit: bool = False
     cache_dir: Path = Path(os.path.expanduser("~/.cache/raypipe"))
     variant: str | None = None  # None: the config's default for the role
+    device_map: str | None = None  # None: one device, or split over several visible GPUs
+
+    def spec(self, model: str, lora: str | None) -> ModelSpec:
+        """The load recipe for one model variant (validated there)."""
+        return ModelSpec(
+            model=model,
+            cache_dir=self.cache_dir,
+            lora=lora,
+            dtype=self.dtype,
+            device=self.device,
+            load_in_4bit=self.load_in_4bit,
+            device_map=self.device_map,
+        )
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def _stop_session(sid: int) -> None:
 
 @pytest.fixture
 def ray_head():
-    """A separate Ray head on loopback, token auth on; yields (dashboard URL, env, token)."""
+    """A separate Ray head on loopback, token auth on; yields (dashboard URL, env, token, GCS)."""
     if not RAY.exists():
         pytest.skip(f"no ray CLI at {RAY}")
     gcs, dashboard, *more = _free_ports(9)
@@ -160,7 +160,7 @@ def ray_head():
     try:
         out, _ = start.communicate(timeout=90)
         assert start.returncode == 0, out
-        yield f"http://127.0.0.1:{dashboard}", env, token
+        yield f"http://127.0.0.1:{dashboard}", env, token, f"127.0.0.1:{gcs}"
     finally:
         if start.poll() is None:
             start.kill()
@@ -179,15 +179,8 @@ def _get(url: str, token: str | None) -> tuple[int, str]:
         return e.code, ""
 
 
-@pytest.mark.slow
-def test_ray_job_submit_end_to_end(tiny_root, ray_head):
-    address, env, token = ray_head
-    # The cluster refuses a client without the token, and takes one with it.
-    assert _get(f"{address}/api/jobs/", None)[0] == 401
-    assert _get(f"{address}/api/jobs/", token)[0] == 200
-
-    job_id = f"raypipe-test-{secrets.token_hex(4)}"
-    submit = subprocess.run(
+def _submit(address: str, env: dict, job_id: str, root: Path, *flags: str):
+    return subprocess.run(
         [
             str(RAY),
             "job",
@@ -204,7 +197,7 @@ def test_ray_job_submit_end_to_end(tiny_root, ray_head):
             "python",
             "jobs/run_inference_pipeline.py",
             "--root",
-            str(tiny_root),
+            str(root),
             "--experiment",
             "tiny",
             "--prompt-set",
@@ -213,13 +206,24 @@ def test_ray_job_submit_end_to_end(tiny_root, ray_head):
             "1,2",
             "--max-new-tokens",
             "5",
-            "--quiet",
+            *flags,
         ],
         env={**env, "RAY_ADDRESS": address},
         capture_output=True,
         text=True,
         timeout=150,
     )
+
+
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end(tiny_root, ray_head):
+    address, env, token, _ = ray_head
+    # The cluster refuses a client without the token, and takes one with it.
+    assert _get(f"{address}/api/jobs/", None)[0] == 401
+    assert _get(f"{address}/api/jobs/", token)[0] == 200
+
+    job_id = f"raypipe-test-{secrets.token_hex(4)}"
+    submit = _submit(address, env, job_id, tiny_root, "--quiet")
     logs = submit.stdout + submit.stderr
     assert submit.returncode == 0, logs
     code, body = _get(f"{address}/api/jobs/{job_id}", token)
@@ -242,3 +246,53 @@ def test_ray_job_submit_end_to_end(tiny_root, ray_head):
     projections = pq.read_table(tables / "projections" / "tests" / "small.parquet")
     assert projections.num_rows == entries == 2 * 10 * 2
     assert set(projections.column("trait").to_pylist()) == {"behavior/alpha", "tone/beta"}
+
+
+@pytest.mark.slow
+def test_model_server_serves_submitted_jobs(tiny_root, ray_head):
+    """`raypipe serve` holds the model on the cluster; a submitted `--backend auto` job uses it."""
+    address, env, token, gcs = ray_head
+
+    def serve(*flags: str) -> subprocess.CompletedProcess:
+        args = ["--root", str(tiny_root), "--experiment", "tiny", "--address", gcs, *flags]
+        return subprocess.run(
+            [sys.executable, "-m", "raypipe.cli", "serve", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+
+    assert serve("--status").returncode == 1
+    up = serve()
+    assert up.returncode == 0 and "started model server raypipe-serve-" in up.stdout, up.stderr
+    name = up.stdout.split("model server ")[1].split(":")[0]
+    again = serve()
+    assert again.returncode == 0 and f"already up: model server {name}" in again.stdout
+    try:
+        for job in range(2):  # two jobs, one model load
+            submit = _submit(
+                address,
+                env,
+                f"raypipe-auto-{job}-{secrets.token_hex(4)}",
+                tiny_root,
+                "--backend",
+                "auto",
+                *(["--force"] if job else []),
+            )
+            logs = submit.stdout + submit.stderr
+            assert submit.returncode == 0, logs
+            assert f"backend auto: using model server {name}" in logs, logs
+        status = serve("--status")
+        assert status.returncode == 0 and name in status.stdout
+        calls = int(status.stdout.split(" stage calls")[0].rsplit(" ", 1)[1])
+        assert calls >= 4  # generation + projection, in each job
+    finally:
+        stop = serve("--stop")
+    assert stop.returncode == 0 and f"stopped model server {name}" in stop.stdout, stop.stderr
+    assert serve("--status").returncode == 1
+    inference = tiny_root / "experiments" / "tiny" / "inference" / "base"
+    for trait in ("behavior/alpha", "tone/beta"):
+        assert (
+            len(list((inference / "projections" / trait / "tests" / "small").glob("*.json"))) == 10
+        )

@@ -53,10 +53,22 @@ def start_ray(run: RunOptions) -> bool:
     kwargs = dict(log_to_driver=True, logging_level="WARNING")
     if run.address:
         ray.init(address=run.address, **kwargs)
+    elif run.backend == "auto" and _join_local_cluster(kwargs):
+        pass  # a model server lives on a running cluster: this machine's, when there is one
     else:
         # Loopback only: a local run never listens on, or talks to, any other address.
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     _configure_data(run)
+    return True
+
+
+def _join_local_cluster(kwargs: dict) -> bool:
+    import ray
+
+    try:
+        ray.init(address="auto", **kwargs)
+    except ConnectionError:
+        return False
     return True
 
 
@@ -192,6 +204,42 @@ def _from_activations(plan: InferPlan, summary: Summary) -> None:
     summary.tokens, summary.failures = res.tokens, res.failures
 
 
+def _served_by(plan: InferPlan) -> str | None:
+    """--backend auto: the name of a model server up for this model, else None; says which."""
+    from raypipe.pipeline.server import describe, find_server, server_name
+
+    name = server_name(plan.model.spec)
+    handle, info = find_server(plan.model.spec)
+    if handle is None:
+        log(
+            f"backend auto: {info}; loading the model locally "
+            f"(`raypipe serve --experiment {plan.paths.experiment}` keeps one loaded)",
+            plan.opts.run.quiet,
+        )
+        return None
+    log(f"backend auto: using {describe(name, info)}", plan.opts.run.quiet)
+    return name
+
+
+def _map_stage(ds, cls, kind: str, kwargs: dict, served: str | None, replicas: int, **res):
+    """One model stage: an actor pool of `cls`, or, with a model server, thin forwarders."""
+    import ray
+
+    if served is not None:
+        from raypipe.pipeline.server import ServedStage
+
+        # The server holds the model and the device; a forwarder needs neither.
+        cls, kwargs = ServedStage, dict(server=served, kind=kind, stage_kwargs=kwargs)
+        res = dict(res, num_cpus=0.1, num_gpus=0)
+    return ds.map_batches(
+        cls,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(size=replicas),
+        batch_format="pandas",
+        **res,
+    )
+
+
 def _execute(
     plan: InferPlan, rows: list[dict], project: bool, summary: Summary, mode: str = "stream"
 ) -> None:
@@ -205,11 +253,14 @@ def _execute(
     # (max_restarts=-1, max_task_retries=-1 by default), so a killed worker costs no rows.
     source = ResponseSource(plan.paths, plan.variant, plan.model.spec.model)
     need_gen = any(r["generate"] for r in rows)
+    served = _served_by(plan) if run.backend == "auto" else None
     gen_gpus = gpu * run.tensor_parallel_size if run.backend == "vllm" else gpu
     ds = ray.data.from_items(rows)
-    ds = ds.map_batches(
+    ds = _map_stage(
+        ds,
         GenerateStage,
-        fn_constructor_kwargs=dict(
+        "generate",
+        dict(
             spec=plan.model.spec,
             opts=opts.generation,
             chat_config=plan.config.use_chat_template,
@@ -217,12 +268,12 @@ def _execute(
             truncate=opts.output.truncate,
             source=source,
             threads=run.threads,
-            backend=run.backend,
+            backend=run.backend if run.backend == "vllm" else "local",
             tensor_parallel_size=run.tensor_parallel_size,
         ),
-        compute=ray.data.ActorPoolStrategy(size=run.generate_replicas if need_gen else 1),
+        served,
+        replicas=run.generate_replicas if need_gen else 1,
         batch_size=run.batch_size,
-        batch_format="pandas",
         num_cpus=cpus,
         num_gpus=gen_gpus if need_gen else 0,
     )
@@ -230,18 +281,20 @@ def _execute(
         write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
     )
     if project and mode == "capture":
-        ds = ds.map_batches(
+        ds = _map_stage(
+            ds,
             CaptureStage,
-            fn_constructor_kwargs=dict(
+            "capture",
+            dict(
                 spec=plan.model.spec,
                 layers=sorted({v.layer for v in plan.vectors}),
                 max_batch_tokens=opts.projection.max_batch_tokens,
                 sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
                 threads=run.threads,
             ),
-            compute=ray.data.ActorPoolStrategy(size=run.project_replicas),
+            served,
+            replicas=run.project_replicas,
             batch_size=run.batch_size,
-            batch_format="pandas",
             num_cpus=cpus,
             num_gpus=gpu,
         )
@@ -266,9 +319,11 @@ def _execute(
             # The stage only coordinates; its gang of `tp` rank actors holds the devices.
             stage, stage_kwargs = TPProjectStage, dict(tp=run.tp, gpus_per_rank=1 if gpu else 0)
             stage_cpus, stage_gpus = 0.1, 0
-        ds = ds.map_batches(
+        ds = _map_stage(
+            ds,
             stage,
-            fn_constructor_kwargs=dict(
+            "project",
+            dict(
                 spec=plan.model.spec,
                 vectors=vectors,
                 component=opts.projection.component,
@@ -279,9 +334,9 @@ def _execute(
                 calibration=calibration,
                 **stage_kwargs,
             ),
-            compute=ray.data.ActorPoolStrategy(size=run.project_replicas),
+            served,
+            replicas=run.project_replicas,
             batch_size=run.batch_size,
-            batch_format="pandas",
             num_cpus=stage_cpus,
             num_gpus=stage_gpus,
         )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from raypipe.engine.models import ModelSpec, load_config, text_config
 from raypipe.errors import InputError
-from raypipe.options import InferOptions
+from raypipe.options import InferOptions, ModelOptions
 from raypipe.store.atomic import read_json
 from raypipe.store.experiment import ExperimentConfig, load_experiment
 from raypipe.store.paths import ExperimentPaths
@@ -36,16 +37,8 @@ class InferPlan:
     rows: tuple[dict, ...]  # one per prompt: what the stages need and what is to be done
 
 
-def model_info(model: str, lora: str | None, opts: InferOptions) -> ModelInfo:
-    m = opts.model
-    spec = ModelSpec(
-        model=model,
-        cache_dir=m.cache_dir,
-        lora=lora,
-        dtype=m.dtype,
-        device=m.device,
-        load_in_4bit=m.load_in_4bit,
-    )
+def model_info(model: str, lora: str | None, m: ModelOptions) -> ModelInfo:
+    spec = m.spec(model, lora)
     try:
         cfg = text_config(load_config(model, m.cache_dir))
     except InputError:
@@ -58,6 +51,13 @@ def model_info(model: str, lora: str | None, opts: InferOptions) -> ModelInfo:
         hidden_size=int(cfg.hidden_size),
         context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
     )
+
+
+def plan_serve(root: Path, experiment: str, m: ModelOptions) -> tuple[str, ModelInfo]:
+    """(variant, model) a `raypipe serve` for this experiment holds: the application default."""
+    paths = ExperimentPaths(root, experiment)
+    variant = load_experiment(paths).variant(m.variant, "application")
+    return variant.name, model_info(variant.model, variant.lora, m)
 
 
 def _massive_dims(paths: ExperimentPaths, variant: str) -> tuple[int, ...]:
@@ -85,7 +85,7 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
     prompts = load_prompt_set(paths.datasets, out.prompt_set)
     variant = config.variant(opts.model.variant, "application")
     extraction = config.extraction_variant
-    info = model_info(variant.model, variant.lora, opts)
+    info = model_info(variant.model, variant.lora, opts.model)
     proj = opts.projection
     vectors, notes, dims = [], [], None
     if need_vectors:

@@ -76,8 +76,10 @@ class GenerateStage:
         threads: int | None = None,
         backend: str = "local",
         tensor_parallel_size: int = 1,
+        loaded: tuple | None = None,
     ):
         self.spec, self.opts, self.chat_config = spec, opts, chat_config
+        self.loaded = loaded  # (model, tokenizer) a model server already holds
         self.context, self.truncate, self.source, self.threads = context, truncate, source, threads
         self.backend, self.tensor_parallel_size = backend, tensor_parallel_size
         self.responder = None  # loaded on the first row that needs generation
@@ -99,8 +101,10 @@ class GenerateStage:
             from raypipe.engine.models import load_model
             from raypipe.engine.respond import Responder
 
-            _set_threads(self.threads)
-            model, tok = load_model(self.spec)
+            if self.loaded is None:
+                _set_threads(self.threads)
+                self.loaded = load_model(self.spec)
+            model, tok = self.loaded
             self.responder = Responder(
                 model,
                 tok,
@@ -219,12 +223,15 @@ class ProjectStage:
         early_stop: bool = True,
         threads: int | None = None,
         calibration: CalibrationTarget | None = None,
+        loaded: tuple | None = None,
     ):
         from raypipe.engine.models import load_model
         from raypipe.engine.projector import Projector
 
-        _set_threads(threads)
-        model, tok = load_model(spec)
+        if loaded is None:
+            _set_threads(threads)
+            loaded = load_model(spec)
+        model, tok = loaded
         self.projector = Projector(
             model,
             vectors,
@@ -240,17 +247,26 @@ class ProjectStage:
         if calibration is not None:
             from raypipe.engine.calibration import CalibrationCollector
 
-            # Calibration hooks every block, so the first batches run the whole stack.
-            self.collector = CalibrationCollector(model, budget=calibration.budget).attach()
+            # Calibration hooks every block, so the first batches run the whole stack. It is
+            # attached only while a batch projects: a served model also generates in between.
+            self.collector = CalibrationCollector(model, budget=calibration.budget)
             self.projector.early_stop = False
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         require(batch, "project", self.NEEDS)
         rows = _rows(batch)
         todo = [r for r in rows if r["project"] and r["error"] is None]
-        results = self.projector.project([list(r["token_ids"]) for r in todo]) if todo else []
-        if self.collector is not None and todo:
-            self._save_calibration()
+        results = []
+        if todo:
+            if self.collector is not None:
+                self.collector.attach()
+            try:
+                results = self.projector.project([list(r["token_ids"]) for r in todo])
+            finally:
+                if self.collector is not None:
+                    self.collector.detach()
+            if self.collector is not None:
+                self._save_calibration()
         for row in rows:
             for col in self.SCORE_COLUMNS:
                 row[col] = None
@@ -274,7 +290,6 @@ class ProjectStage:
         record["complete"] = self.collector.done
         write_json(c.path, record)
         if self.collector.done:
-            self.collector.detach()
             self.collector = None
             self.projector.early_stop = self.early_stop
 
@@ -317,12 +332,15 @@ class CaptureStage:
         max_batch_tokens: int,
         sink: CaptureSink,
         threads: int | None = None,
+        loaded: tuple | None = None,
     ):
         from raypipe.engine.capture import Capturer
         from raypipe.engine.models import load_model
 
-        _set_threads(threads)
-        model, tok = load_model(spec)
+        if loaded is None:
+            _set_threads(threads)
+            loaded = load_model(spec)
+        model, tok = loaded
         self.sink = sink
         self.capturer = Capturer(
             model, layers, sink.component, max_batch_tokens, tok.pad_token_id or 0
