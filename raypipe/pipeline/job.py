@@ -14,6 +14,7 @@ from raypipe.pipeline.stages import (
     CalibrationTarget,
     CaptureSink,
     CaptureStage,
+    FusedStage,
     GenerateStage,
     ProjectionSink,
     ProjectStage,
@@ -37,6 +38,8 @@ class Summary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    # (seconds since the pipeline started, tokens done so far) at each finished output batch
+    timeline: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -254,37 +257,22 @@ def _execute(
     source = ResponseSource(plan.paths, plan.variant, plan.model.spec.model)
     need_gen = any(r["generate"] for r in rows)
     served = _served_by(plan) if run.backend == "auto" else None
-    gen_gpus = gpu * run.tensor_parallel_size if run.backend == "vllm" else gpu
-    ds = ray.data.from_items(rows)
-    ds = _map_stage(
-        ds,
-        GenerateStage,
-        "generate",
-        dict(
-            spec=plan.model.spec,
-            opts=opts.generation,
-            chat_config=plan.config.use_chat_template,
-            context=plan.model.context,
-            truncate=opts.output.truncate,
-            source=source,
-            threads=run.threads,
-            backend=run.backend if run.backend == "vllm" else "local",
-            tensor_parallel_size=run.tensor_parallel_size,
-        ),
-        served,
-        replicas=run.generate_replicas if need_gen else 1,
-        batch_size=run.batch_size,
-        num_cpus=cpus,
-        num_gpus=gen_gpus if need_gen else 0,
+    gen_kwargs = dict(
+        spec=plan.model.spec,
+        opts=opts.generation,
+        chat_config=plan.config.use_chat_template,
+        context=plan.model.context,
+        truncate=opts.output.truncate,
+        source=source,
+        threads=run.threads,
+        backend=run.backend if run.backend == "vllm" else "local",
+        tensor_parallel_size=run.tensor_parallel_size,
     )
-    ds = ds.map_batches(
-        write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
-    )
+    then = None  # (kind, stage class, kwargs) of the model stage after generation
     if project and mode == "capture":
-        ds = _map_stage(
-            ds,
-            CaptureStage,
+        then = (
             "capture",
+            CaptureStage,
             dict(
                 spec=plan.model.spec,
                 layers=sorted({v.layer for v in plan.vectors}),
@@ -292,14 +280,8 @@ def _execute(
                 sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
                 threads=run.threads,
             ),
-            served,
-            replicas=run.project_replicas,
-            batch_size=run.batch_size,
-            num_cpus=cpus,
-            num_gpus=gpu,
         )
     elif project:
-        vectors = [(v.layer, v.vector) for v in plan.vectors]
         cal_path = plan.paths.calibration_file(plan.variant)
         if not _calibration_complete(cal_path):
             # A run killed before its budget filled left a partial one: collect it again.
@@ -311,35 +293,75 @@ def _execute(
                 variant=plan.variant,
                 source=f"raypipe infer:{plan.prompts.name}",
             )
-        stage, stage_kwargs = ProjectStage, {}
-        stage_cpus, stage_gpus = cpus, gpu
-        if run.tp > 1:
-            from raypipe.pipeline.tp_stage import TPProjectStage
-
-            # The stage only coordinates; its gang of `tp` rank actors holds the devices.
-            stage, stage_kwargs = TPProjectStage, dict(tp=run.tp, gpus_per_rank=1 if gpu else 0)
-            stage_cpus, stage_gpus = 0.1, 0
-        ds = _map_stage(
-            ds,
-            stage,
+        then = (
             "project",
+            ProjectStage,
             dict(
                 spec=plan.model.spec,
-                vectors=vectors,
+                vectors=[(v.layer, v.vector) for v in plan.vectors],
                 component=opts.projection.component,
                 massive_dims=plan.massive_dims,
                 max_batch_tokens=opts.projection.max_batch_tokens,
                 early_stop=opts.projection.early_stop,
                 threads=run.threads,
                 calibration=calibration,
-                **stage_kwargs,
             ),
-            served,
-            replicas=run.project_replicas,
-            batch_size=run.batch_size,
-            num_cpus=stage_cpus,
-            num_gpus=stage_gpus,
         )
+    ds = ray.data.from_items(rows)
+    if then is not None and served is None and run.backend != "vllm" and run.tp == 1:
+        # HF generation and the prefill on one model in one actor per replica: the prefill
+        # costs a few percent of generation, so a second actor would only contend for the same
+        # device (or ask for a second GPU) and hold a second copy of the model.
+        kind, _, then_kwargs = then
+        ds = ds.map_batches(
+            FusedStage,
+            fn_constructor_kwargs=dict(
+                generate=gen_kwargs, then=kind, then_kwargs=then_kwargs, threads=run.threads
+            ),
+            compute=ray.data.ActorPoolStrategy(size=run.generate_replicas),
+            batch_size=run.batch_size,
+            batch_format="pandas",
+            num_cpus=cpus,
+            num_gpus=gpu,
+        )
+    else:
+        gen_gpus = gpu * run.tensor_parallel_size if run.backend == "vllm" else gpu
+        ds = _map_stage(
+            ds,
+            GenerateStage,
+            "generate",
+            gen_kwargs,
+            served,
+            replicas=run.generate_replicas if need_gen else 1,
+            batch_size=run.batch_size,
+            num_cpus=cpus,
+            num_gpus=gen_gpus if need_gen else 0,
+        )
+        ds = ds.map_batches(
+            write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
+        )
+        if then is not None:
+            kind, stage, stage_kwargs = then
+            stage_cpus, stage_gpus = cpus, gpu
+            if kind == "project" and run.tp > 1:
+                from raypipe.pipeline.tp_stage import TPProjectStage
+
+                # The stage only coordinates; its gang of `tp` rank actors holds the devices.
+                stage = TPProjectStage
+                stage_kwargs = dict(stage_kwargs, tp=run.tp, gpus_per_rank=1 if gpu else 0)
+                stage_cpus, stage_gpus = 0.1, 0
+            ds = _map_stage(
+                ds,
+                stage,
+                kind,
+                stage_kwargs,
+                served,
+                replicas=run.project_replicas,
+                batch_size=run.batch_size,
+                num_cpus=stage_cpus,
+                num_gpus=stage_gpus,
+            )
+    if then is not None and then[0] == "project":
         sink = ProjectionSink(
             paths=plan.paths,
             variant=plan.variant,
@@ -371,6 +393,7 @@ def _execute(
                 summary.tokens += int(row.get("n_tokens") or len(row.get("token_ids") or []))
             summary.generated += bool(row["generated"])
         summary.seconds = time.perf_counter() - start
+        summary.timeline.append((summary.seconds, summary.tokens))
         log(
             f"{seen}/{len(rows)} prompts | generated {summary.generated} | failed "
             f"{summary.failed} | {summary.tokens_per_second:,.0f} tok/s",

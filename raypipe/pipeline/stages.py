@@ -294,6 +294,29 @@ class ProjectStage:
             self.projector.early_stop = self.early_stop
 
 
+class FusedStage:
+    """Generation, then projection or capture, in one actor on one loaded model.
+
+    Where both stages would share one device (a node's CPU cores, a single GPU), two actors
+    only contend for it (and hold two copies of the model); running them in turn on each batch
+    is what a plain loop does, with the pipeline's resume and writers around it.
+    """
+
+    def __init__(self, generate: dict, then: str, then_kwargs: dict, threads: int | None = None):
+        from raypipe.engine.models import load_model
+
+        _set_threads(threads)
+        loaded = load_model(generate["spec"])
+        self.generate = GenerateStage(**generate, loaded=loaded)
+        self.source = generate["source"]
+        second = {"project": ProjectStage, "capture": CaptureStage}[then]
+        self.then = second(**then_kwargs, loaded=loaded)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # Responses are on disk before projection starts: a crash never costs a generation.
+        return self.then(write_responses(self.generate(batch), self.source))
+
+
 @dataclass(frozen=True)
 class ProjectionSink:
     """What the projection writer needs to lay out and label the files."""
