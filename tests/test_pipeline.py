@@ -194,3 +194,53 @@ def test_stages_run_without_a_cluster(tiny_root, tiny_model_dir):
     assert len(scored["scores"][0]) == len(out["token_ids"][0])
     with pytest.raises(Exception, match="missing columns"):
         proj(batch.drop(columns=["project"]))
+
+
+def test_fused_stage_projects_all_but_the_failed_row(tiny_root, tiny_model_dir):
+    """Generation then projection on one model, no Ray: a prompt too long for the context fails
+    alone (its error must read as an error, not as pandas' NaN, for the rows beside it)."""
+    from raypipe.engine.generate import GenerationOptions
+    from raypipe.engine.models import ModelSpec
+    from raypipe.pipeline.stages import FusedStage, ResponseSource
+    from raypipe.store.paths import ExperimentPaths
+
+    spec = ModelSpec(str(tiny_model_dir), tiny_root / "cache", dtype="float32")
+    source = ResponseSource(ExperimentPaths(tiny_root, "tiny"), "base", "tiny")
+    stage = FusedStage(
+        dict(
+            spec=spec,
+            opts=GenerationOptions(max_new_tokens=6),
+            chat_config=None,
+            context=256,
+            truncate=False,
+            source=source,
+        ),
+        "project",
+        dict(
+            spec=spec,
+            vectors=[(1, [1.0] * 64)],
+            component="residual",
+            massive_dims=None,
+            max_batch_tokens=1024,
+        ),
+    )
+    texts = PROMPTS[:3] + [" ".join(["word"] * 300)]
+    n = len(texts)
+    batch = pd.DataFrame(
+        {
+            "prompt_set": ["s"] * n,
+            "prompt_id": list("abcd"),
+            "text": texts,
+            "system_prompt": [None] * n,
+            "note": [None] * n,
+            "generate": [True] * n,
+            "project": [True] * n,
+        }
+    )
+    out = stage(batch)
+    assert list(out["generated"]) == [True, True, True, False]
+    assert "exceeds the model context" in out["error"][3]
+    lengths = [None if s is None else len(s) for s in out["scores"]]
+    assert lengths[:3] == [len(t) for t in out["token_ids"][:3]] and lengths[3] is None
+    written = sorted(p.stem for p in source.paths.responses_dir("base", "s").glob("*.json"))
+    assert written == ["a", "b", "c"]  # responses are on disk before the projection

@@ -244,8 +244,8 @@ def parquet_built(root: Path) -> bool:
 def test_driver_sigkill_at_several_points_then_resume(reference, tiny_root, tmp_path, capsys):
     root = copy_tree(tiny_root, tmp_path / "root")
     points = [
-        # Generation and projection both part way: batches stream through both stages.
-        ("the first projection file", lambda: n_json(root, "projections") >= 1),
+        # Part way: the model actor writes each batch's responses, then projects it.
+        ("the first response file", lambda: n_json(root, "responses") >= 1),
         # In the resumed run: every JSON written, Ray shutting down, Parquet not yet rebuilt.
         ("the last projection file", lambda: n_json(root, "projections") == ALL_PROJECTIONS),
     ]

@@ -43,7 +43,12 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _rows(batch: pd.DataFrame) -> list[dict]:
-    return batch.to_dict("records")
+    # pandas holds a missing string as NaN (its `str` dtype): stages test for None. No column
+    # holds a float scalar, so a float NaN is always a missing value.
+    return [
+        {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
+        for row in batch.to_dict("records")
+    ]
 
 
 def _frame(rows: list[dict], columns: tuple[str, ...]) -> pd.DataFrame:
