@@ -100,6 +100,23 @@ def timeit(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict, device: str, repeats: int) -> dict:
+    """{name: median wall time}, the candidates taking turns in each of `repeats` rounds (after
+    one warm-up each), so a machine that speeds up or slows down mid-run skews none of them."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times: dict = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
+            t = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def emit(result: dict) -> None:
     """Last line of every benchmark: one JSON object of its ratios."""
     print(json.dumps(result))

@@ -4,10 +4,9 @@ batches on a mixed-length prompt set (and, on a GPU, a static cache with compila
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
-from common import emit, load, parser, sync, token_batches
+from common import emit, load, parser, timeit_interleaved, token_batches
 
 from raypipe.engine.generate import GenerationOptions, Generator
 
@@ -52,17 +51,19 @@ def main() -> None:
         base, max_batch_size=args.fixed_batch, max_batch_tokens=10**9, sort_by_length=False
     )
 
-    def timed(opts) -> tuple[float, int]:
+    def timed(opts):
         gen = Generator(model, tok, opts)
-        gen.generate(prompts[:2])  # warm-up
-        sync(args.device)
-        t = time.perf_counter()
-        out = gen.generate(prompts)
-        sync(args.device)
-        return time.perf_counter() - t, sum(len(o) for o in out)
+        counts = []
 
-    t_sorted, n_sorted = timed(sorted_opts)
-    t_fixed, n_fixed = timed(fixed_opts)
+        def fn():
+            counts.append(sum(len(o) for o in gen.generate(prompts)))
+
+        return fn, counts
+
+    fns = {"sorted": timed(sorted_opts), "fixed": timed(fixed_opts)}
+    t = timeit_interleaved({k: f for k, (f, _) in fns.items()}, args.device, args.repeats)
+    t_sorted, n_sorted = t["sorted"], fns["sorted"][1][-1]
+    t_fixed, n_fixed = t["fixed"], fns["fixed"][1][-1]
     print(
         f"device={args.device} prompts={len(prompts)} max_new_tokens={args.max_new_tokens} "
         f"prompt tokens={sum(map(len, prompts))}"
@@ -84,7 +85,9 @@ def main() -> None:
         try:
             model.generation_config.cache_implementation = "static"
             model.forward = torch.compile(model.forward, mode="reduce-overhead")
-            t_static, n_static = timed(sorted_opts)
+            static, counts = timed(sorted_opts)
+            t_static = timeit_interleaved({"static": static}, args.device, args.repeats)["static"]
+            n_static = counts[-1]
             print(
                 f"  sorted + static cache, compiled {t_static:7.2f} s  "
                 f"{n_static / t_static:9.1f} new tok/s"

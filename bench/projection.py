@@ -4,7 +4,7 @@ common ways (all hidden states to the host; batch size 1 with a host sync per ho
 from __future__ import annotations
 
 import torch
-from common import emit, load, parser, sync, timeit, token_batches
+from common import emit, load, parser, sync, timeit, timeit_interleaved, token_batches
 
 from raypipe.engine.hooks import decoder_stack, forward_hooks, pad_right
 from raypipe.engine.projector import Projector
@@ -79,23 +79,33 @@ def main() -> None:
         return lambda: pj.project(seqs)
 
     r = args.repeats
-    t_bare = timeit(bare, dev, r)
-    t_proj = timeit(run(projector), dev, r)
-    t_hooks_full = timeit(run(full_hooks), dev, r)
-    t_hs = timeit(hidden_states_to_host, dev, r)
+    t = timeit_interleaved(
+        {
+            "bare": bare,
+            "proj": run(projector),
+            "hooks_full": run(full_hooks),
+            "hs": hidden_states_to_host,
+        },
+        dev,
+        r,
+    )
+    t_bare, t_proj, t_hooks_full, t_hs = t["bare"], t["proj"], t["hooks_full"], t["hs"]
     t_b1 = timeit(batch1_sync_per_layer, dev, max(1, r // 2)) * len(seqs) / len(sub)
 
     # Early stop: the projector with its top hooked layer at k, against the same projector
-    # hooked at the last layer (the whole stack). Embedding cost makes small k a bit slower.
+    # hooked at the last layer (the whole stack), taking turns. Embedding cost makes small k a
+    # bit slower than (k+1)/n.
     def at(k):
         pk = Projector(model, [(k, vectors[0][1])], max_batch_tokens=args.batch_tokens, pad_id=pad)
-        return timeit(run(pk), dev, r)
+        return run(pk)
 
-    t_full = at(n_layers - 1)
+    ks = sorted({n_layers // 4, n_layers // 2, (3 * n_layers) // 4})
+    t_at = timeit_interleaved({k: at(k) for k in [n_layers - 1, *ks]}, dev, r)
+    t_full = t_at[n_layers - 1]
     errors = {}
-    for k in sorted({n_layers // 4, n_layers // 2, (3 * n_layers) // 4}):
+    for k in ks:
         expected = (k + 1) / n_layers
-        errors[k] = (at(k) / t_full - expected) / expected
+        errors[k] = (t_at[k] / t_full - expected) / expected
     sync(dev)
     tok = lambda t: f"{n_tokens / t:>10,.0f} tok/s"  # noqa: E731
     print(
