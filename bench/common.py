@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,7 +87,8 @@ def sync(device: str) -> None:
 
 
 def timeit(fn, device: str, repeats: int) -> float:
-    """Median wall time of `repeats` runs after one warm-up."""
+    """Fastest wall time of `repeats` runs after one warm-up (noise on a shared machine only
+    ever adds time, so the minimum is the steadiest estimate of the cost itself)."""
     fn()
     sync(device)
     times = []
@@ -97,11 +97,11 @@ def timeit(fn, device: str, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def timeit_interleaved(fns: dict, device: str, repeats: int) -> dict:
-    """{name: median wall time}, the candidates taking turns in each of `repeats` rounds (after
+    """{name: fastest wall time}, the candidates taking turns in each of `repeats` rounds (after
     one warm-up each), so a machine that speeds up or slows down mid-run skews none of them."""
     for fn in fns.values():
         fn()
@@ -114,7 +114,7 @@ def timeit_interleaved(fns: dict, device: str, repeats: int) -> dict:
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def emit(result: dict) -> None:
