@@ -6,6 +6,7 @@ import io
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -273,3 +274,35 @@ def test_run_calibrate_writes_the_file(tiny_root, tmp_path):
     tok = tiny_tokenizer()
     lengths = [len(encode_prompt(tok, format_prompt(tok, p, None, True), True)) for p in PROMPTS]
     assert again["tokens_seen"] == sum(lengths) and again["aggregate"]["n_prompts"] == len(PROMPTS)
+
+
+def test_one_replica_collects_the_calibration(tiny_root, tiny_model_dir):
+    """Replicas built for the same first run: only the first claims the calibration; when it
+    is done (or its process is gone) the claim is free for a restarted replica."""
+    from raypipe.engine.models import ModelSpec
+    from raypipe.pipeline.stages import CalibrationTarget, ProjectStage
+
+    spec = ModelSpec(str(tiny_model_dir), tiny_root / "cache", dtype="float32")
+    target = CalibrationTarget(
+        path=tiny_root / "cal" / "calibration.json",
+        experiment="tiny",
+        model="tiny",
+        variant="base",
+        source="test",
+        budget=8,
+    )
+    args = (spec, [(1, [1.0] * 64)], "residual", None, 1024)
+    first = ProjectStage(*args, calibration=target)
+    second = ProjectStage(*args, calibration=target)
+    assert first.collector is not None and second.collector is None
+    assert second.projector.early_stop  # a replica that does not collect keeps early stop
+    batch = pd.DataFrame(
+        {"prompt_id": ["a"], "token_ids": [[1, 2, 3, 4, 5, 6, 7, 8, 9]], "project": [True]}
+    )
+    batch["error"] = None
+    second(batch)
+    assert not target.path.exists()  # the replica without the claim wrote nothing
+    first(batch)  # 9 tokens fill the budget of 8: done, and the claim is let go
+    assert first.collector is None and target.path.is_file()
+    third = ProjectStage(*args, calibration=target)
+    assert third.collector is not None

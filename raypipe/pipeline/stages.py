@@ -212,6 +212,25 @@ class CalibrationTarget:
     budget: int = 5000
 
 
+def claim_calibration(target: CalibrationTarget | None):
+    """An open lock file when this process is the one replica that collects the calibration,
+    else None. The lock (flock) goes with the process: a replica that dies frees it, and the
+    actor Ray restarts in its place claims it again. Without it every replica collected its
+    own partial sample and the last one to write won."""
+    import fcntl
+
+    if target is None:
+        return None
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(target.path.parent / f".{target.path.name}.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
 class ProjectStage:
     """One hooked prefill per batch over the exact ids; emits flat score arrays per row."""
 
@@ -247,14 +266,15 @@ class ProjectStage:
             pad_id=tok.pad_token_id or 0,
         )
         self.early_stop = early_stop
-        self.calibration = calibration
+        self.claim = claim_calibration(calibration)  # held while this stage lives
+        self.calibration = calibration if self.claim is not None else None
         self.collector = None
-        if calibration is not None:
+        if self.calibration is not None:
             from raypipe.engine.calibration import CalibrationCollector
 
             # Calibration hooks every block, so the first batches run the whole stack. It is
             # attached only while a batch projects: a served model also generates in between.
-            self.collector = CalibrationCollector(model, budget=calibration.budget)
+            self.collector = CalibrationCollector(model, budget=self.calibration.budget)
             self.projector.early_stop = False
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -297,6 +317,8 @@ class ProjectStage:
         if self.collector.done:
             self.collector = None
             self.projector.early_stop = self.early_stop
+            self.claim.close()  # done: a stage a model server keeps must not hold it on
+            self.claim = None
 
 
 class FusedStage:

@@ -6,7 +6,14 @@ import pandas as pd
 
 from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
-from raypipe.pipeline.stages import CalibrationTarget, ProjectStage, _frame, _rows, require
+from raypipe.pipeline.stages import (
+    CalibrationTarget,
+    ProjectStage,
+    _frame,
+    _rows,
+    claim_calibration,
+    require,
+)
 
 
 class _Rank:
@@ -76,8 +83,9 @@ class TPProjectStage:
             early_stop=early_stop,
             threads=threads,
         )
-        self.calibration = calibration
-        self.collecting = calibration is not None
+        self.claim = claim_calibration(calibration)  # one collecting replica (see there)
+        self.calibration = calibration if self.claim is not None else None
+        self.collecting = self.calibration is not None
         self.pg = None
         self.actors: list = []
         self._start()
@@ -183,6 +191,8 @@ class TPProjectStage:
         write_json(c.path, calibration_record(c.experiment, c.model, c.variant, c.source, result))
         if done:
             self.collecting = False
+            self.claim.close()
+            self.claim = None
 
     def close(self) -> None:
         """Leave the process group on every rank, then kill the actors and free the bundles."""
