@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpus", type=float, help="GPUs for the server [1 if the cluster has GPUs]")
     p.add_argument("--threads", type=int, help="torch threads in the server [all cores]")
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds to wait for the model to load [1800]"
+    )
     action = p.add_mutually_exclusive_group()
     action.add_argument("--stop", action="store_true", help="stop the server for this model")
     action.add_argument(
@@ -325,6 +328,8 @@ def cmd_serve(args) -> int:
         raise InputError("--gpus", "gpus", "must be in 0..64")
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads", "threads", "must be at least 1")
+    if not args.timeout > 0:
+        raise InputError("--timeout", "timeout", "must be more than 0 seconds")
     _, info = plan_serve(_root(args), args.experiment, _model_options(args))
     spec, name = info.spec, server.server_name(info.spec)
     if not (args.stop or args.status):
@@ -348,7 +353,9 @@ def cmd_serve(args) -> int:
         gpus = args.gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        _, found, started = server.start_server(spec, gpus, threads=args.threads)
+        _, found, started = server.start_server(
+            spec, gpus, threads=args.threads, timeout_s=args.timeout
+        )
         print(f"{'started' if started else 'already up:'} {server.describe(name, found)}")
         variant = f" --model-variant {args.model_variant}" if args.model_variant else ""
         print(

@@ -11,6 +11,7 @@ import pytest
 
 from raypipe.cli import main
 from raypipe.engine.models import ModelSpec
+from raypipe.errors import RaypipeError
 from raypipe.options import ModelOptions
 from raypipe.pipeline import server
 from raypipe.pipeline.plan import plan_serve
@@ -146,3 +147,12 @@ def test_forwarder_reopens_a_stage_the_server_dropped(ray_session, tiny_root):
         assert len(first["scores"][0]) == 2 * 4
     finally:
         server.stop_server(info.spec)
+
+
+def test_a_server_no_node_can_hold_fails_cleanly(ray_session, tiny_root):
+    """Asking for a GPU on a CPU-only cluster: a clear error in bounded time, nothing left."""
+    _, info = plan_serve(tiny_root, "tiny", ModelOptions(dtype="float32"))
+    with pytest.raises(RaypipeError, match="was not up within 3 s .* 1 GPU free"):
+        server.start_server(info.spec, gpus=1, cpus=0.5, timeout_s=3)
+    handle, _ = server.find_server(info.spec, timeout_s=5)
+    assert handle is None  # gone, or (its name not yet released) answering nothing

@@ -115,10 +115,15 @@ def find_server(spec: ModelSpec, timeout_s: float = READY_TIMEOUT_S):
 
 
 def start_server(
-    spec: ModelSpec, gpus: float, cpus: float = 1.0, threads: int | None = None
+    spec: ModelSpec,
+    gpus: float,
+    cpus: float = 1.0,
+    threads: int | None = None,
+    timeout_s: float = 1800.0,
 ) -> tuple[object, dict, bool]:
-    """Start (or find) the detached server for `spec`; waits until the model is loaded.
-    Returns (handle, info, started): `started` is False when one was already up."""
+    """Start (or find) the detached server for `spec`; waits until the model is loaded, at most
+    `timeout_s` (a cluster that can never place it, or a load that hangs, ends in an error and
+    no half-started server). Returns (handle, info, started): False when one was already up."""
     import ray
 
     name = server_name(spec)
@@ -142,7 +147,16 @@ def start_server(
         )
         started = True
     try:
-        info = ray.get(handle.info.remote())
+        info = ray.get(handle.info.remote(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        if started:
+            ray.kill(handle, no_restart=True)
+        raise RaypipeError(
+            f"model server {name} was not up within {timeout_s:.0f} s (does a node have "
+            f"{cpus:g} CPU and {gpus:g} GPU free?); stopped it"
+            if started
+            else f"model server {name} was not up within {timeout_s:.0f} s"
+        ) from None
     except ray.exceptions.RayError as e:
         ray.kill(handle, no_restart=True)
         raise RaypipeError(f"model server {name} failed to load {spec.model}: {e}") from None
