@@ -89,15 +89,7 @@ def sync(device: str) -> None:
 def timeit(fn, device: str, repeats: int) -> float:
     """Fastest wall time of `repeats` runs after one warm-up (noise on a shared machine only
     ever adds time, so the minimum is the steadiest estimate of the cost itself)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return timeit_interleaved({"fn": fn}, device, repeats)["fn"]
 
 
 def timeit_interleaved(fns: dict, device: str, repeats: int) -> dict:

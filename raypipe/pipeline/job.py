@@ -313,14 +313,14 @@ def _execute(
         # costs a few percent of generation, so a second actor would only contend for the same
         # device (or ask for a second GPU) and hold a second copy of the model.
         kind, _, then_kwargs = then
-        ds = ds.map_batches(
+        ds = _map_stage(
+            ds,
             FusedStage,
-            fn_constructor_kwargs=dict(
-                generate=gen_kwargs, then=kind, then_kwargs=then_kwargs, threads=run.threads
-            ),
-            compute=ray.data.ActorPoolStrategy(size=run.generate_replicas),
+            "fused",
+            dict(generate=gen_kwargs, then=kind, then_kwargs=then_kwargs, threads=run.threads),
+            None,
+            replicas=run.generate_replicas,
             batch_size=run.batch_size,
-            batch_format="pandas",
             num_cpus=cpus,
             num_gpus=gpu,
         )

@@ -39,12 +39,6 @@ def server_name(spec: ModelSpec) -> str:
     return "raypipe-serve-" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _stage_classes() -> dict:
-    from raypipe.pipeline.stages import CaptureStage, GenerateStage, ProjectStage
-
-    return {"generate": GenerateStage, "project": ProjectStage, "capture": CaptureStage}
-
-
 class ModelServer:
     """Holds (model, tokenizer); runs stage calls on it one at a time (max_concurrency=1)."""
 
@@ -76,7 +70,9 @@ class ModelServer:
 
     def open(self, key: str, kind: str, kwargs: dict) -> None:
         """Build a job's stage on the held model (kwargs as for a local stage, less `loaded`)."""
-        stage = _stage_classes()[kind](**kwargs, loaded=self.loaded)
+        from raypipe.pipeline.stages import MODEL_STAGES
+
+        stage = MODEL_STAGES[kind](**kwargs, loaded=self.loaded)
         self.stages[key] = stage
         while len(self.stages) > MAX_STAGES:
             self.stages.popitem(last=False)
@@ -194,7 +190,9 @@ class ServedStage:
     def __init__(self, server: str, kind: str, stage_kwargs: dict):
         import ray
 
-        if kind not in ("generate", "project", "capture"):
+        from raypipe.pipeline.stages import MODEL_STAGES
+
+        if kind not in MODEL_STAGES:
             raise RaypipeError(f"stage {kind}: cannot run on a model server")
         self.kind, self.kwargs = kind, stage_kwargs
         self.key = f"{kind}-{uuid.uuid4().hex}"

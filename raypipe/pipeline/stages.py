@@ -336,8 +336,7 @@ class FusedStage:
         loaded = load_model(generate["spec"])
         self.generate = GenerateStage(**generate, loaded=loaded)
         self.source = generate["source"]
-        second = {"project": ProjectStage, "capture": CaptureStage}[then]
-        self.then = second(**then_kwargs, loaded=loaded)
+        self.then = MODEL_STAGES[then](**then_kwargs, loaded=loaded)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # Responses are on disk before projection starts: a crash never costs a generation.
@@ -428,6 +427,10 @@ class CaptureStage:
             for r in rows
         ]
         return _frame(out, SUMMARY_COLUMNS)
+
+
+# The stages that run on a loaded model, by kind: FusedStage and the model server build them.
+MODEL_STAGES = {"generate": GenerateStage, "project": ProjectStage, "capture": CaptureStage}
 
 
 def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame:
