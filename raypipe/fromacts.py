@@ -94,13 +94,13 @@ def _score(
             raise ValueError(f"massive dim {int(dims.max())} >= hidden size {hf.shape[1]}")
         vec = (mat / mat.norm(dim=1, keepdim=True)).T.contiguous()  # (D, K) unit columns
         sc = hf @ vec  # (T, K)
-        sq = (hf * hf).sum(-1)  # (T,)
+        sq = torch.linalg.vector_norm(hf, dim=-1).square()  # (T,)
         scores[rows] = sc.T.numpy()
         norms[rows] = sq.clamp_min(0).sqrt().numpy()
         if dims is not None:
             hm = hf.index_select(-1, dims)  # (T, M)
             cs = sc - hm @ vec.index_select(0, dims)  # (T, K)
-            cn = (sq - (hm * hm).sum(-1)).clamp_min(0).sqrt()  # (T,)
+            cn = (sq - torch.linalg.vector_norm(hm, dim=-1).square()).clamp_min(0).sqrt()  # (T,)
             cleaned[0][rows] = cs.T.numpy()
             cleaned[1][rows] = cn.numpy()
     out = _Scores(scores, norms)

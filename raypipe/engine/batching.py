@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# A prefill batch costs one forward with nothing fixed per batch worth saving, so it is cut
+# tightly: with 0.1 instead of 0.25 the projector took 0.84 of the time on the same prompts
+# (embedded model, CPU; 12.5% -> 4.2% padded tokens). Generation passes a looser limit.
+PREFILL_MAX_PADDING = 0.1
+
 
 def plan_batches(
     lengths: list[int],
@@ -9,7 +14,7 @@ def plan_batches(
     max_batch_size: int = 1 << 30,
     extra: int = 0,
     sort: bool = True,
-    max_padding: float = 0.25,
+    max_padding: float = PREFILL_MAX_PADDING,
 ) -> list[list[int]]:
     """Index batches, longest first, each within `max_batch_tokens` padded tokens (length +
     `extra` new tokens per row) and `max_batch_size` rows, and cut where a row would be padded

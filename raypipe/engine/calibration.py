@@ -220,7 +220,7 @@ class CalibrationCollector:
         torch.maximum(st.max_abs, x.max(0).values, out=st.max_abs)
         st.massive_tokens += massive.sum(0)
         st.massive_sequences += (per_row > 0).sum(0)
-        st.norm_sum += x.square().sum(-1).sqrt().sum()
+        st.norm_sum += torch.linalg.vector_norm(x, dim=-1).sum()
         st.medians.append(med)
 
     # --- result ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ class GenerationOptions:
     max_batch_tokens: int = 32768
     sort_by_length: bool = True
     # Cut a batch where a row would be padded by more than this share of the batch width.
-    # Looser than the prefill's 0.25: every extra batch costs a whole decode loop, while
+    # Looser than the prefill's 0.1: every extra batch costs a whole decode loop, while
     # padding costs only prompt tokens (measured on CPU: 0.25 -> 94, 0.5 -> 121, 0.65 -> 144
     # new tok/s on bench/generation.py's mixed prompts).
     max_padding: float = 0.65

@@ -85,12 +85,17 @@ class Projector:
             self._rehome(layer, hf.device)
         vec = self.bank[layer]  # (D, K)
         scores = hf @ vec  # (B, T, K)
-        sq = (hf * hf).sum(-1)  # (B, T)
+        # vector_norm reduces in one pass; (hf * hf).sum(-1) took 9x as long on CPU and cost a
+        # third of a 135M model's layer per hooked layer.
+        sq = torch.linalg.vector_norm(hf, dim=-1).square()  # (B, T)
         out = [scores, sq]
         if self.dims is not None:
             dims = self.dims[layer]  # (M,)
             hm = hf.index_select(-1, dims)  # (B, T, M)
-            out += [scores - hm @ vec.index_select(0, dims), sq - (hm * hm).sum(-1)]
+            out += [
+                scores - hm @ vec.index_select(0, dims),
+                sq - torch.linalg.vector_norm(hm, dim=-1).square(),
+            ]
         return out
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
