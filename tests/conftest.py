@@ -29,6 +29,15 @@ PROMPTS = [
 ]
 
 
+def infer(root, *extra, quiet: bool = True) -> int:
+    """`raypipe infer` on the tiny experiment (fp32, 6 new tokens, batches of 4) via the CLI."""
+    from raypipe.cli import main
+
+    args = ["infer", "--root", str(root), "--experiment", "tiny", "--prompt-set", "tests/small"]
+    args += ["--dtype", "float32", "--max-new-tokens", "6", "--batch-size", "4"]
+    return main([*args, *(["--quiet"] if quiet else []), *extra])
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from raypipe.cli import main
-from tests.conftest import PROMPTS, TRAITS
+from tests.conftest import PROMPTS, TRAITS, infer
 
 RESPONSE_KEYS = {
     "prompt",
@@ -37,27 +36,6 @@ ENTRY_KEYS = {
     "normalized_prompt",
     "normalized_response",
 }
-
-
-def infer(root, *extra):
-    args = [
-        "infer",
-        "--root",
-        str(root),
-        "--experiment",
-        "tiny",
-        "--prompt-set",
-        "tests/small",
-        "--dtype",
-        "float32",
-        "--max-new-tokens",
-        "6",
-        "--batch-size",
-        "4",
-        "--quiet",
-        *extra,
-    ]
-    return main(args)
 
 
 def out_dir(root):

@@ -9,36 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from raypipe.cli import main
 from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
 from raypipe.options import ModelOptions
 from raypipe.pipeline import server
 from raypipe.pipeline.plan import plan_serve
+from tests import conftest
 from tests.conftest import TRAITS
 
 
 def infer(root, *extra):
-    return main(
-        [
-            "infer",
-            "--root",
-            str(root),
-            "--experiment",
-            "tiny",
-            "--prompt-set",
-            "tests/small",
-            "--dtype",
-            "float32",
-            "--max-new-tokens",
-            "6",
-            "--batch-size",
-            "4",
-            "--layers",
-            "1,2",
-            *extra,
-        ]
-    )
+    # Not quiet: the backend line is read from stderr.
+    return conftest.infer(root, "--layers", "1,2", *extra, quiet=False)
 
 
 def outputs(root) -> dict:
