@@ -4,11 +4,10 @@ one .pt per prompt) vs (b) output_hidden_states to the host, saving the same lay
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import emit, load, parser, sync, token_batches
+from common import Rounds, emit, load, parser, token_batches
 
 from raypipe.engine.capture import Capturer
 from raypipe.engine.hooks import decoder_stack, pad_right
@@ -36,46 +35,45 @@ def main() -> None:
     capturer = Capturer(model, layers, "residual", args.batch_tokens, pad)
     batches = [[seqs[i] for i in b] for b in capturer_batches(capturer, seqs)]
 
-    def ours(out: Path):
-        for i, acts in enumerate(capturer.capture(seqs)):
-            s = seqs[i]
-            end = len(s) // 2
+    # Both ways are functions of (output folder, batch index), timed batch by batch in turns.
+    def ours(out: Path, i: int):
+        b = batches[i]
+        for j, (s, acts) in enumerate(zip(b, capturer.capture(b))):
             rec = build_capture(
                 prompt_text="",
                 response_text="",
                 tokens=[""] * len(s),
                 token_ids=s,
-                prompt_end=end,
+                prompt_end=len(s) // 2,
                 activations=acts,
                 component="residual",
             )
-            write_capture(out / f"{i}.pt", rec)
+            write_capture(out / f"{i}-{j}.pt", rec)
 
     @torch.inference_mode()
-    def hidden_states(out: Path):
-        i = 0
-        for b in batches:
-            ids, mask = pad_right(b, pad, stack.embed_tokens.weight.device)
-            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            host = [h.float().cpu() for h in hs]  # the common way: everything to the host, fp32
-            for row, s in enumerate(b):
-                write_tensor(
-                    out / f"{i}.pt", {lay: host[lay + 1][row, : len(s)].clone() for lay in layers}
-                )
-                i += 1
+    def hidden_states(out: Path, i: int):
+        b = batches[i]
+        ids, mask = pad_right(b, pad, stack.embed_tokens.weight.device)
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        host = [h.float().cpu() for h in hs]  # the common way: everything to the host, fp32
+        for row, s in enumerate(b):
+            write_tensor(
+                out / f"{i}-{row}.pt", {lay: host[lay + 1][row, : len(s)].clone() for lay in layers}
+            )
 
-    def timed(fn) -> tuple[float, int]:
-        with tempfile.TemporaryDirectory() as tmp:
-            fn(Path(tmp))  # warm-up
-        with tempfile.TemporaryDirectory() as tmp:
-            sync(args.device)
-            t = time.perf_counter()
-            fn(Path(tmp))
-            sync(args.device)
-            return time.perf_counter() - t, folder_bytes(Path(tmp))
-
-    t_ours, b_ours = timed(ours)
-    t_hs, b_hs = timed(hidden_states)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"ours": Path(tmp, "ours"), "hs": Path(tmp, "hs")}
+        for d in dirs.values():
+            d.mkdir()
+        fns = {"ours": ours, "hs": hidden_states}
+        t = Rounds(
+            {k: (lambda f, d: lambda i: f(d, i))(fns[k], dirs[k]) for k in fns},
+            args.device,
+            args.repeats,
+            len(batches),
+        )
+        b_ours, b_hs = folder_bytes(dirs["ours"]), folder_bytes(dirs["hs"])
+    t_ours, t_hs = t.seconds("ours"), t.seconds("hs")
     print(
         f"device={args.device} dtype={args.dtype} prompts={len(seqs)} tokens={n_tokens} "
         f"layers={layers}"
@@ -91,7 +89,7 @@ def main() -> None:
     emit(
         {
             "device": args.device,
-            "capture_speedup_vs_hidden_states": round(t_hs / t_ours, 2),
+            "capture_speedup_vs_hidden_states": round(t.ratio("hs", "ours"), 2),
             "capture_bytes_per_token": round(b_ours / n_tokens),
             "hidden_states_bytes_per_token": round(b_hs / n_tokens),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -86,27 +87,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn, device: str, repeats: int) -> float:
-    """Fastest wall time of `repeats` runs after one warm-up (noise on a shared machine only
-    ever adds time, so the minimum is the steadiest estimate of the cost itself)."""
-    return timeit_interleaved({"fn": fn}, device, repeats)["fn"]
+class Rounds:
+    """Wall times of candidates timed side by side: `rounds` rounds, and within a round every
+    candidate runs each unit of work (a batch, say) right after the others did, in an order that
+    rotates. These VMs drift by up to 2x over tens of seconds (measured: a full pass took 3.4 s
+    in one round and 6.1 s two rounds earlier), so a ratio is only trusted where both sides ran
+    under the same conditions: each round gives one ratio, and a ratio is their median."""
 
+    def __init__(self, fns: dict, device: str, rounds: int, units: int = 1):
+        self.names = list(fns)
+        for name in self.names:  # warm-up: one pass over every unit
+            for i in range(units):
+                fns[name](i)
+        sync(device)
+        self.times: list[dict[str, float]] = []
+        n = len(self.names)
+        for r in range(rounds):
+            tot = dict.fromkeys(self.names, 0.0)
+            for i in range(units):
+                k = (r + i) % n
+                for name in self.names[k:] + self.names[:k]:
+                    t = time.perf_counter()
+                    fns[name](i)
+                    sync(device)
+                    tot[name] += time.perf_counter() - t
+            self.times.append(tot)
 
-def timeit_interleaved(fns: dict, device: str, repeats: int) -> dict:
-    """{name: fastest wall time}, the candidates taking turns in each of `repeats` rounds (after
-    one warm-up each), so a machine that speeds up or slows down mid-run skews none of them."""
-    for fn in fns.values():
-        fn()
-    sync(device)
-    times: dict = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-            t = time.perf_counter()
-            fns[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
+    def seconds(self, name) -> float:
+        """Median over rounds of the candidate's time for all units."""
+        return statistics.median(t[name] for t in self.times)
+
+    def ratio(self, a, b) -> float:
+        """Median over rounds of time(a) / time(b)."""
+        return statistics.median(t[a] / t[b] for t in self.times)
+
+    def spread(self, a, b) -> tuple[float, float]:
+        ratios = [t[a] / t[b] for t in self.times]
+        return min(ratios), max(ratios)
 
 
 def emit(result: dict) -> None:

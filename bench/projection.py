@@ -4,7 +4,7 @@ common ways (all hidden states to the host; batch size 1 with a host sync per ho
 from __future__ import annotations
 
 import torch
-from common import emit, load, parser, sync, timeit, timeit_interleaved, token_batches
+from common import Rounds, emit, load, parser, token_batches
 
 from raypipe.engine.hooks import decoder_stack, forward_hooks, pad_right
 from raypipe.engine.projector import Projector
@@ -17,7 +17,6 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=160)
     p.add_argument("--traits", type=int, default=6)
     p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--batch1-prompts", type=int, default=16, help="subset timed at batch size 1")
     args = p.parse_args()
     model, pad = load(args)
     stack = decoder_stack(model)
@@ -40,99 +39,105 @@ def main() -> None:
     batches = [[seqs[i] for i in b] for b in projector._batches([len(s) for s in seqs])]
     padded = [pad_right(b, pad, stack.embed_tokens.weight.device) for b in batches]
 
+    # Every candidate is a function of a batch index: within a round they take turns batch by
+    # batch (see common.Rounds), so the machine's drift hits all of them alike.
     @torch.inference_mode()
-    def bare():
-        for ids, mask in padded:
-            stack(input_ids=ids, attention_mask=mask, use_cache=False)
+    def bare(i):
+        ids, mask = padded[i]
+        stack(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    @torch.inference_mode()
-    def hidden_states_to_host():
-        units = {lay: (v / v.norm()).float() for lay, v in vectors}
-        for (ids, mask), b in zip(padded, batches):
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            host = [h.float().cpu() for h in out.hidden_states]  # every layer leaves the device
-            for row, s in enumerate(b):
-                for lay, _ in vectors:
-                    (host[lay + 1][row, : len(s)] @ units[lay]).tolist()
-
-    sub = seqs[: args.batch1_prompts]
+    units = {lay: (v / v.norm()).float() for lay, v in vectors}
 
     @torch.inference_mode()
-    def batch1_sync_per_layer():
-        units = {lay: (v / v.norm()).float() for lay, v in vectors}
-        layers = stack.layers
+    def hidden_states_to_host(i):
+        ids, mask = padded[i]
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        host = [h.float().cpu() for h in out.hidden_states]  # every layer leaves the device
+        for row, s in enumerate(batches[i]):
+            for lay, _ in vectors:
+                (host[lay + 1][row, : len(s)] @ units[lay]).tolist()
 
-        def hook_for(layer):
-            def hook(module, a, out):
-                h = (out[0] if isinstance(out, tuple) else out)[0].float().cpu()  # sync here
-                for lay, _ in vectors:
-                    if lay == layer:
-                        (h @ units[lay]).tolist()
+    def batch1_hook(layer):
+        def hook(module, a, out):
+            h = (out[0] if isinstance(out, tuple) else out)[0].float().cpu()  # sync here
+            for lay, _ in vectors:
+                if lay == layer:
+                    (h @ units[lay]).tolist()
 
-            return hook
+        return hook
 
-        with forward_hooks([(layers[lay], hook_for(lay)) for lay in hooked]):
-            for s in sub:
+    @torch.inference_mode()
+    def batch1_sync_per_layer(i):
+        with forward_hooks([(stack.layers[lay], batch1_hook(lay)) for lay in hooked]):
+            for s in batches[i]:  # the same prompts, one at a time, through the full model
                 model(input_ids=torch.tensor([s], device=stack.embed_tokens.weight.device))
 
     def run(pj):
-        return lambda: pj.project(seqs)
+        return lambda i: pj.project(batches[i])
 
-    r = args.repeats
-    t = timeit_interleaved(
+    r, nb = args.repeats, len(batches)
+    t = Rounds(
         {
             "bare": bare,
             "proj": run(projector),
             "hooks_full": run(full_hooks),
             "hs": hidden_states_to_host,
+            "b1": batch1_sync_per_layer,
         },
         dev,
         r,
+        nb,
     )
-    t_bare, t_proj, t_hooks_full, t_hs = t["bare"], t["proj"], t["hooks_full"], t["hs"]
-    t_b1 = timeit(batch1_sync_per_layer, dev, max(1, r // 2)) * len(seqs) / len(sub)
 
     # Early stop: the projector with its top hooked layer at k, against the same projector
-    # hooked at the last layer (the whole stack), taking turns. Embedding cost makes small k a
-    # bit slower than (k+1)/n.
+    # hooked at the last layer (the whole stack). Embedding cost makes small k a bit slower
+    # than (k+1)/n.
     def at(k):
         pk = Projector(model, [(k, vectors[0][1])], max_batch_tokens=args.batch_tokens, pad_id=pad)
         return run(pk)
 
     ks = sorted({n_layers // 4, n_layers // 2, (3 * n_layers) // 4})
-    t_at = timeit_interleaved({k: at(k) for k in [n_layers - 1, *ks]}, dev, r)
-    t_full = t_at[n_layers - 1]
+    t_at = Rounds({k: at(k) for k in [n_layers - 1, *ks]}, dev, r, nb)
     errors = {}
     for k in ks:
         expected = (k + 1) / n_layers
-        errors[k] = (t_at[k] / t_full - expected) / expected
-    sync(dev)
-    tok = lambda t: f"{n_tokens / t:>10,.0f} tok/s"  # noqa: E731
+        errors[k] = (t_at.ratio(k, n_layers - 1) - expected) / expected
+    secs = {name: t.seconds(name) for name in t.names}
+    tok = lambda name: f"{secs[name]:8.3f} s {n_tokens / secs[name]:>10,.0f} tok/s"  # noqa: E731
+
+    def vs(a, b):
+        lo, hi = t.spread(a, b)
+        return f"{a}/{b} {t.ratio(a, b):.3f} (rounds {lo:.3f}-{hi:.3f})"
+
     print(
         f"device={dev} shape={'random ' + args.shape if args.random_weights else 'embedded'} "
-        f"dtype={args.dtype} prompts={len(seqs)} tokens={n_tokens} layers={n_layers} "
-        f"hooked={hooked} vectors={len(vectors)}"
+        f"dtype={args.dtype} prompts={len(seqs)} tokens={n_tokens} batches={nb} "
+        f"layers={n_layers} hooked={hooked} vectors={len(vectors)} rounds={r} (median of rounds)"
     )
-    print(f"  bare forward (decoder stack, all layers)      {t_bare:8.3f} s {tok(t_bare)}")
     top = hooked[-1]
-    print(f"  raypipe projector (early stop at {top:>2})         {t_proj:8.3f} s {tok(t_proj)}")
+    print(f"  bare forward (decoder stack, all layers)     {tok('bare')}")
     print(
-        f"  raypipe projector, no early stop              {t_hooks_full:8.3f} s {tok(t_hooks_full)}"
+        f"  raypipe projector (early stop at {top:>2})        {tok('proj')}  {vs('proj', 'bare')}"
     )
-    print(f"  output_hidden_states -> host, project there   {t_hs:8.3f} s {tok(t_hs)}")
     print(
-        f"  batch 1 + lm_head + host sync per layer       {t_b1:8.3f} s {tok(t_b1)} "
-        f"(timed on {len(sub)} prompts, scaled)"
+        f"  raypipe projector, no early stop             {tok('hooks_full')}  "
+        f"{vs('hooks_full', 'bare')}"
     )
+    print(f"  output_hidden_states -> host, project there  {tok('hs')}  {vs('hs', 'proj')}")
+    print(f"  batch 1 + lm_head + host sync per layer      {tok('b1')}  {vs('b1', 'proj')}")
     for k, e in errors.items():
-        print(f"  early stop at layer {k:>2}: {e:+.1%} off (k+1)/n of the full stack")
+        lo, hi = t_at.spread(k, n_layers - 1)
+        print(
+            f"  early stop at layer {k:>2}: {e:+.1%} off (k+1)/n of the full stack "
+            f"(rounds {lo:.3f}-{hi:.3f}, expected {(k + 1) / n_layers:.3f})"
+        )
     emit(
         {
             "device": dev,
-            "overhead_vs_forward": round(t_hooks_full / t_bare, 4),
-            "projector_vs_forward": round(t_proj / t_bare, 4),
-            "speedup_vs_batch1": round(t_b1 / t_proj, 2),
-            "speedup_vs_hidden_states": round(t_hs / t_proj, 2),
+            "overhead_vs_forward": round(t.ratio("hooks_full", "bare"), 4),
+            "projector_vs_forward": round(t.ratio("proj", "bare"), 4),
+            "speedup_vs_batch1": round(t.ratio("b1", "proj"), 2),
+            "speedup_vs_hidden_states": round(t.ratio("hs", "proj"), 2),
             "early_stop_error": round(max(abs(e) for e in errors.values()), 4),
         }
     )
