@@ -35,7 +35,7 @@ class GenerationOptions:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1:
             raise InputError("--batch-size", "batch_size", "must be at least 1")
         if not 0 <= self.max_padding <= 1:
-            raise InputError("--max-padding", "max_padding", "must be in [0, 1]")
+            raise InputError("GenerationOptions", "max_padding", "must be in [0, 1]")
 
 
 def uses_chat_template(tokenizer, configured: bool | None) -> bool:

@@ -11,13 +11,12 @@ from raypipe.errors import InputError
 from raypipe.options import RunOptions
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.stages import (
+    MODEL_STAGES,
     CalibrationTarget,
     CaptureSink,
-    CaptureStage,
     FusedStage,
     GenerateStage,
     ProjectionSink,
-    ProjectStage,
     ResponseSource,
     write_projections,
     write_responses,
@@ -268,11 +267,10 @@ def _execute(
         backend=run.backend if run.backend == "vllm" else "local",
         tensor_parallel_size=run.tensor_parallel_size,
     )
-    then = None  # (kind, stage class, kwargs) of the model stage after generation
+    then = None  # (kind in MODEL_STAGES, kwargs) of the model stage after generation
     if project and mode == "capture":
         then = (
             "capture",
-            CaptureStage,
             dict(
                 spec=plan.model.spec,
                 layers=sorted({v.layer for v in plan.vectors}),
@@ -295,7 +293,6 @@ def _execute(
             )
         then = (
             "project",
-            ProjectStage,
             dict(
                 spec=plan.model.spec,
                 vectors=[(v.layer, v.vector) for v in plan.vectors],
@@ -312,7 +309,7 @@ def _execute(
         # HF generation and the prefill on one model in one actor per replica: the prefill
         # costs a few percent of generation, so a second actor would only contend for the same
         # device (or ask for a second GPU) and hold a second copy of the model.
-        kind, _, then_kwargs = then
+        kind, then_kwargs = then
         ds = _map_stage(
             ds,
             FusedStage,
@@ -341,8 +338,8 @@ def _execute(
             write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
         )
         if then is not None:
-            kind, stage, stage_kwargs = then
-            stage_cpus, stage_gpus = cpus, gpu
+            kind, stage_kwargs = then
+            stage, stage_cpus, stage_gpus = MODEL_STAGES[kind], cpus, gpu
             if kind == "project" and run.tp > 1:
                 from raypipe.pipeline.tp_stage import TPProjectStage
 
