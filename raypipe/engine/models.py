@@ -188,6 +188,10 @@ def load_model(spec: ModelSpec, **kwargs):
 
     path = resolve_model_path(spec.model, spec.cache_dir)
     device = pick_device(spec.device)
+    if device == "cpu":
+        from raypipe.engine.hostmem import tune_host_allocator
+
+        tune_host_allocator()  # bit-identical results, faster passes (see hostmem)
     # Ray sets CUDA_VISIBLE_DEVICES to an actor's GPUs, so this counts what it was given.
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     args = dict(dtype=pick_dtype(spec.dtype), **kwargs)
