@@ -56,6 +56,11 @@ def load(args):
     if args.random_weights:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from raypipe.engine.hostmem import tune_host_allocator
+
+        if args.device == "cpu":
+            tune_host_allocator()  # as load_model does for raypipe (off: RAYPIPE_MALLOC_TUNING=0)
+
         cfg = LlamaConfig(**SHAPES[args.shape], pad_token_id=0)
         torch.manual_seed(0)
         old = torch.get_default_dtype()
@@ -124,6 +129,66 @@ class Rounds:
     def spread(self, a, b) -> tuple[float, float]:
         ratios = [t[a] / t[b] for t in self.times]
         return min(ratios), max(ratios)
+
+
+class Elsewhere:
+    """Candidates that run in a second process, started fresh (spawn) with `env` added, and are
+    called from this one batch by batch: `build(args)` there returns {name: fn(unit)}, and
+    `self[name]` here is a function of a unit that runs it there and waits, so it can take its
+    turn in `Rounds` beside local candidates. Used to time the common ways as a user's own
+    script runs them: without raypipe's allocator settings (RAYPIPE_MALLOC_TUNING=0)."""
+
+    def __init__(self, build, args, env: dict[str, str]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a fork would inherit this process's malloc settings
+        self.conn, theirs = ctx.Pipe()
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.proc = ctx.Process(target=_serve, args=(build, args, theirs), daemon=True)
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.names = self._reply()  # sent once the model is loaded
+
+    def _call(self, msg):
+        self.conn.send(msg)
+        return self._reply()
+
+    def _reply(self):
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"benchmark process failed: {value}")
+        return value
+
+    def __getitem__(self, name):
+        return lambda unit: self._call((name, unit))
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join(timeout=60)
+
+
+def _serve(build, args, conn) -> None:
+    try:
+        fns = build(args)
+    except Exception as e:  # report, so the parent does not wait forever
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", list(fns)))
+    while (msg := conn.recv()) != "stop":
+        name, unit = msg
+        try:
+            value = fns[name](unit)
+            sync(args.device)
+            conn.send(("ok", value))
+        except Exception as e:
+            conn.send(("error", f"{name}: {type(e).__name__}: {e}"))
 
 
 def emit(result: dict) -> None:
