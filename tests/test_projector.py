@@ -97,3 +97,31 @@ def test_normalize_modes():
     np.testing.assert_allclose(normalize_projections(raw, norms, "cosine"), [0.5, -0.5, 0.0])
     with pytest.raises(ValueError):
         normalize_projections(raw, norms, "bogus")
+
+
+def test_right_padding_drops_the_mask_and_keeps_the_scores(setup):
+    from raypipe.engine.hooks import decoder_stack, hooked_prefill, pad_right, right_padded
+
+    model, _, _ = setup
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (3, 30, 11)]
+    ids, mask = pad_right(seqs, 0, "cpu")  # mostly padding in two of three rows
+    seen = []
+    stack = decoder_stack(model)
+    handle = stack.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True
+    )
+    try:
+        got = hooked_prefill(model, ids, mask, [1, 2], "residual", lambda layer, h: h.clone())
+        left = torch.flip(mask, dims=[1])  # left padding: the mask must stay
+        hooked_prefill(model, torch.flip(ids, dims=[1]), left, [1], "residual", lambda *a: None)
+    finally:
+        handle.remove()
+    assert seen[0] is None and seen[1] is left
+    assert right_padded(mask) and not right_padded(left) and not right_padded(None)
+    assert not right_padded(torch.tensor([[1, 0, 1]]))
+    for row, seq in enumerate(seqs):
+        with torch.no_grad():
+            ref = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+        for layer in (1, 2):
+            torch.testing.assert_close(got[layer][row, : len(seq)], ref[layer + 1][0])
