@@ -155,8 +155,9 @@ def hooked_prefill(
     top = max(layers)
     if right_padded(attention_mask):
         # Under causal attention real tokens never see the pads after them, so the mask changes
-        # nothing they compute (bit-identical); without it SDPA takes its causal path, 1.04x as
-        # fast on the CPU here. Left padding or holes keep their mask.
+        # nothing they compute; without it SDPA takes its causal path, 1.04x as fast on the CPU
+        # here, bit-identical there (a GPU may pick another kernel, which rounds differently at
+        # the bf16 level, as a different batch width can). Left padding or holes keep the mask.
         attention_mask = None
     sink: dict[int, Any] = {}
     hooks = [
