@@ -28,6 +28,11 @@ def arguments():
         action="store_true",
         help="run the common ways in this process too (with raypipe's allocator settings)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the projector with --compile-prefill (torch.compile'd decoder blocks)",
+    )
     args = p.parse_args()
     # The allocator settings only touch host memory; on a GPU a second copy of the model would
     # only cost device memory.
@@ -117,11 +122,16 @@ def main() -> None:
         return lambda i: pj.project(batches[i])
 
     r, nb = args.repeats, len(batches)
+    compiled = {}
+    if args.compile:  # compiled in Rounds' warm-up pass (one-off, about 15 s on the CPU)
+        pc = Projector(model, vectors, max_batch_tokens=args.batch_tokens, pad_id=pad, compile=True)
+        compiled = {"proj_compiled": run(pc)}
     t = Rounds(
         {
             "bare": bare,
             "proj": run(projector),
             "hooks_full": run(full_hooks),
+            **compiled,
             **common,
         },
         dev,
@@ -170,6 +180,11 @@ def main() -> None:
         f"  raypipe projector, no early stop             {tok('hooks_full')}  "
         f"{vs('hooks_full', 'bare')}"
     )
+    if compiled:
+        print(
+            f"  projector, --compile-prefill                 {tok('proj_compiled')}  "
+            f"{vs('proj_compiled', 'proj')}"
+        )
     print(f"  output_hidden_states -> host, project there  {tok('hs')}  {vs('hs', 'proj')}")
     print(f"  batch 1 + lm_head + host sync per layer      {tok('b1')}  {vs('b1', 'proj')}")
     for k, e in errors.items():
@@ -187,6 +202,15 @@ def main() -> None:
             "speedup_vs_batch1": round(t.ratio("b1", "proj"), 2),
             "speedup_vs_hidden_states": round(t.ratio("hs", "proj"), 2),
             "early_stop_error": round(max(abs(e) for e in errors.values()), 4),
+            **(
+                {
+                    "compiled_vs_projector": round(t.ratio("proj_compiled", "proj"), 3),
+                    "speedup_vs_batch1_compiled": round(t.ratio("b1", "proj_compiled"), 2),
+                    "speedup_vs_hidden_states_compiled": round(t.ratio("hs", "proj_compiled"), 2),
+                }
+                if compiled
+                else {}
+            ),
         }
     )
 

@@ -47,10 +47,17 @@ class ProjectionOptions:
     remove_massive_dims: bool = False
     max_batch_tokens: int = 16384
     early_stop: bool = True
+    # torch.compile the decoder blocks for the prefill (engine.hooks.compiled_blocks).
+    compile_prefill: bool = False
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
             raise InputError("--component", "component", f"must be one of {COMPONENTS}")
+        if self.compile_prefill and self.component != "residual":
+            # The attention-output hook would sit inside the compiled block.
+            raise InputError(
+                "--compile-prefill", "compile_prefill", "works with --component residual only"
+            )
         if self.traits is not None:
             for t in self.traits:
                 check_relpath(t, "--traits", "traits", parts=2)
@@ -116,3 +123,7 @@ class InferOptions:
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     projection: ProjectionOptions = field(default_factory=ProjectionOptions)
     run: RunOptions = field(default_factory=RunOptions)
+
+    def __post_init__(self):
+        if self.projection.compile_prefill and self.run.tp > 1:
+            raise InputError("--compile-prefill", "compile_prefill", "does not combine with --tp")

@@ -435,6 +435,22 @@ GENERATED_CASES = [
     ),
     # numeric and choice flags validated by the option objects
     Case(
+        "flags/compile_prefill_with_attn_contribution",
+        "--compile-prefill",
+        "compile_prefill",
+        flags={"--component": "attn_contribution"},
+        switches=("--compile-prefill",),
+        message="residual",
+    ),
+    Case(
+        "flags/compile_prefill_with_tp",
+        "--compile-prefill",
+        "compile_prefill",
+        flags={"--tp": "2"},
+        switches=("--compile-prefill",),
+        message="--tp",
+    ),
+    Case(
         "flags/max_new_tokens_negative",
         "--max-new-tokens",
         "max_new_tokens",

@@ -172,6 +172,11 @@ def test_stages_run_without_a_cluster(tiny_root, tiny_model_dir):
     assert len(scored["scores"][0]) == len(out["token_ids"][0])
     with pytest.raises(Exception, match="missing columns"):
         proj(batch.drop(columns=["project"]))
+    compiled = ProjectStage(spec, [(1, [1.0] * 64)], "residual", None, 1024, compile_prefill=True)
+    again = compiled(out)
+    assert hasattr(compiled.projector.model, "_raypipe_compiled_blocks")
+    for x, y in zip(scored["scores"], again["scores"]):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_stage_projects_all_but_the_failed_row(tiny_root, tiny_model_dir):
@@ -222,3 +227,18 @@ def test_fused_stage_projects_all_but_the_failed_row(tiny_root, tiny_model_dir):
     assert lengths[:3] == [len(t) for t in out["token_ids"][:3]] and lengths[3] is None
     written = sorted(p.stem for p in source.paths.responses_dir("base", "s").glob("*.json"))
     assert written == ["a", "b", "c"]  # responses are on disk before the projection
+
+
+def test_compile_prefill_gives_the_same_scores(ray_session, tiny_root):
+    assert infer(tiny_root, "--layers", "1,2", "--traits", "tone/beta") == 0
+    f = out_dir(tiny_root) / "projections" / "tone/beta" / "tests" / "small" / "0.json"
+    eager = json.loads(f.read_text())["projections"]
+    # Same responses (not regenerated), projected again through compiled decoder blocks.
+    args = ("--layers", "1,2", "--traits", "tone/beta", "--force", "--compile-prefill")
+    assert infer(tiny_root, *args) == 0
+    compiled = json.loads(f.read_text())["projections"]
+    assert [e["layer"] for e in compiled] == [e["layer"] for e in eager] == [1, 2]
+    for a, b in zip(eager, compiled):
+        for x, y in ((a, b), (a["token_norms"], b["token_norms"])):
+            for part in ("prompt", "response"):
+                np.testing.assert_allclose(y[part], x[part], rtol=1e-4, atol=1e-5)

@@ -125,3 +125,37 @@ def test_right_padding_drops_the_mask_and_keeps_the_scores(setup):
             ref = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
         for layer in (1, 2):
             torch.testing.assert_close(got[layer][row, : len(seq)], ref[layer + 1][0])
+
+
+def test_compiled_prefill_matches_eager_and_leaves_the_blocks_eager(setup):
+    from raypipe.engine.capture import Capturer
+    from raypipe.engine.hooks import decoder_layers
+
+    model, seqs, vectors = setup
+    eager = Projector(model, vectors).project(seqs)
+    compiled = Projector(model, vectors, compile=True).project(seqs)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.norms, a.norms, rtol=1e-4, atol=1e-5)
+    acts = Capturer(model, [1, 2], compile=True).capture(seqs[:3])
+    ref = Capturer(model, [1, 2]).capture(seqs[:3])
+    for a, b in zip(ref, acts):
+        for layer in (1, 2):
+            torch.testing.assert_close(b[layer], a[layer], rtol=1e-4, atol=1e-5)
+    # Compiled once per model, and only inside the prefill: generation stays eager.
+    assert len(model._raypipe_compiled_blocks) == len(decoder_layers(model))
+    assert all("forward" not in vars(block) for block in decoder_layers(model))
+
+
+def test_compiled_prefill_refuses_wrapped_blocks(setup):
+    from raypipe.engine.hooks import decoder_layers
+    from raypipe.errors import RaypipeError
+
+    model, seqs, vectors = setup
+    block = decoder_layers(model)[0]
+    block.forward = block.forward  # what accelerate's hooks do to a dispatched block
+    try:
+        with pytest.raises(RaypipeError, match="compile-prefill"):
+            Projector(model, vectors, compile=True).project(seqs[:1])
+    finally:
+        del block.forward

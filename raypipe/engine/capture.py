@@ -21,6 +21,7 @@ class Capturer:
         component: str = "residual",
         max_batch_tokens: int = 16384,
         pad_id: int = 0,
+        compile: bool = False,  # torch.compile the decoder blocks for the prefill (see hooks)
     ):
         if component not in COMPONENTS:
             raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
@@ -37,6 +38,7 @@ class Capturer:
         self.component = component
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = pad_id
+        self.compile = compile
         # Input ids only: _to_host copies each layer from wherever a split model ran it.
         self.device = model_device(model)
 
@@ -60,7 +62,14 @@ class Capturer:
     def _capture_batch(self, seqs: list[list[int]]) -> list[dict[int, torch.Tensor]]:
         ids, mask = pad_right(seqs, self.pad_id, self.device)  # (B, T), (B, T)
         got = hooked_prefill(
-            self.model, ids, mask, self.layers, self.component, self._to_host, early_stop=True
+            self.model,
+            ids,
+            mask,
+            self.layers,
+            self.component,
+            self._to_host,
+            early_stop=True,
+            compile=self.compile,
         )  # {layer: (B, T, D) on CPU}
         # clone(): a slice is a view of the whole batch, and torch.save would write all of it.
         return [

@@ -38,6 +38,7 @@ class Projector:
         early_stop: bool = True,
         max_batch_tokens: int = 16384,
         pad_id: int = 0,
+        compile: bool = False,  # torch.compile the decoder blocks for the prefill (see hooks)
     ):
         if not vectors:
             raise ValueError("Projector needs at least one vector")
@@ -46,6 +47,7 @@ class Projector:
         self.early_stop = early_stop
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = pad_id
+        self.compile = compile
         self.device = model_device(model)  # where input ids go
         self.layers = sorted({layer for layer, _ in vectors})
         self.n = len(vectors)
@@ -112,7 +114,14 @@ class Projector:
     def _project_batch(self, seqs: list[list[int]]) -> list[SequenceScores]:
         ids, mask = pad_right(seqs, self.pad_id, self.device)
         got = hooked_prefill(
-            self.model, ids, mask, self.layers, self.component, self._on_layer, self.early_stop
+            self.model,
+            ids,
+            mask,
+            self.layers,
+            self.component,
+            self._on_layer,
+            self.early_stop,
+            compile=self.compile,
         )
         parts = [
             _gather(kind, self.out_device) for kind in zip(*(got[layer] for layer in self.layers))

@@ -275,6 +275,7 @@ def _execute(
                 spec=plan.model.spec,
                 layers=sorted({v.layer for v in plan.vectors}),
                 max_batch_tokens=opts.projection.max_batch_tokens,
+                compile_prefill=opts.projection.compile_prefill,
                 sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
                 threads=run.threads,
             ),
@@ -302,6 +303,7 @@ def _execute(
                 early_stop=opts.projection.early_stop,
                 threads=run.threads,
                 calibration=calibration,
+                compile_prefill=opts.projection.compile_prefill,
             ),
         )
     ds = ray.data.from_items(rows)

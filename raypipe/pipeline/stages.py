@@ -248,6 +248,7 @@ class ProjectStage:
         threads: int | None = None,
         calibration: CalibrationTarget | None = None,
         loaded: tuple | None = None,
+        compile_prefill: bool = False,
     ):
         from raypipe.engine.models import load_model
         from raypipe.engine.projector import Projector
@@ -264,6 +265,7 @@ class ProjectStage:
             early_stop=early_stop,
             max_batch_tokens=max_batch_tokens,
             pad_id=tok.pad_token_id or 0,
+            compile=compile_prefill,
         )
         self.early_stop = early_stop
         self.claim = claim_calibration(calibration)  # held while this stage lives
@@ -382,6 +384,7 @@ class CaptureStage:
         sink: CaptureSink,
         threads: int | None = None,
         loaded: tuple | None = None,
+        compile_prefill: bool = False,
     ):
         from raypipe.engine.capture import Capturer
         from raypipe.engine.models import load_model
@@ -392,7 +395,12 @@ class CaptureStage:
         model, tok = loaded
         self.sink = sink
         self.capturer = Capturer(
-            model, layers, sink.component, max_batch_tokens, tok.pad_token_id or 0
+            model,
+            layers,
+            sink.component,
+            max_batch_tokens,
+            tok.pad_token_id or 0,
+            compile=compile_prefill,
         )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

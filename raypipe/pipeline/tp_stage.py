@@ -67,9 +67,12 @@ class TPProjectStage:
         tp: int = 2,
         gpus_per_rank: float | None = None,
         ready_timeout_s: float = 600.0,
+        compile_prefill: bool = False,
     ):
         if tp < 1:
             raise RaypipeError(f"stage project: tp must be at least 1, got {tp}")
+        if compile_prefill:  # InferOptions refuses the pair first; a DTensor block is not tested
+            raise RaypipeError("stage project: --compile-prefill does not combine with --tp")
         self.tp = tp
         self.gpus_per_rank = gpus_per_rank
         self.ready_timeout_s = ready_timeout_s
