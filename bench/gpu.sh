@@ -6,7 +6,7 @@ OUT=${OUT:-bench-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 120 python gpu_check.py 2>&1 | tee "$OUT/check.log"
+timeout 180 python gpu_check.py 2>&1 | tee "$OUT/check.log"
 timeout 300 python projection.py --device cuda --random-weights --shape llama-3.1-8b \
   --prompts 256 --min-len 200 --max-len 600 --batch-tokens 32768 \
   --repeats 3 2>&1 | grep -v "Loading weights" | tee "$OUT/projection.log"
