@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from raypipe.engine.hooks import cpp_compiler
 from raypipe.engine.projector import Projector, normalize_projections
 from tests.tiny import tiny_llama
 
@@ -127,6 +128,7 @@ def test_right_padding_drops_the_mask_and_keeps_the_scores(setup):
             torch.testing.assert_close(got[layer][row, : len(seq)], ref[layer + 1][0])
 
 
+@pytest.mark.skipif(not cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_prefill_matches_eager_and_leaves_the_blocks_eager(setup):
     from raypipe.engine.capture import Capturer
     from raypipe.engine.hooks import decoder_layers
@@ -159,3 +161,12 @@ def test_compiled_prefill_refuses_wrapped_blocks(setup):
             Projector(model, vectors, compile=True).project(seqs[:1])
     finally:
         del block.forward
+
+
+def test_compiled_prefill_without_a_compiler_says_so(monkeypatch):
+    from raypipe.engine import hooks
+    from raypipe.errors import RaypipeError
+
+    monkeypatch.setattr(hooks, "cpp_compiler", lambda: None)
+    with pytest.raises(RaypipeError, match="needs a C\\+\\+ compiler"):
+        Projector(tiny_llama(layers=2), [(0, [1.0] * 64)], compile=True).project([[3, 4, 5]])

@@ -96,6 +96,10 @@ def compiled_blocks(model: nn.Module) -> Iterator[None]:
         )
     fns = getattr(model, "_raypipe_compiled_blocks", None)
     if fns is None:
+        if model_device(model).type == "cpu" and not cpp_compiler():
+            raise RaypipeError(
+                "--compile-prefill on the CPU needs a C++ compiler (g++, clang++ or $CXX)"
+            )
         fns = [torch.compile(b.forward, dynamic=True) for b in blocks]
         model._raypipe_compiled_blocks = fns
     for b, fn in zip(blocks, fns):
@@ -105,6 +109,17 @@ def compiled_blocks(model: nn.Module) -> Iterator[None]:
     finally:
         for b in blocks:
             vars(b).pop("forward", None)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would call, if there is one."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
