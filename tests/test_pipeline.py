@@ -247,3 +247,27 @@ def test_compile_prefill_gives_the_same_scores(ray_session, tiny_root):
         for x, y in ((a, b), (a["token_norms"], b["token_norms"])):
             for part in ("prompt", "response"):
                 np.testing.assert_allclose(y[part], x[part], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("env, expected", [(None, "local"), ("127.0.0.1:6379", None)])
+def test_a_local_run_starts_its_own_ray(monkeypatch, env, expected):
+    """Without --address, ray.init() would join the latest `ray start` cluster on the machine;
+    a local run asks for a Ray of its own, on loopback ($RAY_ADDRESS still wins)."""
+    import ray
+
+    from raypipe.options import RunOptions
+    from raypipe.pipeline import job
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(job, "_configure_data", lambda run: None)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert job.start_ray(RunOptions()) is True
+    assert calls[0]["address"] == expected and calls[0]["_node_ip_address"] == "127.0.0.1"
+    calls.clear()
+    job.start_ray(RunOptions(address="ray://head:10001"))
+    assert calls[0]["address"] == "ray://head:10001"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,8 +59,12 @@ def start_ray(run: RunOptions) -> bool:
     elif run.backend == "auto" and _join_local_cluster(kwargs):
         pass  # a model server lives on a running cluster: this machine's, when there is one
     else:
-        # Loopback only: a local run never listens on, or talks to, any other address.
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # Loopback only: a local run never listens on, or talks to, any other address. Left to
+        # itself, ray.init() joins the latest `ray start` cluster on this machine (whatever it
+        # binds to, with its own workers and resources); "local" starts this run's own Ray.
+        # $RAY_ADDRESS, when set, still names a cluster to join.
+        address = None if os.environ.get("RAY_ADDRESS") else "local"
+        ray.init(address=address, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     _configure_data(run)
     return True
 
