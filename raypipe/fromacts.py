@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raypipe.engine.projector import layer_scores
 from raypipe.errors import InputError, RaypipeError
 from raypipe.store.captures import read_capture
 from raypipe.store.outputs import VectorInfo, projection_entry, projection_record, write_projection
@@ -93,16 +94,12 @@ def _score(
         if dims is not None and int(dims.max()) >= hf.shape[1]:
             raise ValueError(f"massive dim {int(dims.max())} >= hidden size {hf.shape[1]}")
         vec = (mat / mat.norm(dim=1, keepdim=True)).T.contiguous()  # (D, K) unit columns
-        sc = hf @ vec  # (T, K)
-        sq = torch.linalg.vector_norm(hf, dim=-1).square()  # (T,)
-        scores[rows] = sc.T.numpy()
-        norms[rows] = sq.clamp_min(0).sqrt().numpy()
+        parts = layer_scores(hf, vec, dims)  # (T, K), (T,)[, (T, K), (T,)]
+        scores[rows] = parts[0].T.numpy()
+        norms[rows] = parts[1].clamp_min(0).sqrt().numpy()
         if dims is not None:
-            hm = hf.index_select(-1, dims)  # (T, M)
-            cs = sc - hm @ vec.index_select(0, dims)  # (T, K)
-            cn = (sq - torch.linalg.vector_norm(hm, dim=-1).square()).clamp_min(0).sqrt()  # (T,)
-            cleaned[0][rows] = cs.T.numpy()
-            cleaned[1][rows] = cn.numpy()
+            cleaned[0][rows] = parts[2].T.numpy()
+            cleaned[1][rows] = parts[3].clamp_min(0).sqrt().numpy()
     out = _Scores(scores, norms)
     if cleaned is not None:
         out.cleaned_scores, out.cleaned_norms = cleaned

@@ -85,20 +85,7 @@ class Projector:
         hf = h.float()
         if hf.device != self.layer_device[layer]:
             self._rehome(layer, hf.device)
-        vec = self.bank[layer]  # (D, K)
-        scores = hf @ vec  # (B, T, K)
-        # vector_norm reduces in one pass; (hf * hf).sum(-1) took 9x as long on CPU and cost a
-        # third of a 135M model's layer per hooked layer.
-        sq = torch.linalg.vector_norm(hf, dim=-1).square()  # (B, T)
-        out = [scores, sq]
-        if self.dims is not None:
-            dims = self.dims[layer]  # (M,)
-            hm = hf.index_select(-1, dims)  # (B, T, M)
-            out += [
-                scores - hm @ vec.index_select(0, dims),
-                sq - torch.linalg.vector_norm(hm, dim=-1).square(),
-            ]
-        return out
+        return layer_scores(hf, self.bank[layer], None if self.dims is None else self.dims[layer])
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         return plan_batches(lengths, self.max_batch_tokens)
@@ -147,6 +134,28 @@ class Projector:
                 res.cleaned_norms = np.ascontiguousarray(cleaned[1][b, :n][:, rows].T)
             results.append(res)
         return results
+
+
+def layer_scores(
+    hf: torch.Tensor,  # (..., D) fp32 states
+    vec: torch.Tensor,  # (D, K) unit columns
+    dims: torch.Tensor | None = None,  # (M,) massive dims
+) -> list[torch.Tensor]:
+    """[scores (..., K), squared norms (...)], and with `dims` the same two with those dims
+    removed: the one place the projection math lives (the projector, and fromacts for saved
+    activations, so stream-through and re-projection agree)."""
+    scores = hf @ vec
+    # vector_norm reduces in one pass; (hf * hf).sum(-1) took 9x as long on CPU and cost a
+    # third of a 135M model's layer per hooked layer.
+    sq = torch.linalg.vector_norm(hf, dim=-1).square()
+    out = [scores, sq]
+    if dims is not None:
+        hm = hf.index_select(-1, dims)  # (..., M)
+        out += [
+            scores - hm @ vec.index_select(0, dims),
+            sq - torch.linalg.vector_norm(hm, dim=-1).square(),
+        ]
+    return out
 
 
 def _gather(tensors: tuple[torch.Tensor, ...], device: torch.device) -> list[torch.Tensor]:
