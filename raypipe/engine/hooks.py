@@ -117,8 +117,8 @@ def cpp_compiler() -> str | None:
     import shutil
 
     for name in (os.environ.get("CXX"), "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        if name and (path := shutil.which(name)):
+            return path
     return None
 
 
