@@ -134,6 +134,27 @@ def test_rerun_skips_and_force_rewrites(ray_session, tiny_root):
     assert all(json.loads(after2[k])["projections"][0]["layer"] == 2 for k in proj)
 
 
+def test_a_rerun_with_the_same_settings_is_identical(ray_session, tiny_root):
+    """Generation and scores depend only on the inputs and settings (bf16 included), not on
+    how Ray schedules the batches: re-running gives the same tokens and the same scores."""
+
+    def results():
+        out = out_dir(tiny_root)
+        got = {}
+        for f in sorted(out.glob("responses/tests/small/*.json")):
+            got[f.name] = json.loads(f.read_text())["token_ids"]
+        for f in sorted(out.glob("projections/*/*/tests/small/*.json")):
+            got[str(f.relative_to(out))] = json.loads(f.read_text())["projections"]
+        return got
+
+    args = ("--layers", "1,2", "--dtype", "bfloat16", "--batch-size", "3")
+    assert infer(tiny_root, *args) == 0
+    first = results()
+    assert infer(tiny_root, *args, "--regenerate", "--force") == 0
+    assert len(first) == len(PROMPTS) * (1 + len(TRAITS))
+    assert results() == first
+
+
 def test_centered_subtracts_baseline(ray_session, tiny_root):
     assert infer(tiny_root, "--layers", "2", "--traits", "tone/beta") == 0
     f = out_dir(tiny_root) / "projections" / "tone/beta" / "tests" / "small" / "0.json"
