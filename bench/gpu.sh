@@ -2,8 +2,7 @@
 # One prepared GPU session: correctness, then the figures on a random Llama-3.1-8B-shaped model,
 # the ones still missing on a GPU first. A drawn task has 15 minutes of device time in all,
 # start-up included, and one command may run 10: the step limits add up to 560 s, and each
-# overrun costs only its own figures. Logs land in $OUT (device
-# tool) or ./bench-gpu-out.
+# overrun costs only its own figures. Logs land in $OUT (device tool) or ./bench-gpu-out.
 set -u
 OUT=${OUT:-bench-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
