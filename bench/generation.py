@@ -134,10 +134,10 @@ def main() -> None:
             made = {name: timed(sorted_opts, before) for name, before in arms.items()}
             ts = Rounds({k: f for k, (f, _) in made.items()}, args.device, args.repeats)
             labels = {
+                "plain": "plain generate, same rounds",
                 "static": "compiled by generate" if cuda else "no compile",
                 "static_compiled": "compile forced",
             }
-            labels["plain"] = "plain generate, same rounds"
             for name in arms:
                 n_arm, t_arm = made[name][1][-1], ts.seconds(name)
                 what = "sorted" if name == "plain" else "sorted + static cache"
