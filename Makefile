@@ -32,6 +32,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	bash tests/setup_browser.sh
+	bash tests/setup_tools.sh
 	$(MAKE) lint
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument(
-        "--address", help="Ray cluster address [the cluster running on this machine, $RAY_ADDRESS]"
+        "--address",
+        help="Ray cluster address [$RAY_ADDRESS, else the `ray start` / `raypipe head` cluster "
+        "running on this machine]",
     )
     p.add_argument("--gpus", type=float, help="GPUs for the server [1 if the cluster has GPUs]")
     p.add_argument("--threads", type=int, help="torch threads in the server [all cores]")
@@ -152,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument(
         "--status", action="store_true", help="say whether one is up; exit 1 if not"
     )
+
+    p = sub.add_parser(
+        "head",
+        help="start a Ray head on loopback for `raypipe serve` on this machine (`ray start "
+        "--head`, kept to loopback and offline); --stop stops that head only",
+    )
+    p.add_argument("--port", type=int, default=6379, help="GCS port [6379]")
+    p.add_argument("--num-cpus", type=int, help="CPUs the head offers [all]")
+    p.add_argument("--num-gpus", type=int, help="GPUs the head offers [all visible]")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--stop", action="store_true", help="stop the head raypipe started")
+    action.add_argument("--status", action="store_true", help="say whether it runs; exit 1 if not")
 
     p = sub.add_parser("extract", help="compute mean_diff and probe vectors from contrastive pairs")
     _common(p)
@@ -328,7 +342,7 @@ def cmd_serve(args) -> int:
     import ray
 
     from raypipe.engine.models import resolve_model_path
-    from raypipe.pipeline import server
+    from raypipe.pipeline import localray, server
     from raypipe.pipeline.plan import plan_serve
 
     if args.gpus is not None and not 0 <= args.gpus <= 64:
@@ -341,13 +355,17 @@ def cmd_serve(args) -> int:
     spec, name = info.spec, server.server_name(info.spec)
     if not (args.stop or args.status):
         resolve_model_path(spec.model, spec.cache_dir)  # convert an alias here, once
-    try:
-        ray.init(address=args.address or "auto", log_to_driver=False, logging_level="WARNING")
-    except ConnectionError:
+    address, source = args.address, "--address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+    if not address:
+        address, source = localray.started_cluster(), "the `ray start` cluster on this machine"
+    if not address:
         raise RaypipeError(
-            "serve: no running Ray cluster to hold the server; start one with `ray start --head "
-            "--node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1`, or pass --address"
-        ) from None
+            "serve: no Ray cluster runs on this machine to hold the server; start one with "
+            "`raypipe head`, or pass --address"
+        )
+    localray.join(address, source, log_to_driver=False, logging_level="WARNING")
     try:
         if args.stop:
             stopped = server.stop_server(spec)
@@ -374,6 +392,31 @@ def cmd_serve(args) -> int:
         ray.shutdown()
 
 
+def cmd_head(args) -> int:
+    from raypipe.pipeline import localray
+
+    if args.stop:
+        stopped = localray.stop_head()
+        print(f"stopped the Ray head at {stopped['address']}" if stopped else "no head was up")
+        return 0
+    status = localray.head_status()
+    if args.status:
+        print(
+            f"Ray head at {status['address']} ({len(status['pids'])} processes)"
+            if status
+            else "no raypipe head runs"
+        )
+        return 0 if status else 1
+    if not 1024 <= args.port <= 65535:
+        raise InputError("--port", "port", "must be in 1024..65535")
+    address = localray.start_head(args.port, args.num_cpus, args.num_gpus)
+    print(
+        f"started a Ray head at {address} (loopback only); `raypipe serve` and "
+        "`--backend auto` jobs on this machine use it; stop it with: raypipe head --stop"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
@@ -386,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_calibrate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "head":
+            return cmd_head(args)
         if args.command == "status":
             from raypipe.status import main_status
 

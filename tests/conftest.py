@@ -66,12 +66,9 @@ def ray_session():
     """One local Ray for every test that needs it (ray.init costs ~4 s and 1.6 GiB)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level="WARNING",
-        )
+        from raypipe.pipeline.localray import init_local
+
+        init_local(num_cpus=2, logging_level="WARNING")  # loopback only, as a local run
     yield ray
     ray.shutdown()
 

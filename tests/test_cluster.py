@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from raypipe.pipeline.localray import LOOPBACK_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")  # the CLI of the Ray this test imports
 # Keep the working_dir upload to the code and datasets (a few hundred KB, not the 2 GB venv).
@@ -119,13 +121,12 @@ def ray_head():
         for k, v in os.environ.items()
         if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAYPIPE_ROOT", "RAYPIPE_CACHE")
     }
+    env.update(LOOPBACK_ENV)  # as `raypipe head` starts one: loopback only, offline
     env.update(
         # A token of our own, in the environment: it outranks ~/.ray/auth_token, which
         # stays untouched; the raylet passes it on to the job driver and the workers.
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        HF_HUB_OFFLINE="1",
         PATH=f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}",  # `python` in the entrypoint
     )
     start = subprocess.Popen(

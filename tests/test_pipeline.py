@@ -270,25 +270,34 @@ def test_compile_prefill_gives_the_same_scores(ray_session, tiny_root):
                 np.testing.assert_allclose(y[part], x[part], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("env, expected", [(None, "local"), ("127.0.0.1:6379", None)])
-def test_a_local_run_starts_its_own_ray(monkeypatch, env, expected):
-    """Without --address, ray.init() would join the latest `ray start` cluster on the machine;
-    a local run asks for a Ray of its own, on loopback ($RAY_ADDRESS still wins)."""
+@pytest.mark.parametrize(
+    "address, env, backend, started, expected",
+    [
+        (None, None, "local", "127.0.0.1:6379", ("local",)),  # never a cluster found around
+        (None, "local", "local", None, ("local",)),
+        (None, "10.0.0.5:6379", "local", None, ("join", "10.0.0.5:6379", "$RAY_ADDRESS")),
+        ("ray://head:10001", "10.0.0.5:6379", "local", None, ("join", "ray://head:10001")),
+        (None, None, "auto", "127.0.0.1:6379", ("join", "127.0.0.1:6379")),
+        (None, None, "auto", None, ("local",)),  # no `ray start` head: load locally
+    ],
+)
+def test_which_ray_a_run_uses(monkeypatch, address, env, backend, started, expected):
+    """A local run starts its own Ray on loopback; it joins only an address it is given
+    (--address, $RAY_ADDRESS) or, for --backend auto, the head `ray start` runs here."""
     import ray
 
     from raypipe.options import RunOptions
-    from raypipe.pipeline import job
+    from raypipe.pipeline import job, localray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(localray, "init_local", lambda **kw: calls.append(("local",)) or [])
+    monkeypatch.setattr(localray, "join", lambda a, src, **kw: calls.append(("join", a, src)))
+    monkeypatch.setattr(localray, "started_cluster", lambda: started)
     monkeypatch.setattr(job, "_configure_data", lambda run: None)
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
-    assert job.start_ray(RunOptions()) is True
-    assert calls[0]["address"] == expected and calls[0]["_node_ip_address"] == "127.0.0.1"
-    calls.clear()
-    job.start_ray(RunOptions(address="ray://head:10001"))
-    assert calls[0]["address"] == "ray://head:10001"
+    assert job.start_ray(RunOptions(address=address, backend=backend, quiet=True)) is True
+    assert len(calls) == 1 and calls[0][: len(expected)] == expected

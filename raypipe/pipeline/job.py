@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from raypipe.engine.models import resolve_model_path
 from raypipe.errors import InputError
 from raypipe.options import RunOptions
+from raypipe.pipeline import localray
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.stages import (
     MODEL_STAGES,
@@ -54,28 +55,29 @@ def start_ray(run: RunOptions) -> bool:
         _configure_data(run)
         return False
     kwargs = dict(log_to_driver=True, logging_level="WARNING")
-    if run.address:
-        ray.init(address=run.address, **kwargs)
-    elif run.backend == "auto" and _join_local_cluster(kwargs):
-        pass  # a model server lives on a running cluster: this machine's, when there is one
+    joined = None
+    env_address = os.environ.get("RAY_ADDRESS", "")
+    if run.address and run.address != "local":
+        joined = (run.address, "--address")
+    elif env_address and env_address != "local" and not run.address:
+        joined = (env_address, "$RAY_ADDRESS")
+    elif run.backend == "auto":
+        # A model server lives on a running cluster: the one `ray start` runs on this machine.
+        # Never another driver's private Ray (`address="auto"` would join that too).
+        address = localray.started_cluster()
+        if address is not None:
+            joined = (address, "the `ray start` cluster on this machine")
+    if joined is not None:
+        address, source = joined
+        localray.join(address, source, **kwargs)
+        if not run.address:
+            log(f"joined the Ray cluster at {address} ({source})", run.quiet)
     else:
-        # Loopback only: a local run never listens on, or talks to, any other address. Left to
-        # itself, ray.init() joins the latest `ray start` cluster on this machine (whatever it
-        # binds to, with its own workers and resources); "local" starts this run's own Ray.
-        # $RAY_ADDRESS, when set, still names a cluster to join.
-        address = None if os.environ.get("RAY_ADDRESS") else "local"
-        ray.init(address=address, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # Loopback only: a local run never listens on, or talks to, any other address.
+        reaped = localray.init_local(**kwargs)
+        if reaped:
+            log(f"stopped {len(reaped)} Ray process(es) left by a killed run", run.quiet)
     _configure_data(run)
-    return True
-
-
-def _join_local_cluster(kwargs: dict) -> bool:
-    import ray
-
-    try:
-        ray.init(address="auto", **kwargs)
-    except ConnectionError:
-        return False
     return True
 
 
