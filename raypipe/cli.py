@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.models import DEVICE_MAPS
-from raypipe.errors import InputError, RaypipeError
+from raypipe.errors import InputError, RaypipeError, user_error
 from raypipe.options import (
     BACKENDS,
     InferOptions,
@@ -417,6 +417,15 @@ def cmd_head(args) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, RaypipeError):
+        # A read-only tree, a full disk, a folder that vanished: the file and the reason.
+        where = f"{e.filename}: " if e.filename else ""
+        # strerror may carry Ray's retry annotations; errno is the cause itself.
+        return f"{where}{os.strerror(e.errno) if e.errno else e.strerror or e}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
@@ -440,8 +449,14 @@ def main(argv: list[str] | None = None) -> int:
 
             viz = ["--root", str(_root(args)), "--host", args.host, "--port", str(args.port)]
             return viz_main(viz)
-    except RaypipeError as e:
-        print(f"raypipe: error: {e}", file=sys.stderr)
+    except Exception as e:
+        # Raised inside a Ray worker, the cause arrives wrapped (RayTaskError,
+        # UserCodeException): print the cause in one line, not the remote traceback. Anything
+        # else is a bug, and keeps its traceback.
+        cause = user_error(e)
+        if cause is None:
+            raise
+        print(f"raypipe: error: {_one_line(cause)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raypipe: interrupted", file=sys.stderr)

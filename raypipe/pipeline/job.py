@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 from raypipe.engine.models import resolve_model_path
-from raypipe.errors import InputError
+from raypipe.errors import InputError, user_error
 from raypipe.options import RunOptions
 from raypipe.pipeline import localray
 from raypipe.pipeline.plan import InferPlan
@@ -26,6 +27,7 @@ from raypipe.pipeline.stages import (
 from raypipe.store.atomic import read_json, sweep_temp_files, write_json
 from raypipe.store.outputs import VectorInfo
 from raypipe.store.parquet import build_parquet, projection_traits
+from raypipe.store.runlock import run_lock
 
 
 @dataclass
@@ -87,6 +89,28 @@ def _configure_data(run: RunOptions) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not run.quiet
     ctx.print_on_execution_start = False
+    # A stage's own error (a full disk, raypipe's errors) reaches the driver as itself, so the
+    # CLI can print it in one line; Ray Data would wrap it in a UserCodeException whose cause
+    # is lost on the way.
+    ctx.raise_original_map_exception = True
+    # ...and Ray Data then logs it as a Ray-internal error, traceback and all: keep those off
+    # the console (its log file still gets them) when the CLI is about to print it.
+    console = [h for h in logging.getLogger("ray.data").handlers if _is_console(h)]
+    for handler in console:
+        if not any(isinstance(f, _UserErrorFilter) for f in handler.filters):
+            handler.addFilter(_UserErrorFilter())
+
+
+def _is_console(handler) -> bool:
+    return getattr(handler, "stream", None) in (sys.stderr, sys.stdout)
+
+
+class _UserErrorFilter(logging.Filter):
+    """Drops Ray Data's log records about an error that is raypipe's to report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or user_error(exc) is None
 
 
 def _has_gpus() -> bool:
@@ -101,7 +125,13 @@ def log(msg: str, quiet: bool = False) -> None:
 
 
 def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Summary:
-    """mode: stream (generate + project), capture (save raw activations), from_activations."""
+    """mode: stream (generate + project), capture (save raw activations), from_activations.
+    One run at a time writes a prompt set's outputs (a second one is refused)."""
+    with run_lock(plan.paths, plan.variant, plan.prompts.name):
+        return _run_infer(plan, project, mode)
+
+
+def _run_infer(plan: InferPlan, project: bool, mode: str) -> Summary:
     import ray
 
     opts = plan.opts

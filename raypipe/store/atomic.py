@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from raypipe.errors import OutputError
+
 TMP_MARK = ".tmp-"
 STALE_TEMP_S = 24 * 3600  # a temp file this old is abandoned whoever wrote it
 
@@ -21,22 +23,37 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-"
 
 
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def _open_temp(path: Path) -> tuple[int, str]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+    except OSError as e:
+        raise OutputError(path, _reason(e)) from e
+
+
 def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # A crash (or KeyboardInterrupt) must not leave a half-written file behind.
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            # A full disk, a read-only tree: one line naming the file (it reaches the CLI
+            # intact from a Ray worker, where a bare OSError loses its file name).
+            raise OutputError(path, _reason(e)) from e
         raise
     return path
 
@@ -60,17 +77,18 @@ def write_tensor(path: Path, obj: Any) -> Path:
 def write_with(path: Path, write: Callable[[str], None]) -> Path:
     """For writers that need a file name (pyarrow): `write(tmp_name)` fills it, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+    fd, tmp = _open_temp(path)
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise OutputError(path, _reason(e)) from e
         raise
     return path
 
