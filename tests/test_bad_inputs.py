@@ -146,6 +146,7 @@ PROMPT_FIELDS = {
     "id_negative": "prompts[0].id",
     "id_space": "prompts[0].id",
     "id_newline": "prompts[0].id",
+    "id_trailing_newline": "prompts[0].id",  # `$` matched before a final newline: "0\n.json"
     "id_duplicate_int_str": "prompts[1].id",  # int 1 and "1" are the same file name
     "id_duplicate_str": "prompts[2].id",
     "text_missing": "prompts[0].text",
@@ -169,6 +170,7 @@ CONFIG_FIELDS = {
     "variant_model_blank": "model_variants.base.model",
     "variant_lora_empty": "model_variants.base.lora",
     "variant_name_unsafe": "model_variants.../base",
+    "variant_name_trailing_newline": "model_variants.base\\n",  # escaped: one line
     "defaults_not_object": "defaults",
     "default_unknown": "defaults.application",
     "default_list": "defaults.application",
@@ -295,6 +297,31 @@ GENERATED_CASES = [
     Case("experiment/dotdot", "--experiment", "experiment", flags={"--experiment": "../tiny"}),
     Case("experiment/empty", "--experiment", "experiment", flags={"--experiment": ""}),
     Case(
+        "experiment/trailing_newline",
+        "--experiment",
+        "experiment",
+        flags={"--experiment": "tiny\n"},
+        message="'tiny\\n'",
+    ),
+    Case(
+        "prompts/set_trailing_newline",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": "tests/small\n"},
+    ),
+    Case(
+        "prompts/set_part_trailing_newline",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": "tests\n/small"},
+    ),
+    Case(
+        "config/model_variant_trailing_newline",
+        "--model-variant",
+        "model_variant",
+        flags={"--model-variant": "base\n"},
+    ),
+    Case(
         "experiment/config_not_utf8",
         CONFIG,
         "config",
@@ -321,6 +348,12 @@ GENERATED_CASES = [
     Case("traits/leading_dotdot", "--traits", "traits", flags={"--traits": "../behavior/alpha"}),
     Case("traits/one_part", "--traits", "traits", flags={"--traits": "alpha"}),
     Case("traits/three_parts", "--traits", "traits", flags={"--traits": "behavior/alpha/x"}),
+    Case(
+        "traits/category_trailing_newline",
+        "--traits",
+        "traits",
+        flags={"--traits": "behavior\n/alpha"},
+    ),
     Case(
         "traits/unknown",
         TRAITS_DIR + "/behavior/nope/base/vectors",

@@ -27,7 +27,7 @@ from raypipe.store.outputs import (
     write_response,
 )
 from raypipe.store.parquet import build_parquet
-from raypipe.store.paths import ExperimentPaths, sanitize_position
+from raypipe.store.paths import ExperimentPaths, check_name, check_relpath, sanitize_position
 from raypipe.store.prompts import MAX_PROMPT_CHARS, load_prompt_set
 from raypipe.store.vectors import (
     LayerSpec,
@@ -157,6 +157,17 @@ def test_paths_follow_the_spec_layout(tmp_path):
     )
     assert p.raw_file("v", "residual", "s", "7") == exp / "inference/v/raw/residual/s/7.pt"
     assert p.calibration_file("v") == exp / "inference/v/massive_activations/calibration.json"
+
+
+@pytest.mark.parametrize("value", ["0\n", "tiny\n", "a.b\n", "\n", "0\r\n"])
+def test_a_final_newline_is_not_a_safe_name(value):
+    with pytest.raises(InputError) as e:
+        check_name(value, "where", "field")
+    assert e.value.field == "field"
+    with pytest.raises(InputError):
+        check_relpath(f"cat/{value}", "where", "field")
+    with pytest.raises(InputError):
+        check_relpath(f"{value}/name", "where", "field")
 
 
 # ---------------------------------------------------------------- --layers

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
 from raypipe.store.paths import ExperimentPaths, check_name
+from raypipe.store.text import printable
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def load_experiment(paths: ExperimentPaths) -> ExperimentConfig:
         raise InputError(path, "model_variants", "must be a non-empty object")
     variants: dict[str, ModelVariant] = {}
     for name, spec in raw_variants.items():
-        field = f"model_variants.{name}"
+        field = f"model_variants.{printable(name)}"  # the name may hold a newline: one line
         check_name(name, path, field)
         if not isinstance(spec, dict):
             raise InputError(path, field, "must be an object with a 'model' field")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from raypipe.errors import InputError
 
-_SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# Used with fullmatch: `$` would also match before a final newline, letting "0\n" through.
+_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 MAX_NAME_LEN = 200
 
 
@@ -16,7 +17,7 @@ def check_name(value: str, where: str | Path, field: str) -> str:
     """A single path component: letters, digits, `_ . -`, never `..`, never hidden."""
     if not isinstance(value, str) or not value:
         raise InputError(where, field, f"must be a non-empty string, got {value!r}")
-    if len(value) > MAX_NAME_LEN or not _SAFE_PART.match(value) or ".." in value:
+    if len(value) > MAX_NAME_LEN or not _SAFE_PART.fullmatch(value) or ".." in value:
         raise InputError(
             where, field, f"{value!r} is not a safe name (letters, digits, '_', '.', '-' only)"
         )
