@@ -158,6 +158,14 @@ PROMPT_FIELDS = {
     "system_prompt_not_string": "system_prompt",
     "item_system_prompt_not_string": "prompts[0].system_prompt",
     "note_not_string": "prompts[0].note",
+    # lone surrogates: json.loads takes "\ud800", UTF-8 cannot encode it
+    "text_lone_surrogate": "prompts[3].text",
+    "prompt_lone_surrogate": "prompts[0].prompt",
+    "text_reversed_surrogate_pair": "prompts[0].text",
+    "system_prompt_lone_surrogate": "system_prompt",
+    "item_system_prompt_lone_surrogate": "prompts[0].system_prompt",
+    "note_lone_surrogate": "prompts[0].note",
+    "id_lone_surrogate": "prompts[0].id",
 }
 CONFIG_FIELDS = {
     "malformed": "line 2",
@@ -175,6 +183,10 @@ CONFIG_FIELDS = {
     "default_unknown": "defaults.application",
     "default_list": "defaults.application",
     "chat_template_string": "use_chat_template",
+    "variant_model_lone_surrogate": "model_variants.base.model",
+    "variant_model_control_character": "model_variants.base.model",
+    "variant_lora_lone_surrogate": "model_variants.base.lora",
+    "variant_lora_control_character": "model_variants.base.lora",
 }
 STEERING_FIELDS = {
     "malformed_line": "line 2",
@@ -196,12 +208,22 @@ METADATA_FIELDS = {
     "baseline_nan": "layers.0.baseline",
     "baseline_string": "layers.0.baseline",
     "position_missing": "position",
+    "position_lone_surrogate": "position",  # written to every projection file
+    "position_unsafe": "position",  # becomes a steering path part
+    "position_trailing_newline": "position",
 }
 CORPUS_FIELDS = {
     ("prompts", ".json"): PROMPT_FIELDS,
     ("config", ".json"): CONFIG_FIELDS,
     ("steering", ".jsonl"): STEERING_FIELDS,
     ("metadata", ".json"): METADATA_FIELDS,
+}
+
+# The message must say where in the string: a prompt set can hold thousands of prompts.
+MESSAGES = {
+    "prompts/text_lone_surrogate": "\\ud800 at index 6",
+    "prompts/text_reversed_surrogate_pair": "\\ude00 at index 8",
+    "config/variant_model_control_character": "'\\x1b' at index 1",
 }
 
 
@@ -215,13 +237,21 @@ def _corpus_case(kind: str, name: str, fld: str) -> Case:
             fld,
             lambda root: _copy(src, _p(target, root)),
             flags={"--prompt-set": f"bad/{name}"},
+            message=MESSAGES.get(f"prompts/{name}", ""),
         )
     target, flags = {
         "config": (CONFIG, {}),
         "steering": (STEERING, {"--traits": "behavior/alpha", "--layers": "best"}),
         "metadata": (METADATA, {"--traits": "behavior/alpha", "--layers": "0"}),
     }[kind]
-    return Case(f"{kind}/{name}", target, fld, lambda root: _copy(src, _p(target, root)), flags)
+    return Case(
+        f"{kind}/{name}",
+        target,
+        fld,
+        lambda root: _copy(src, _p(target, root)),
+        flags,
+        message=MESSAGES.get(f"{kind}/{name}", ""),
+    )
 
 
 CORPUS_CASES = [

@@ -26,6 +26,7 @@ from raypipe.store.outputs import (
     write_projection,
     write_response,
 )
+from raypipe.store.pairs import load_trait_data
 from raypipe.store.parquet import build_parquet
 from raypipe.store.paths import ExperimentPaths, check_name, check_relpath, sanitize_position
 from raypipe.store.prompts import MAX_PROMPT_CHARS, load_prompt_set
@@ -99,6 +100,17 @@ def test_prompt_set_bare_list(tmp_path):
     ]
 
 
+def test_prompt_set_keeps_surrogate_pairs_and_control_characters(tmp_path):
+    # "\ud83d\ude00" in JSON is one character (an emoji), unlike a lone surrogate; control
+    # characters are text the model may be asked about (they are escaped only when printed).
+    path = tmp_path / "datasets" / "inference" / "u.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(r'[{"id": 0, "text": "smile \ud83d\ude00 \u001b[2J", "note": "\u202e"}]')
+    (item,) = load_prompt_set(tmp_path / "datasets", "u").items
+    assert item.text == "smile \U0001f600 \x1b[2J" and item.note == "\u202e"
+    assert item.text.encode("utf-8")
+
+
 def test_prompt_set_limit_is_inclusive(tmp_path):
     datasets = _prompts(tmp_path, "big", [{"id": 0, "text": "a" * MAX_PROMPT_CHARS}])
     assert len(load_prompt_set(datasets, "big").items[0].text) == MAX_PROMPT_CHARS
@@ -124,6 +136,17 @@ def test_prompt_set_errors_name_the_item(tmp_path, items, field):
         load_prompt_set(datasets, "bad")
     assert e.value.field == field
     assert e.value.where == str(datasets / "inference" / "bad.json")
+
+
+def test_trait_pairs_with_a_lone_surrogate_name_the_pair(tmp_path):
+    pairs = [{"prompt": "p", "positive": "yes", "negative": "no"} for _ in range(4)]
+    pairs[2]["negative"] = "no \udc80"
+    folder = tmp_path / "traits"
+    _write(folder / "cat" / "t" / "pairs.json", {"pairs": pairs})
+    with pytest.raises(InputError) as e:
+        load_trait_data(folder, "cat/t")
+    assert (e.value.where, e.value.field) == (str(folder / "cat/t/pairs.json"), "pairs[2].negative")
+    assert "\\udc80 at index 3" in e.value.message
 
 
 # ---------------------------------------------------------------- names and paths
@@ -608,6 +631,15 @@ def test_response_round_trip(tmp_path):
         ({"prompt_end": 6}, "prompt_end"),
         ({"tokens": ["a"]}, "tokens"),
         ({"response": None}, "response"),
+        # a reused response goes on to Parquet: strings must be strings, and UTF-8 encodable
+        ({"prompt": "a\ud800"}, "prompt"),
+        ({"response": "\udc00 b"}, "response"),
+        ({"tokens": ["a", "b", "\ud800", "d", "e"]}, "tokens[2]"),
+        ({"tokens": [1, 2, 3, 4, 5]}, "tokens[0]"),
+        ({"system_prompt": 5}, "system_prompt"),
+        ({"system_prompt": "\ud800"}, "system_prompt"),
+        ({"inference_model": ["m"]}, "inference_model"),
+        ({"capture_date": "\udfff"}, "capture_date"),
     ],
 )
 def test_read_response_rejects(tmp_path, change, field):

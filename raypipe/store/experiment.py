@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
 from raypipe.store.paths import ExperimentPaths, check_name
-from raypipe.store.text import printable
+from raypipe.store.text import check_text, printable
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,13 @@ def load_experiment(paths: ExperimentPaths) -> ExperimentConfig:
         model = spec.get("model")
         if not isinstance(model, str) or not model.strip():
             raise InputError(path, f"{field}.model", "must be a non-empty string")
+        # Model and adapter names end up in error lines, output files and paths.
+        check_text(model, path, f"{field}.model", controls=False)
         lora = spec.get("lora")
         if lora is not None and (not isinstance(lora, str) or not lora.strip()):
             raise InputError(path, f"{field}.lora", "must be a non-empty string")
+        if lora is not None:
+            check_text(lora, path, f"{field}.lora", controls=False)
         variants[name] = ModelVariant(name=name, model=model, lora=lora)
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):

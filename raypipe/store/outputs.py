@@ -10,6 +10,7 @@ import numpy as np
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json, write_json
+from raypipe.store.text import check_text
 
 RESPONSE_KEYS = (
     "prompt",
@@ -76,9 +77,18 @@ def read_response(path: Path) -> dict:
     tokens = rec.get("tokens")
     if not isinstance(tokens, list) or len(tokens) != len(ids):
         raise InputError(path, "tokens", "must list one string per token id")
-    for key in ("prompt", "response"):
-        if not isinstance(rec.get(key), str):
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise InputError(path, f"tokens[{i}]", f"must be a string, got {token!r}")
+        check_text(token, path, f"tokens[{i}]")
+    # A reused response goes on to Parquet, which needs strings it can encode as UTF-8.
+    for key in ("prompt", "response", "system_prompt", "inference_model", "capture_date"):
+        value = rec.get(key)
+        if value is None and key not in ("prompt", "response"):
+            continue
+        if not isinstance(value, str):
             raise InputError(path, key, "must be a string")
+        check_text(value, path, key)
     return rec
 
 

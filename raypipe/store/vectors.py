@@ -10,7 +10,8 @@ from pathlib import Path
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
-from raypipe.store.paths import ExperimentPaths, check_relpath
+from raypipe.store.paths import ExperimentPaths, check_name, check_relpath, sanitize_position
+from raypipe.store.text import check_text
 
 METHOD_PREFERENCE = ("probe", "mean_diff")
 COMPONENTS = ("residual", "attn_contribution")
@@ -147,6 +148,16 @@ def _load_metadata(path: Path) -> dict:
     return meta
 
 
+def _position(meta: dict, path: Path) -> str:
+    """The extraction position: written to every projection file, and a steering path part."""
+    pos = meta.get("position")
+    if not isinstance(pos, str):
+        raise InputError(path, "position", "missing or not a string")
+    check_text(pos, path, "position", controls=False)
+    check_name(sanitize_position(pos), path, "position")
+    return pos
+
+
 def find_vector_set(
     paths: ExperimentPaths,
     trait: str,
@@ -161,8 +172,6 @@ def find_vector_set(
         raise InputError(base, "traits", f"trait {trait!r} has no vectors for variant {variant!r}")
     positions = sorted(p for p in base.iterdir() if p.is_dir())
     if position is not None:
-        from raypipe.store.paths import sanitize_position
-
         positions = [p for p in positions if p.name == sanitize_position(position)]
     methods = [method] if method else list(METHOD_PREFERENCE)
     tried = []
@@ -177,9 +186,7 @@ def find_vector_set(
                         files[int(mm.group(1))] = f
             if files:
                 meta = _load_metadata(d / "metadata.json")
-                pos = meta.get("position")
-                if not isinstance(pos, str):
-                    raise InputError(d / "metadata.json", "position", "missing or not a string")
+                pos = _position(meta, d / "metadata.json")
                 return VectorSet(trait, m, pos, component, d, dict(sorted(files.items())), meta)
     raise InputError(
         base,
