@@ -118,6 +118,29 @@ def _model_at(template: str, config_json: str | None = None) -> Callable[[Path],
     return prepare
 
 
+ADAPTER = "{root}/adapters/a"
+LORA_FIELD = "model_variants.base.lora"
+
+
+def _lora_at(lora: str, files: dict[str, str] | None = None) -> Callable[[Path], None]:
+    """Give the `base` variant the LoRA `lora`; create ADAPTER holding `files` (name -> text)."""
+
+    def prepare(root: Path) -> None:
+        config = _p(CONFIG, root)
+        data = json.loads(config.read_text())
+        data["model_variants"]["base"]["lora"] = lora.format(root=root)
+        config.write_text(json.dumps(data))
+        if files is not None:
+            folder = _p(ADAPTER, root)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (folder / name).write_text(text)
+
+    return prepare
+
+
+ADAPTER_FILES = {"adapter_config.json": '{"peft_type": "LORA", "r": 4}', "adapter_model.bin": "w"}
+
 # ---------------------------------------------------------------- corpus: file -> field
 
 PROMPT_FIELDS = {
@@ -373,6 +396,82 @@ GENERATED_CASES = [
     ),
     Case("model/folder_without_config", MODEL_DIR, "model", _model_at(MODEL_DIR)),
     Case("model/config_malformed", MODEL_DIR, "model", _model_at(MODEL_DIR, '{"model_type": "lla')),
+    # the LoRA adapter of the variant that runs: checked before the model loads
+    Case(
+        "lora/path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("/nonexistent/raypipe-lora"),
+        message="'/nonexistent/raypipe-lora' not found",
+    ),
+    Case(
+        "lora/home_path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("~/nonexistent-raypipe-lora"),
+        message="not found",
+    ),
+    Case(
+        "lora/relative_path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("./adapters/nope"),
+        message="relative to the current directory",
+    ),
+    Case(
+        "lora/deep_relative_path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("adapters/nope/x"),
+        message="not found",
+    ),
+    Case(
+        "lora/hub_id_not_cached",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("someone/raypipe-no-such-adapter"),
+        message="local cache",
+    ),
+    Case(
+        "lora/folder_without_adapter_config",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at(ADAPTER, {"README.md": "not an adapter"}),
+        message="adapter_config.json",
+    ),
+    Case(
+        "lora/folder_without_weights",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at(ADAPTER, {"adapter_config.json": '{"peft_type": "LORA"}'}),
+        message="adapter_model.safetensors",
+    ),
+    Case(
+        "lora/is_a_file",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at(ADAPTER + "/adapter_model.bin", ADAPTER_FILES),
+        message="not a folder",
+    ),
+    Case(
+        "lora/adapter_config_malformed",
+        ADAPTER + "/adapter_config.json",
+        "line 1",
+        _lora_at(ADAPTER, {**ADAPTER_FILES, "adapter_config.json": '{"peft_type": '}),
+    ),
+    Case(
+        "lora/adapter_config_without_peft_type",
+        ADAPTER + "/adapter_config.json",
+        "peft_type",
+        _lora_at(ADAPTER, {**ADAPTER_FILES, "adapter_config.json": '{"r": 4}'}),
+    ),
+    Case(
+        "lora/generate_command",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("/nonexistent/raypipe-lora"),
+        command="generate",
+    ),
     # traits
     Case("traits/dotdot", "--traits", "traits", flags={"--traits": "behavior/.."}),
     Case("traits/leading_dotdot", "--traits", "traits", flags={"--traits": "../behavior/alpha"}),
@@ -681,6 +780,57 @@ def test_bad_input(case: Case, root: Path, capfd):
     assert lines[0].startswith(prefix), f"\n{lines[0]}\n{prefix}"
     assert case.message in lines[0][len(prefix) :]
     assert snapshot(root) == before
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, str]) -> Path:
+    """A Hugging Face hub cache holding `repo` at one snapshot, as a download leaves it."""
+    cache = root / "hf-cache"
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    snapshot = repo_dir / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return cache
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "home", "hub", "other_variant"])
+def test_lora_that_exists_passes_validation(where, root: Path, monkeypatch):
+    """The LoRA checks reject only what cannot load: these reach the job, with a path that
+    any worker can open whatever its current directory."""
+    import huggingface_hub
+
+    import raypipe.pipeline.job as job
+
+    plans = []
+
+    def reached(plan, **kwargs):
+        plans.append(plan)
+        raise ValidationPassed("reached the job")
+
+    monkeypatch.setattr(job, "run_infer", reached)
+    adapter = _p(ADAPTER, root)
+    lora, expected = str(adapter), str(adapter)
+    if where == "relative":
+        monkeypatch.chdir(root)
+        lora = "adapters/a"
+    elif where == "home":
+        monkeypatch.setenv("HOME", str(root))
+        lora = "~/adapters/a"
+    elif where == "hub":
+        cache = _hub_cache(root, "someone/adapter", ADAPTER_FILES)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        lora = expected = "someone/adapter"
+    _lora_at(lora, ADAPTER_FILES)(root)
+    if where == "other_variant":  # an unused variant's adapter is not looked at
+        config = _p(CONFIG, root)
+        data = json.loads(config.read_text())
+        data["model_variants"]["other"] = {"model": "m", "lora": "/nonexistent/raypipe-lora"}
+        config.write_text(json.dumps(data))
+    with pytest.raises(ValidationPassed):
+        main(argv(Case(where, "", ""), root))
+    assert plans[0].model.spec.lora == expected
 
 
 @pytest.mark.parametrize(

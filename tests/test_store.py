@@ -508,7 +508,11 @@ def test_load_experiment_missing_defaults_take_the_first_variant(tmp_path):
     assert cfg.use_chat_template is None
 
 
-def test_load_experiment_partial_defaults(tmp_path):
+def test_load_experiment_partial_defaults(tmp_path, monkeypatch):
+    adapter = tmp_path / "adapters" / "x"
+    _write(adapter / "adapter_config.json", {"peft_type": "LORA"})
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    monkeypatch.chdir(tmp_path)
     cfg = load_experiment(
         _config(
             tmp_path,
@@ -524,7 +528,8 @@ def test_load_experiment_partial_defaults(tmp_path):
     )
     assert cfg.extraction_variant == "base"
     assert cfg.application_variant == "it"
-    assert cfg.variant(None, "application").lora == "adapters/x"
+    assert cfg.variants["it"].lora == "adapters/x"  # as written in config.json
+    assert cfg.variant(None, "application").lora == str(adapter.resolve())  # as loaded
     assert cfg.variant(None, "extraction").name == "base"
     assert cfg.use_chat_template is False
 
