@@ -9,9 +9,14 @@ are easier to make in code (tensors, non-UTF-8, huge files) are generated here.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import hashlib
 import json
+import os
 import shutil
+import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +78,76 @@ def _write_json(template: str, obj) -> Callable[[Path], None]:
     return _write_bytes(template, json.dumps(obj).encode())
 
 
-def _save_vector(obj) -> Callable[[Path], None]:
+def _save_vector(obj, **save_kwargs) -> Callable[[Path], None]:
+    """Save `obj` (or what `obj()` makes, for tensors best made late) as layer0.pt."""
+
     def prepare(root: Path) -> None:
-        torch.save(obj, _p(LAYER0, root))
+        torch.save(obj() if callable(obj) else obj, _p(LAYER0, root), **save_kwargs)
 
     return prepare
+
+
+def _zip_claim(root: Path) -> None:
+    """A good vector file whose zip headers claim its data record is 2 GiB."""
+    path = _p(LAYER0, root)
+    torch.save(torch.ones(64), path)
+    data = bytearray(path.read_bytes())
+    for sig, name_len_at, name_at, sizes_at in (
+        (b"PK\x01\x02", 28, 46, 20),
+        (b"PK\x03\x04", 26, 30, 18),
+    ):
+        at = data.find(sig)
+        while at != -1:
+            n = struct.unpack_from("<H", data, at + name_len_at)[0]
+            if data[at + name_at : at + name_at + n].endswith(b"/data/0"):
+                struct.pack_into("<II", data, at + sizes_at, 2**31, 2**31)
+            at = data.find(sig, at + 4)
+    path.write_bytes(bytes(data))
+
+
+def _pickle_claim(root: Path) -> None:
+    """A vector file whose pickle says its storage holds 2**29 floats (2 GiB); the record has 64."""
+    path = _p(LAYER0, root)
+    torch.save(torch.ones(64), path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(copy.copy(i), src.read(i.filename)) for i in src.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info, data in entries:
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cpuq\x04K@", b"cpuq\x04J" + struct.pack("<i", 2**29))
+            dst.writestr(info, data)
+
+
+def _legacy_claim(root: Path) -> None:
+    """The pre-zip torch format, its storage size field claiming 2**31 floats."""
+    path = _p(LAYER0, root)
+    torch.save(torch.ones(64), path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<q", data, len(data) - 64 * 4 - 8, 2**31)
+    path.write_bytes(bytes(data))
+
+
+def _huge_file(root: Path) -> None:
+    with open(_p(LAYER0, root), "r+b") as fh:
+        fh.truncate(65 * 2**20)  # sparse on disk: a size to refuse, not bytes to write
+
+
+def _fifo(root: Path) -> None:
+    path = _p(LAYER0, root)
+    path.unlink()
+    os.mkfifo(path)  # torch.load would wait on it forever
+
+
+def _steering_lines(*lines: bytes) -> Callable[[Path], None]:
+    header = b'{"type": "header", "direction": "positive"}'
+    return _write_bytes(STEERING, b"\n".join((header, *lines)) + b"\n")
+
+
+def _run_line(trait_mean: bytes = b"12.0", method: bytes = b'"probe"') -> bytes:
+    return (
+        b'{"result": {"trait_mean": ' + trait_mean + b', "coherence_mean": 90.0}, "config": '
+        b'{"vectors": [{"layer": 1, "component": "residual", "method": ' + method + b"}]}}"
+    )
 
 
 def _truncate_vector(root: Path) -> None:
@@ -90,6 +160,16 @@ def _delete(template: str) -> Callable[[Path], None]:
     def prepare(root: Path) -> None:
         path = _p(template, root)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    return prepare
+
+
+def _edit_metadata(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        path = _p(METADATA, root)
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
 
     return prepare
 
@@ -538,6 +618,144 @@ GENERATED_CASES = [
     ),
     Case("vector/empty_file", LAYER0, "vector", _write_bytes(LAYER0, b""), VEC),
     Case("vector/text_file", LAYER0, "vector", _write_bytes(LAYER0, b"0.1 0.2 0.3\n"), VEC),
+    Case(
+        "vector/sparse_coo",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.sparse_coo_tensor([[0, 3]], [1.0, 2.0], (64,))),
+        VEC,
+        message="sparse",
+    ),
+    Case(
+        "vector/sparse_csr",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.ones(1, 64).to_sparse_csr()),
+        VEC,
+        message="sparse",
+    ),
+    Case(
+        "vector/meta",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.empty(64, device="meta")),
+        VEC,
+        message="meta",
+    ),
+    Case(
+        "vector/quantized",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.quantize_per_tensor(torch.ones(64), 0.1, 0, torch.qint8)),
+        VEC,
+        message="quantized",
+    ),
+    Case(
+        "vector/complex",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.ones(64, dtype=torch.complex64)),
+        VEC,
+        message="complex",
+    ),
+    Case(
+        "vector/bool",
+        LAYER0,
+        "vector",
+        _save_vector(torch.ones(64, dtype=torch.bool)),
+        VEC,
+        message="torch.bool",
+    ),
+    Case("vector/scalar", LAYER0, "vector", _save_vector(torch.tensor(1.0)), VEC, message="1-D"),
+    Case(
+        "vector/nested",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.nested.nested_tensor([torch.ones(64)])),
+        VEC,
+    ),
+    Case(
+        "vector/float64_overflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e300, dtype=torch.float64)),
+        VEC,
+        message="float32",
+    ),
+    Case(
+        "vector/float64_underflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e-300, dtype=torch.float64)),
+        VEC,
+        message="float32",
+    ),
+    Case(
+        "vector/norm_overflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e19)),
+        VEC,
+        message="norm",
+    ),
+    Case(
+        "vector/norm_underflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e-30)),
+        VEC,
+        message="norm",
+    ),
+    Case(
+        "vector/nan_in_float16",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), float("nan"), dtype=torch.float16)),
+        VEC,
+        message="NaN",
+    ),
+    Case(
+        "vector/pickled_object",
+        LAYER0,
+        "vector",
+        _save_vector(argparse.Namespace(v=[1.0] * 64)),
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case(
+        "vector/zip_header_claims_2gib",
+        LAYER0,
+        "vector",
+        _zip_claim,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case(
+        "vector/pickle_claims_2gib",
+        LAYER0,
+        "vector",
+        _pickle_claim,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case(
+        "vector/legacy_format_claims_8gib",
+        LAYER0,
+        "vector",
+        _legacy_claim,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case("vector/file_over_64mib", LAYER0, "vector", _huge_file, VEC, message="bytes"),
+    Case(
+        "vector/directory",
+        LAYER0,
+        "vector",
+        lambda root: (_p(LAYER0, root).unlink(), _p(LAYER0, root).mkdir()),
+        VEC,
+        message="not a file",
+    ),
+    Case("vector/fifo", LAYER0, "vector", _fifo, VEC, message="not a file"),
     Case("metadata/missing", METADATA, "metadata", _delete(METADATA), VEC),
     Case(
         "layers/no_vector_at_layer",
@@ -561,6 +779,85 @@ GENERATED_CASES = [
         "results",
         _write_bytes(STEERING, b'{"type": "header", "direction": "n\xe9gative"}\n'),
         {"--traits": "behavior/alpha", "--layers": "best"},
+    ),
+    Case(
+        "steering/nested_100k_deep",
+        STEERING,
+        "line 2",
+        _steering_lines(b"[" * 100_000 + b"]" * 100_000),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="nested",
+    ),
+    Case(
+        "steering/object_nested_100k_deep",
+        STEERING,
+        "line 3",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}',
+            b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="nested",
+    ),
+    Case(
+        "steering/number_with_5000_digits",
+        STEERING,
+        "line 3",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}', _run_line(b"1" * 5000)
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="digits",
+    ),
+    Case(
+        "steering/trait_mean_400_digit_int",  # parses, but no float holds it
+        STEERING,
+        "line 3.result.trait_mean",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}', _run_line(b"9" * 400)
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+    ),
+    Case(
+        "metadata/baseline_400_digit_int",
+        METADATA,
+        "layers.0.baseline",
+        _edit_metadata(lambda meta: meta["layers"]["0"].update(baseline=int("9" * 400))),
+        VEC,
+    ),
+    Case(
+        "metadata/layer_key_with_newline",
+        METADATA,
+        "layers.0\\n.baseline",
+        _edit_metadata(lambda meta: meta["layers"].update({"0\n": {"baseline": "x"}})),
+        VEC,
+    ),
+    Case(
+        "metadata/effect_size_400_digit_int",
+        PROBE,
+        "layers",
+        _edit_metadata(
+            lambda meta: [e.update(val_effect_size=int("9" * 400)) for e in meta["layers"].values()]
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="val_effect_size",
+    ),
+    Case(
+        "steering/method_not_string",
+        STEERING,
+        "line 3.config.vectors[0].method",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}', _run_line(method=b'["probe"]')
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+    ),
+    Case(
+        "steering/directory",
+        STEERING,
+        "results",
+        lambda root: _p(STEERING, root).mkdir(parents=True),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="not a file",
     ),
     # --layers
     Case("layers/beyond_depth", "--layers", "layers", flags={"--layers": "4"}, message="4 layers"),
@@ -651,6 +948,7 @@ BUG_INPUTS = [
         "file",
         _write_bytes("{root}/datasets/inference/bad/deep.json", b"[" * 5000 + b"]" * 5000),
         {"--prompt-set": "bad/deep"},
+        message="nested too deeply",
     ),
     Case(
         "prompts/id_with_5000_digits",
@@ -661,6 +959,7 @@ BUG_INPUTS = [
             b'[{"id": ' + b"1" * 5000 + b', "text": "hi"}]',
         ),
         {"--prompt-set": "bad/bigint"},
+        message="too many digits",
     ),
     Case(
         "calibration/aggregate_list",

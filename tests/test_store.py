@@ -35,6 +35,7 @@ from raypipe.store.vectors import (
     best_layer,
     find_vector_set,
     load_steering,
+    load_vector,
     parse_layers,
     resolve_vectors,
 )
@@ -402,6 +403,58 @@ def test_load_steering_keeps_unicode_line_separators_inside_strings(tmp_path):
         "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8"
     )
     assert len(load_steering(path).runs) == 1
+
+
+def test_a_steering_run_without_method_is_a_probe_run(tiny_root):
+    # SPEC 2: "A run vector without `method` means `probe`" (it used to match no method).
+    run = _run(2, 30.0, 90.0)
+    del run["config"]["vectors"][0]["method"]
+    assert _best(tiny_root, [_header(), _baseline(10.0), _run(1, 15.0, 90.0), run]) == (
+        2,
+        "steering",
+        "steering delta +20.00",
+    )
+
+
+def test_a_bad_steering_value_is_quoted_briefly(tmp_path):
+    path = tmp_path / "results.jsonl"
+    run = _run(2, "x" * 1_000_000, 90.0)
+    path.write_text("\n".join(json.dumps(x) for x in [_header(), _baseline(1.0), run]))
+    with pytest.raises(InputError) as e:
+        load_steering(path)
+    assert e.value.field == "line 3.result.trait_mean"
+    assert len(e.value.message) < 120 and e.value.message.endswith("...")
+
+
+# ---------------------------------------------------------------- vector files
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: v,
+        lambda v: v.half(),
+        lambda v: v.bfloat16(),
+        lambda v: v.double(),
+        lambda v: v.requires_grad_(),
+        lambda v: torch.nn.Parameter(v),
+        lambda v: torch.stack([v, v], 1)[:, 0],  # a strided view: its storage is saved whole
+    ],
+    ids=["float32", "float16", "bfloat16", "float64", "requires_grad", "parameter", "view"],
+)
+def test_load_vector_takes_any_dense_real_float_vector(tmp_path, make, recwarn):
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    saved = make(v.clone())
+    torch.save(saved, tmp_path / "layer0.pt")
+    got = load_vector(tmp_path / "layer0.pt", 64)
+    assert got == saved.detach().float().tolist()
+    assert not [w for w in recwarn if "vectors.py" in w.filename]
+
+
+def test_load_vector_reads_the_legacy_torch_format(tmp_path):
+    v = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    torch.save(v, tmp_path / "layer0.pt", _use_new_zipfile_serialization=False)
+    assert load_vector(tmp_path / "layer0.pt", 64) == v.tolist()
 
 
 # ---------------------------------------------------------------- resolve_vectors

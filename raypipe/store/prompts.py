@@ -8,7 +8,7 @@ from pathlib import Path
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
 from raypipe.store.paths import check_name, check_relpath
-from raypipe.store.text import check_text
+from raypipe.store.text import brief, check_text
 
 MAX_PROMPT_CHARS = 200_000
 
@@ -65,7 +65,7 @@ def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
             raise InputError(path, f"{field}.id", "missing")
         raw_id = item["id"]
         if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
-            raise InputError(path, f"{field}.id", f"must be an int or string, got {raw_id!r}")
+            raise InputError(path, f"{field}.id", f"must be an int or string, got {brief(raw_id)}")
         pid = check_name(str(raw_id), path, f"{field}.id")
         if pid in seen:
             raise InputError(path, f"{field}.id", f"duplicate id {pid!r}")

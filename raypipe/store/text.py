@@ -36,6 +36,12 @@ def check_text(value: str, where: str | Path, field: str, controls: bool = True)
     return value
 
 
+def brief(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters: a bad value quoted in an error, not a megabyte."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _escape(m: re.Match) -> str:
     return repr(m.group())[1:-1]  # \n, \x1b, \u202e: each of these is unprintable to repr
 
