@@ -877,6 +877,20 @@ GENERATED_CASES = [
     Case("layers/best_garbage", "--layers", "layers", flags={"--layers": "best+x"}),
     Case("layers/negative", "--layers", "layers", flags={"--layers": "-1"}),
     Case("layers/float", "--layers", "layers", flags={"--layers": "1.5"}),
+    Case(
+        "layers/space_inside_number",  # it meant layer 12 (beyond the depth here, 0-3)
+        "--layers",
+        "layers",
+        flags={"--layers": "1 2"},
+        message="'1 2' has a space between",
+    ),
+    Case(
+        "layers/space_after_best",
+        "--layers",
+        "layers",
+        flags={"--layers": "0,best 1"},
+        message="'best 1' has a space between",
+    ),
     # calibration for --remove-massive-dims
     Case(
         "calibration/missing",

@@ -214,6 +214,12 @@ def test_a_final_newline_is_not_a_safe_name(value):
         ("25%-75%", 9, (2, 3, 4, 5, 6), ()),
         ("3,3,1-3,best,best", 4, (3, 1, 2), (0,)),  # duplicates collapse, order kept
         ("1, 2 ,best+1", 4, (1, 2), (1,)),
+        (" 1 , 2 ", 4, (1, 2), ()),
+        # spaces beside + - : % cannot join two numbers: the meaning is plain
+        ("best + 2, best - 1", 30, (), (2, -1)),
+        ("5 - 8", 30, (5, 6, 7, 8), ()),
+        ("0-30 : 10", 31, (0, 10, 20, 30), ()),
+        ("0 % - 100 %", 5, (0, 1, 2, 3, 4), ()),
     ],
 )
 def test_parse_layers(text, n_layers, absolute, offsets):
@@ -247,6 +253,15 @@ def test_parse_layers_rejects(text):
     with pytest.raises(InputError) as e:
         parse_layers(text, 30)
     assert e.value.field == "layers"
+
+
+@pytest.mark.parametrize("text", ["1 2", "1\t2", "1\u00a02", "best 5", "best+1 0", "al l", "1-2 0"])
+def test_parse_layers_never_joins_numbers_across_a_space(text):
+    # "1 2" used to mean layer 12: it may mean 1,2 as well, so it is an error that says so.
+    with pytest.raises(InputError) as e:
+        parse_layers(text, 30)
+    assert (e.value.where, e.value.field) == ("--layers", "layers")
+    assert "comma" in e.value.message
 
 
 # ---------------------------------------------------------------- steering and best layer

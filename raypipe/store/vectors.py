@@ -38,9 +38,19 @@ def parse_layers(text: str, n_layers: int, where: str = "--layers") -> LayerSpec
     absolute: list[int] = []
     offsets: list[int] = []
     for raw in text.split(","):
-        term = raw.strip().replace(" ", "")
+        term = raw.strip()
         if not term:
             raise InputError(where, "layers", f"empty term in {text!r}")
+        # Spaces beside + - : % change nothing ("best + 5"); between two letters or digits
+        # they would join two numbers into one ("1 2" is not layer 12), so they are an error.
+        if re.search(r"[0-9A-Za-z]\s+[0-9A-Za-z]", term):
+            raise InputError(
+                where,
+                "layers",
+                f"{term!r} has a space between two numbers or words; separate layers with "
+                "commas (1,2)",
+            )
+        term = re.sub(r"\s+", "", term)
         if term == "all":
             absolute.extend(range(n_layers))
         elif m := re.fullmatch(r"best(?:([+-])([0-9]{1,6}))?", term):
