@@ -466,6 +466,17 @@ def test_load_vector_takes_any_dense_real_float_vector(tmp_path, make, recwarn):
     assert not [w for w in recwarn if "vectors.py" in w.filename]
 
 
+def test_only_ascii_layer_files_are_layers(tiny_root):
+    # `$` matched before a final newline and `\d` matches any script's digits: "layer٣.pt"
+    # was layer 3, and "layer0.pt\n" could stand in for layer 0.
+    paths = ExperimentPaths(tiny_root, "tiny")
+    folder = find_vector_set(paths, "behavior/alpha", "base", "residual").dir
+    for name in ("layer0.pt\n", "layer\u0663.pt", "layer\uff11.pt", "layer2.pt.bak"):
+        (folder / name).write_bytes(b"not a tensor")
+    vset = find_vector_set(paths, "behavior/alpha", "base", "residual")
+    assert vset.layer_files == {i: folder / f"layer{i}.pt" for i in range(4)}
+
+
 def test_load_vector_reads_the_legacy_torch_format(tmp_path):
     v = torch.randn(64, generator=torch.Generator().manual_seed(1))
     torch.save(v, tmp_path / "layer0.pt", _use_new_zipfile_serialization=False)
@@ -815,6 +826,30 @@ def _tree(tmp_path: Path) -> ExperimentPaths:
     (paths.projection_file("base", TRAITS[0], "tests/small", "0").parent / ".0.json.tmp-x").touch()
     write_projection(paths.projection_file("base", TRAITS[0], "other", "0"), _projection("0"))
     return paths
+
+
+def test_parquet_build_survives_a_file_named_with_a_superscript_digit(tmp_path):
+    # "²".isdigit() is True but int("²") raises: a stray "².json" crashed the build at the
+    # end of a run. Such a name sorts after the numeric ids, with the other names.
+    paths = _tree(tmp_path)
+    stray = paths.response_file("base", "tests/small", "\u00b2")
+    write_response(stray, _response(0))
+    build_parquet(paths, "base", "tests/small")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(paths.parquet_file("base", "responses", "tests/small"))
+    assert table.column("prompt_id").to_pylist() == [*IDS, "\u00b2"]
+
+
+def test_capture_layer_keys_are_ascii_digits(tmp_path):
+    from raypipe.store.captures import read_capture
+
+    acts = {"residual": torch.zeros(1, 4)}
+    seg = {"text": "t", "tokens": ["a"], "token_ids": [1], "activations": {"\u00b2": acts}}
+    torch.save({"prompt": seg, "response": seg}, tmp_path / "0.pt")
+    with pytest.raises(InputError) as e:
+        read_capture(tmp_path / "0.pt")
+    assert e.value.field == "prompt.activations.\u00b2"
 
 
 def test_parquet_round_trip_pyarrow_and_duckdb(tmp_path):

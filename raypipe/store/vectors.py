@@ -19,7 +19,8 @@ METHOD_PREFERENCE = ("probe", "mean_diff")
 COMPONENTS = ("residual", "attn_contribution")
 MIN_COHERENCE = 77.0
 MAX_VECTOR_FILE_BYTES = 64 * 2**20
-_LAYER_FILE = re.compile(r"^layer(\d+)\.pt$")
+# With fullmatch and ASCII digits: `$` also matches before a final newline, `\d` any digit.
+_LAYER_FILE = re.compile(r"layer([0-9]{1,6})\.pt")
 
 
 # ---------------------------------------------------------------- --layers
@@ -201,7 +202,7 @@ def find_vector_set(
             files = {}
             if d.is_dir():
                 for f in d.iterdir():
-                    if mm := _LAYER_FILE.match(f.name):
+                    if mm := _LAYER_FILE.fullmatch(f.name):
                         files[int(mm.group(1))] = f
             if files:
                 meta = _load_metadata(d / "metadata.json")
