@@ -9,9 +9,14 @@ are easier to make in code (tensors, non-UTF-8, huge files) are generated here.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import hashlib
 import json
+import os
 import shutil
+import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +78,76 @@ def _write_json(template: str, obj) -> Callable[[Path], None]:
     return _write_bytes(template, json.dumps(obj).encode())
 
 
-def _save_vector(obj) -> Callable[[Path], None]:
+def _save_vector(obj, **save_kwargs) -> Callable[[Path], None]:
+    """Save `obj` (or what `obj()` makes, for tensors best made late) as layer0.pt."""
+
     def prepare(root: Path) -> None:
-        torch.save(obj, _p(LAYER0, root))
+        torch.save(obj() if callable(obj) else obj, _p(LAYER0, root), **save_kwargs)
 
     return prepare
+
+
+def _zip_claim(root: Path) -> None:
+    """A good vector file whose zip headers claim its data record is 2 GiB."""
+    path = _p(LAYER0, root)
+    torch.save(torch.ones(64), path)
+    data = bytearray(path.read_bytes())
+    for sig, name_len_at, name_at, sizes_at in (
+        (b"PK\x01\x02", 28, 46, 20),
+        (b"PK\x03\x04", 26, 30, 18),
+    ):
+        at = data.find(sig)
+        while at != -1:
+            n = struct.unpack_from("<H", data, at + name_len_at)[0]
+            if data[at + name_at : at + name_at + n].endswith(b"/data/0"):
+                struct.pack_into("<II", data, at + sizes_at, 2**31, 2**31)
+            at = data.find(sig, at + 4)
+    path.write_bytes(bytes(data))
+
+
+def _pickle_claim(root: Path) -> None:
+    """A vector file whose pickle says its storage holds 2**29 floats (2 GiB); the record has 64."""
+    path = _p(LAYER0, root)
+    torch.save(torch.ones(64), path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(copy.copy(i), src.read(i.filename)) for i in src.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info, data in entries:
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cpuq\x04K@", b"cpuq\x04J" + struct.pack("<i", 2**29))
+            dst.writestr(info, data)
+
+
+def _legacy_claim(root: Path) -> None:
+    """The pre-zip torch format, its storage size field claiming 2**31 floats."""
+    path = _p(LAYER0, root)
+    torch.save(torch.ones(64), path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<q", data, len(data) - 64 * 4 - 8, 2**31)
+    path.write_bytes(bytes(data))
+
+
+def _huge_file(root: Path) -> None:
+    with open(_p(LAYER0, root), "r+b") as fh:
+        fh.truncate(65 * 2**20)  # sparse on disk: a size to refuse, not bytes to write
+
+
+def _fifo(root: Path) -> None:
+    path = _p(LAYER0, root)
+    path.unlink()
+    os.mkfifo(path)  # torch.load would wait on it forever
+
+
+def _steering_lines(*lines: bytes) -> Callable[[Path], None]:
+    header = b'{"type": "header", "direction": "positive"}'
+    return _write_bytes(STEERING, b"\n".join((header, *lines)) + b"\n")
+
+
+def _run_line(trait_mean: bytes = b"12.0", method: bytes = b'"probe"') -> bytes:
+    return (
+        b'{"result": {"trait_mean": ' + trait_mean + b', "coherence_mean": 90.0}, "config": '
+        b'{"vectors": [{"layer": 1, "component": "residual", "method": ' + method + b"}]}}"
+    )
 
 
 def _truncate_vector(root: Path) -> None:
@@ -90,6 +160,16 @@ def _delete(template: str) -> Callable[[Path], None]:
     def prepare(root: Path) -> None:
         path = _p(template, root)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    return prepare
+
+
+def _edit_metadata(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        path = _p(METADATA, root)
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
 
     return prepare
 
@@ -117,6 +197,29 @@ def _model_at(template: str, config_json: str | None = None) -> Callable[[Path],
 
     return prepare
 
+
+ADAPTER = "{root}/adapters/a"
+LORA_FIELD = "model_variants.base.lora"
+
+
+def _lora_at(lora: str, files: dict[str, str] | None = None) -> Callable[[Path], None]:
+    """Give the `base` variant the LoRA `lora`; create ADAPTER holding `files` (name -> text)."""
+
+    def prepare(root: Path) -> None:
+        config = _p(CONFIG, root)
+        data = json.loads(config.read_text())
+        data["model_variants"]["base"]["lora"] = lora.format(root=root)
+        config.write_text(json.dumps(data))
+        if files is not None:
+            folder = _p(ADAPTER, root)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (folder / name).write_text(text)
+
+    return prepare
+
+
+ADAPTER_FILES = {"adapter_config.json": '{"peft_type": "LORA", "r": 4}', "adapter_model.bin": "w"}
 
 # ---------------------------------------------------------------- corpus: file -> field
 
@@ -146,6 +249,7 @@ PROMPT_FIELDS = {
     "id_negative": "prompts[0].id",
     "id_space": "prompts[0].id",
     "id_newline": "prompts[0].id",
+    "id_trailing_newline": "prompts[0].id",  # `$` matched before a final newline: "0\n.json"
     "id_duplicate_int_str": "prompts[1].id",  # int 1 and "1" are the same file name
     "id_duplicate_str": "prompts[2].id",
     "text_missing": "prompts[0].text",
@@ -157,6 +261,14 @@ PROMPT_FIELDS = {
     "system_prompt_not_string": "system_prompt",
     "item_system_prompt_not_string": "prompts[0].system_prompt",
     "note_not_string": "prompts[0].note",
+    # lone surrogates: json.loads takes "\ud800", UTF-8 cannot encode it
+    "text_lone_surrogate": "prompts[3].text",
+    "prompt_lone_surrogate": "prompts[0].prompt",
+    "text_reversed_surrogate_pair": "prompts[0].text",
+    "system_prompt_lone_surrogate": "system_prompt",
+    "item_system_prompt_lone_surrogate": "prompts[0].system_prompt",
+    "note_lone_surrogate": "prompts[0].note",
+    "id_lone_surrogate": "prompts[0].id",
 }
 CONFIG_FIELDS = {
     "malformed": "line 2",
@@ -169,10 +281,15 @@ CONFIG_FIELDS = {
     "variant_model_blank": "model_variants.base.model",
     "variant_lora_empty": "model_variants.base.lora",
     "variant_name_unsafe": "model_variants.../base",
+    "variant_name_trailing_newline": "model_variants.base\\n",  # escaped: one line
     "defaults_not_object": "defaults",
     "default_unknown": "defaults.application",
     "default_list": "defaults.application",
     "chat_template_string": "use_chat_template",
+    "variant_model_lone_surrogate": "model_variants.base.model",
+    "variant_model_control_character": "model_variants.base.model",
+    "variant_lora_lone_surrogate": "model_variants.base.lora",
+    "variant_lora_control_character": "model_variants.base.lora",
 }
 STEERING_FIELDS = {
     "malformed_line": "line 2",
@@ -194,12 +311,22 @@ METADATA_FIELDS = {
     "baseline_nan": "layers.0.baseline",
     "baseline_string": "layers.0.baseline",
     "position_missing": "position",
+    "position_lone_surrogate": "position",  # written to every projection file
+    "position_unsafe": "position",  # becomes a steering path part
+    "position_trailing_newline": "position",
 }
 CORPUS_FIELDS = {
     ("prompts", ".json"): PROMPT_FIELDS,
     ("config", ".json"): CONFIG_FIELDS,
     ("steering", ".jsonl"): STEERING_FIELDS,
     ("metadata", ".json"): METADATA_FIELDS,
+}
+
+# The message must say where in the string: a prompt set can hold thousands of prompts.
+MESSAGES = {
+    "prompts/text_lone_surrogate": "\\ud800 at index 6",
+    "prompts/text_reversed_surrogate_pair": "\\ude00 at index 8",
+    "config/variant_model_control_character": "'\\x1b' at index 1",
 }
 
 
@@ -213,13 +340,21 @@ def _corpus_case(kind: str, name: str, fld: str) -> Case:
             fld,
             lambda root: _copy(src, _p(target, root)),
             flags={"--prompt-set": f"bad/{name}"},
+            message=MESSAGES.get(f"prompts/{name}", ""),
         )
     target, flags = {
         "config": (CONFIG, {}),
         "steering": (STEERING, {"--traits": "behavior/alpha", "--layers": "best"}),
         "metadata": (METADATA, {"--traits": "behavior/alpha", "--layers": "0"}),
     }[kind]
-    return Case(f"{kind}/{name}", target, fld, lambda root: _copy(src, _p(target, root)), flags)
+    return Case(
+        f"{kind}/{name}",
+        target,
+        fld,
+        lambda root: _copy(src, _p(target, root)),
+        flags,
+        message=MESSAGES.get(f"{kind}/{name}", ""),
+    )
 
 
 CORPUS_CASES = [
@@ -295,6 +430,31 @@ GENERATED_CASES = [
     Case("experiment/dotdot", "--experiment", "experiment", flags={"--experiment": "../tiny"}),
     Case("experiment/empty", "--experiment", "experiment", flags={"--experiment": ""}),
     Case(
+        "experiment/trailing_newline",
+        "--experiment",
+        "experiment",
+        flags={"--experiment": "tiny\n"},
+        message="'tiny\\n'",
+    ),
+    Case(
+        "prompts/set_trailing_newline",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": "tests/small\n"},
+    ),
+    Case(
+        "prompts/set_part_trailing_newline",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": "tests\n/small"},
+    ),
+    Case(
+        "config/model_variant_trailing_newline",
+        "--model-variant",
+        "model_variant",
+        flags={"--model-variant": "base\n"},
+    ),
+    Case(
         "experiment/config_not_utf8",
         CONFIG,
         "config",
@@ -316,11 +476,93 @@ GENERATED_CASES = [
     ),
     Case("model/folder_without_config", MODEL_DIR, "model", _model_at(MODEL_DIR)),
     Case("model/config_malformed", MODEL_DIR, "model", _model_at(MODEL_DIR, '{"model_type": "lla')),
+    # the LoRA adapter of the variant that runs: checked before the model loads
+    Case(
+        "lora/path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("/nonexistent/raypipe-lora"),
+        message="'/nonexistent/raypipe-lora' not found",
+    ),
+    Case(
+        "lora/home_path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("~/nonexistent-raypipe-lora"),
+        message="not found",
+    ),
+    Case(
+        "lora/relative_path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("./adapters/nope"),
+        message="relative to the current directory",
+    ),
+    Case(
+        "lora/deep_relative_path_missing",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("adapters/nope/x"),
+        message="not found",
+    ),
+    Case(
+        "lora/hub_id_not_cached",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("someone/raypipe-no-such-adapter"),
+        message="local cache",
+    ),
+    Case(
+        "lora/folder_without_adapter_config",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at(ADAPTER, {"README.md": "not an adapter"}),
+        message="adapter_config.json",
+    ),
+    Case(
+        "lora/folder_without_weights",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at(ADAPTER, {"adapter_config.json": '{"peft_type": "LORA"}'}),
+        message="adapter_model.safetensors",
+    ),
+    Case(
+        "lora/is_a_file",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at(ADAPTER + "/adapter_model.bin", ADAPTER_FILES),
+        message="not a folder",
+    ),
+    Case(
+        "lora/adapter_config_malformed",
+        ADAPTER + "/adapter_config.json",
+        "line 1",
+        _lora_at(ADAPTER, {**ADAPTER_FILES, "adapter_config.json": '{"peft_type": '}),
+    ),
+    Case(
+        "lora/adapter_config_without_peft_type",
+        ADAPTER + "/adapter_config.json",
+        "peft_type",
+        _lora_at(ADAPTER, {**ADAPTER_FILES, "adapter_config.json": '{"r": 4}'}),
+    ),
+    Case(
+        "lora/generate_command",
+        CONFIG,
+        LORA_FIELD,
+        _lora_at("/nonexistent/raypipe-lora"),
+        command="generate",
+    ),
     # traits
     Case("traits/dotdot", "--traits", "traits", flags={"--traits": "behavior/.."}),
     Case("traits/leading_dotdot", "--traits", "traits", flags={"--traits": "../behavior/alpha"}),
     Case("traits/one_part", "--traits", "traits", flags={"--traits": "alpha"}),
     Case("traits/three_parts", "--traits", "traits", flags={"--traits": "behavior/alpha/x"}),
+    Case(
+        "traits/category_trailing_newline",
+        "--traits",
+        "traits",
+        flags={"--traits": "behavior\n/alpha"},
+    ),
     Case(
         "traits/unknown",
         TRAITS_DIR + "/behavior/nope/base/vectors",
@@ -376,6 +618,144 @@ GENERATED_CASES = [
     ),
     Case("vector/empty_file", LAYER0, "vector", _write_bytes(LAYER0, b""), VEC),
     Case("vector/text_file", LAYER0, "vector", _write_bytes(LAYER0, b"0.1 0.2 0.3\n"), VEC),
+    Case(
+        "vector/sparse_coo",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.sparse_coo_tensor([[0, 3]], [1.0, 2.0], (64,))),
+        VEC,
+        message="sparse",
+    ),
+    Case(
+        "vector/sparse_csr",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.ones(1, 64).to_sparse_csr()),
+        VEC,
+        message="sparse",
+    ),
+    Case(
+        "vector/meta",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.empty(64, device="meta")),
+        VEC,
+        message="meta",
+    ),
+    Case(
+        "vector/quantized",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.quantize_per_tensor(torch.ones(64), 0.1, 0, torch.qint8)),
+        VEC,
+        message="quantized",
+    ),
+    Case(
+        "vector/complex",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.ones(64, dtype=torch.complex64)),
+        VEC,
+        message="complex",
+    ),
+    Case(
+        "vector/bool",
+        LAYER0,
+        "vector",
+        _save_vector(torch.ones(64, dtype=torch.bool)),
+        VEC,
+        message="torch.bool",
+    ),
+    Case("vector/scalar", LAYER0, "vector", _save_vector(torch.tensor(1.0)), VEC, message="1-D"),
+    Case(
+        "vector/nested",
+        LAYER0,
+        "vector",
+        _save_vector(lambda: torch.nested.nested_tensor([torch.ones(64)])),
+        VEC,
+    ),
+    Case(
+        "vector/float64_overflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e300, dtype=torch.float64)),
+        VEC,
+        message="float32",
+    ),
+    Case(
+        "vector/float64_underflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e-300, dtype=torch.float64)),
+        VEC,
+        message="float32",
+    ),
+    Case(
+        "vector/norm_overflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e19)),
+        VEC,
+        message="norm",
+    ),
+    Case(
+        "vector/norm_underflows_float32",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), 1e-30)),
+        VEC,
+        message="norm",
+    ),
+    Case(
+        "vector/nan_in_float16",
+        LAYER0,
+        "vector",
+        _save_vector(torch.full((64,), float("nan"), dtype=torch.float16)),
+        VEC,
+        message="NaN",
+    ),
+    Case(
+        "vector/pickled_object",
+        LAYER0,
+        "vector",
+        _save_vector(argparse.Namespace(v=[1.0] * 64)),
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case(
+        "vector/zip_header_claims_2gib",
+        LAYER0,
+        "vector",
+        _zip_claim,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case(
+        "vector/pickle_claims_2gib",
+        LAYER0,
+        "vector",
+        _pickle_claim,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case(
+        "vector/legacy_format_claims_8gib",
+        LAYER0,
+        "vector",
+        _legacy_claim,
+        VEC,
+        message="not a loadable tensor file",
+    ),
+    Case("vector/file_over_64mib", LAYER0, "vector", _huge_file, VEC, message="bytes"),
+    Case(
+        "vector/directory",
+        LAYER0,
+        "vector",
+        lambda root: (_p(LAYER0, root).unlink(), _p(LAYER0, root).mkdir()),
+        VEC,
+        message="not a file",
+    ),
+    Case("vector/fifo", LAYER0, "vector", _fifo, VEC, message="not a file"),
     Case("metadata/missing", METADATA, "metadata", _delete(METADATA), VEC),
     Case(
         "layers/no_vector_at_layer",
@@ -400,6 +780,85 @@ GENERATED_CASES = [
         _write_bytes(STEERING, b'{"type": "header", "direction": "n\xe9gative"}\n'),
         {"--traits": "behavior/alpha", "--layers": "best"},
     ),
+    Case(
+        "steering/nested_100k_deep",
+        STEERING,
+        "line 2",
+        _steering_lines(b"[" * 100_000 + b"]" * 100_000),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="nested",
+    ),
+    Case(
+        "steering/object_nested_100k_deep",
+        STEERING,
+        "line 3",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}',
+            b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="nested",
+    ),
+    Case(
+        "steering/number_with_5000_digits",
+        STEERING,
+        "line 3",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}', _run_line(b"1" * 5000)
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="digits",
+    ),
+    Case(
+        "steering/trait_mean_400_digit_int",  # parses, but no float holds it
+        STEERING,
+        "line 3.result.trait_mean",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}', _run_line(b"9" * 400)
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+    ),
+    Case(
+        "metadata/baseline_400_digit_int",
+        METADATA,
+        "layers.0.baseline",
+        _edit_metadata(lambda meta: meta["layers"]["0"].update(baseline=int("9" * 400))),
+        VEC,
+    ),
+    Case(
+        "metadata/layer_key_with_newline",
+        METADATA,
+        "layers.0\\n.baseline",
+        _edit_metadata(lambda meta: meta["layers"].update({"0\n": {"baseline": "x"}})),
+        VEC,
+    ),
+    Case(
+        "metadata/effect_size_400_digit_int",
+        PROBE,
+        "layers",
+        _edit_metadata(
+            lambda meta: [e.update(val_effect_size=int("9" * 400)) for e in meta["layers"].values()]
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="val_effect_size",
+    ),
+    Case(
+        "steering/method_not_string",
+        STEERING,
+        "line 3.config.vectors[0].method",
+        _steering_lines(
+            b'{"type": "baseline", "result": {"trait_mean": 1.0}}', _run_line(method=b'["probe"]')
+        ),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+    ),
+    Case(
+        "steering/directory",
+        STEERING,
+        "results",
+        lambda root: _p(STEERING, root).mkdir(parents=True),
+        {"--traits": "behavior/alpha", "--layers": "best"},
+        message="not a file",
+    ),
     # --layers
     Case("layers/beyond_depth", "--layers", "layers", flags={"--layers": "4"}, message="4 layers"),
     Case(
@@ -418,6 +877,20 @@ GENERATED_CASES = [
     Case("layers/best_garbage", "--layers", "layers", flags={"--layers": "best+x"}),
     Case("layers/negative", "--layers", "layers", flags={"--layers": "-1"}),
     Case("layers/float", "--layers", "layers", flags={"--layers": "1.5"}),
+    Case(
+        "layers/space_inside_number",  # it meant layer 12 (beyond the depth here, 0-3)
+        "--layers",
+        "layers",
+        flags={"--layers": "1 2"},
+        message="'1 2' has a space between",
+    ),
+    Case(
+        "layers/space_after_best",
+        "--layers",
+        "layers",
+        flags={"--layers": "0,best 1"},
+        message="'best 1' has a space between",
+    ),
     # calibration for --remove-massive-dims
     Case(
         "calibration/missing",
@@ -489,6 +962,7 @@ BUG_INPUTS = [
         "file",
         _write_bytes("{root}/datasets/inference/bad/deep.json", b"[" * 5000 + b"]" * 5000),
         {"--prompt-set": "bad/deep"},
+        message="nested too deeply",
     ),
     Case(
         "prompts/id_with_5000_digits",
@@ -499,6 +973,7 @@ BUG_INPUTS = [
             b'[{"id": ' + b"1" * 5000 + b', "text": "hi"}]',
         ),
         {"--prompt-set": "bad/bigint"},
+        message="too many digits",
     ),
     Case(
         "calibration/aggregate_list",
@@ -618,6 +1093,57 @@ def test_bad_input(case: Case, root: Path, capfd):
     assert lines[0].startswith(prefix), f"\n{lines[0]}\n{prefix}"
     assert case.message in lines[0][len(prefix) :]
     assert snapshot(root) == before
+
+
+def _hub_cache(root: Path, repo: str, files: dict[str, str]) -> Path:
+    """A Hugging Face hub cache holding `repo` at one snapshot, as a download leaves it."""
+    cache = root / "hf-cache"
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    snapshot = repo_dir / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return cache
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "home", "hub", "other_variant"])
+def test_lora_that_exists_passes_validation(where, root: Path, monkeypatch):
+    """The LoRA checks reject only what cannot load: these reach the job, with a path that
+    any worker can open whatever its current directory."""
+    import huggingface_hub
+
+    import raypipe.pipeline.job as job
+
+    plans = []
+
+    def reached(plan, **kwargs):
+        plans.append(plan)
+        raise ValidationPassed("reached the job")
+
+    monkeypatch.setattr(job, "run_infer", reached)
+    adapter = _p(ADAPTER, root)
+    lora, expected = str(adapter), str(adapter)
+    if where == "relative":
+        monkeypatch.chdir(root)
+        lora = "adapters/a"
+    elif where == "home":
+        monkeypatch.setenv("HOME", str(root))
+        lora = "~/adapters/a"
+    elif where == "hub":
+        cache = _hub_cache(root, "someone/adapter", ADAPTER_FILES)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        lora = expected = "someone/adapter"
+    _lora_at(lora, ADAPTER_FILES)(root)
+    if where == "other_variant":  # an unused variant's adapter is not looked at
+        config = _p(CONFIG, root)
+        data = json.loads(config.read_text())
+        data["model_variants"]["other"] = {"model": "m", "lora": "/nonexistent/raypipe-lora"}
+        config.write_text(json.dumps(data))
+    with pytest.raises(ValidationPassed):
+        main(argv(Case(where, "", ""), root))
+    assert plans[0].model.spec.lora == expected
 
 
 @pytest.mark.parametrize(

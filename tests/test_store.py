@@ -26,14 +26,16 @@ from raypipe.store.outputs import (
     write_projection,
     write_response,
 )
+from raypipe.store.pairs import load_trait_data
 from raypipe.store.parquet import build_parquet
-from raypipe.store.paths import ExperimentPaths, sanitize_position
+from raypipe.store.paths import ExperimentPaths, check_name, check_relpath, sanitize_position
 from raypipe.store.prompts import MAX_PROMPT_CHARS, load_prompt_set
 from raypipe.store.vectors import (
     LayerSpec,
     best_layer,
     find_vector_set,
     load_steering,
+    load_vector,
     parse_layers,
     resolve_vectors,
 )
@@ -99,6 +101,17 @@ def test_prompt_set_bare_list(tmp_path):
     ]
 
 
+def test_prompt_set_keeps_surrogate_pairs_and_control_characters(tmp_path):
+    # "\ud83d\ude00" in JSON is one character (an emoji), unlike a lone surrogate; control
+    # characters are text the model may be asked about (they are escaped only when printed).
+    path = tmp_path / "datasets" / "inference" / "u.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(r'[{"id": 0, "text": "smile \ud83d\ude00 \u001b[2J", "note": "\u202e"}]')
+    (item,) = load_prompt_set(tmp_path / "datasets", "u").items
+    assert item.text == "smile \U0001f600 \x1b[2J" and item.note == "\u202e"
+    assert item.text.encode("utf-8")
+
+
 def test_prompt_set_limit_is_inclusive(tmp_path):
     datasets = _prompts(tmp_path, "big", [{"id": 0, "text": "a" * MAX_PROMPT_CHARS}])
     assert len(load_prompt_set(datasets, "big").items[0].text) == MAX_PROMPT_CHARS
@@ -124,6 +137,17 @@ def test_prompt_set_errors_name_the_item(tmp_path, items, field):
         load_prompt_set(datasets, "bad")
     assert e.value.field == field
     assert e.value.where == str(datasets / "inference" / "bad.json")
+
+
+def test_trait_pairs_with_a_lone_surrogate_name_the_pair(tmp_path):
+    pairs = [{"prompt": "p", "positive": "yes", "negative": "no"} for _ in range(4)]
+    pairs[2]["negative"] = "no \udc80"
+    folder = tmp_path / "traits"
+    _write(folder / "cat" / "t" / "pairs.json", {"pairs": pairs})
+    with pytest.raises(InputError) as e:
+        load_trait_data(folder, "cat/t")
+    assert (e.value.where, e.value.field) == (str(folder / "cat/t/pairs.json"), "pairs[2].negative")
+    assert "\\udc80 at index 3" in e.value.message
 
 
 # ---------------------------------------------------------------- names and paths
@@ -159,6 +183,17 @@ def test_paths_follow_the_spec_layout(tmp_path):
     assert p.calibration_file("v") == exp / "inference/v/massive_activations/calibration.json"
 
 
+@pytest.mark.parametrize("value", ["0\n", "tiny\n", "a.b\n", "\n", "0\r\n"])
+def test_a_final_newline_is_not_a_safe_name(value):
+    with pytest.raises(InputError) as e:
+        check_name(value, "where", "field")
+    assert e.value.field == "field"
+    with pytest.raises(InputError):
+        check_relpath(f"cat/{value}", "where", "field")
+    with pytest.raises(InputError):
+        check_relpath(f"{value}/name", "where", "field")
+
+
 # ---------------------------------------------------------------- --layers
 
 
@@ -179,6 +214,12 @@ def test_paths_follow_the_spec_layout(tmp_path):
         ("25%-75%", 9, (2, 3, 4, 5, 6), ()),
         ("3,3,1-3,best,best", 4, (3, 1, 2), (0,)),  # duplicates collapse, order kept
         ("1, 2 ,best+1", 4, (1, 2), (1,)),
+        (" 1 , 2 ", 4, (1, 2), ()),
+        # spaces beside + - : % cannot join two numbers: the meaning is plain
+        ("best + 2, best - 1", 30, (), (2, -1)),
+        ("5 - 8", 30, (5, 6, 7, 8), ()),
+        ("0-30 : 10", 31, (0, 10, 20, 30), ()),
+        ("0 % - 100 %", 5, (0, 1, 2, 3, 4), ()),
     ],
 )
 def test_parse_layers(text, n_layers, absolute, offsets):
@@ -212,6 +253,15 @@ def test_parse_layers_rejects(text):
     with pytest.raises(InputError) as e:
         parse_layers(text, 30)
     assert e.value.field == "layers"
+
+
+@pytest.mark.parametrize("text", ["1 2", "1\t2", "1\u00a02", "best 5", "best+1 0", "al l", "1-2 0"])
+def test_parse_layers_never_joins_numbers_across_a_space(text):
+    # "1 2" used to mean layer 12: it may mean 1,2 as well, so it is an error that says so.
+    with pytest.raises(InputError) as e:
+        parse_layers(text, 30)
+    assert (e.value.where, e.value.field) == ("--layers", "layers")
+    assert "comma" in e.value.message
 
 
 # ---------------------------------------------------------------- steering and best layer
@@ -370,6 +420,69 @@ def test_load_steering_keeps_unicode_line_separators_inside_strings(tmp_path):
     assert len(load_steering(path).runs) == 1
 
 
+def test_a_steering_run_without_method_is_a_probe_run(tiny_root):
+    # SPEC 2: "A run vector without `method` means `probe`" (it used to match no method).
+    run = _run(2, 30.0, 90.0)
+    del run["config"]["vectors"][0]["method"]
+    assert _best(tiny_root, [_header(), _baseline(10.0), _run(1, 15.0, 90.0), run]) == (
+        2,
+        "steering",
+        "steering delta +20.00",
+    )
+
+
+def test_a_bad_steering_value_is_quoted_briefly(tmp_path):
+    path = tmp_path / "results.jsonl"
+    run = _run(2, "x" * 1_000_000, 90.0)
+    path.write_text("\n".join(json.dumps(x) for x in [_header(), _baseline(1.0), run]))
+    with pytest.raises(InputError) as e:
+        load_steering(path)
+    assert e.value.field == "line 3.result.trait_mean"
+    assert len(e.value.message) < 120 and e.value.message.endswith("...")
+
+
+# ---------------------------------------------------------------- vector files
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: v,
+        lambda v: v.half(),
+        lambda v: v.bfloat16(),
+        lambda v: v.double(),
+        lambda v: v.requires_grad_(),
+        lambda v: torch.nn.Parameter(v),
+        lambda v: torch.stack([v, v], 1)[:, 0],  # a strided view: its storage is saved whole
+    ],
+    ids=["float32", "float16", "bfloat16", "float64", "requires_grad", "parameter", "view"],
+)
+def test_load_vector_takes_any_dense_real_float_vector(tmp_path, make, recwarn):
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    saved = make(v.clone())
+    torch.save(saved, tmp_path / "layer0.pt")
+    got = load_vector(tmp_path / "layer0.pt", 64)
+    assert got == saved.detach().float().tolist()
+    assert not [w for w in recwarn if "vectors.py" in w.filename]
+
+
+def test_only_ascii_layer_files_are_layers(tiny_root):
+    # `$` matched before a final newline and `\d` matches any script's digits: "layer٣.pt"
+    # was layer 3, and "layer0.pt\n" could stand in for layer 0.
+    paths = ExperimentPaths(tiny_root, "tiny")
+    folder = find_vector_set(paths, "behavior/alpha", "base", "residual").dir
+    for name in ("layer0.pt\n", "layer\u0663.pt", "layer\uff11.pt", "layer2.pt.bak"):
+        (folder / name).write_bytes(b"not a tensor")
+    vset = find_vector_set(paths, "behavior/alpha", "base", "residual")
+    assert vset.layer_files == {i: folder / f"layer{i}.pt" for i in range(4)}
+
+
+def test_load_vector_reads_the_legacy_torch_format(tmp_path):
+    v = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    torch.save(v, tmp_path / "layer0.pt", _use_new_zipfile_serialization=False)
+    assert load_vector(tmp_path / "layer0.pt", 64) == v.tolist()
+
+
 # ---------------------------------------------------------------- resolve_vectors
 
 
@@ -474,7 +587,11 @@ def test_load_experiment_missing_defaults_take_the_first_variant(tmp_path):
     assert cfg.use_chat_template is None
 
 
-def test_load_experiment_partial_defaults(tmp_path):
+def test_load_experiment_partial_defaults(tmp_path, monkeypatch):
+    adapter = tmp_path / "adapters" / "x"
+    _write(adapter / "adapter_config.json", {"peft_type": "LORA"})
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    monkeypatch.chdir(tmp_path)
     cfg = load_experiment(
         _config(
             tmp_path,
@@ -490,7 +607,8 @@ def test_load_experiment_partial_defaults(tmp_path):
     )
     assert cfg.extraction_variant == "base"
     assert cfg.application_variant == "it"
-    assert cfg.variant(None, "application").lora == "adapters/x"
+    assert cfg.variants["it"].lora == "adapters/x"  # as written in config.json
+    assert cfg.variant(None, "application").lora == str(adapter.resolve())  # as loaded
     assert cfg.variant(None, "extraction").name == "base"
     assert cfg.use_chat_template is False
 
@@ -597,6 +715,15 @@ def test_response_round_trip(tmp_path):
         ({"prompt_end": 6}, "prompt_end"),
         ({"tokens": ["a"]}, "tokens"),
         ({"response": None}, "response"),
+        # a reused response goes on to Parquet: strings must be strings, and UTF-8 encodable
+        ({"prompt": "a\ud800"}, "prompt"),
+        ({"response": "\udc00 b"}, "response"),
+        ({"tokens": ["a", "b", "\ud800", "d", "e"]}, "tokens[2]"),
+        ({"tokens": [1, 2, 3, 4, 5]}, "tokens[0]"),
+        ({"system_prompt": 5}, "system_prompt"),
+        ({"system_prompt": "\ud800"}, "system_prompt"),
+        ({"inference_model": ["m"]}, "inference_model"),
+        ({"capture_date": "\udfff"}, "capture_date"),
     ],
 )
 def test_read_response_rejects(tmp_path, change, field):
@@ -699,6 +826,30 @@ def _tree(tmp_path: Path) -> ExperimentPaths:
     (paths.projection_file("base", TRAITS[0], "tests/small", "0").parent / ".0.json.tmp-x").touch()
     write_projection(paths.projection_file("base", TRAITS[0], "other", "0"), _projection("0"))
     return paths
+
+
+def test_parquet_build_survives_a_file_named_with_a_superscript_digit(tmp_path):
+    # "²".isdigit() is True but int("²") raises: a stray "².json" crashed the build at the
+    # end of a run. Such a name sorts after the numeric ids, with the other names.
+    paths = _tree(tmp_path)
+    stray = paths.response_file("base", "tests/small", "\u00b2")
+    write_response(stray, _response(0))
+    build_parquet(paths, "base", "tests/small")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(paths.parquet_file("base", "responses", "tests/small"))
+    assert table.column("prompt_id").to_pylist() == [*IDS, "\u00b2"]
+
+
+def test_capture_layer_keys_are_ascii_digits(tmp_path):
+    from raypipe.store.captures import read_capture
+
+    acts = {"residual": torch.zeros(1, 4)}
+    seg = {"text": "t", "tokens": ["a"], "token_ids": [1], "activations": {"\u00b2": acts}}
+    torch.save({"prompt": seg, "response": seg}, tmp_path / "0.pt")
+    with pytest.raises(InputError) as e:
+        read_capture(tmp_path / "0.pt")
+    assert e.value.field == "prompt.activations.\u00b2"
 
 
 def test_parquet_round_trip_pyarrow_and_duckdb(tmp_path):

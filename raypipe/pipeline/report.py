@@ -8,6 +8,7 @@ import numpy as np
 
 from raypipe.pipeline.job import Summary
 from raypipe.pipeline.plan import InferPlan
+from raypipe.store.text import printable
 
 
 def trait_table(plan: InferPlan) -> list[dict]:
@@ -58,10 +59,18 @@ def trait_table(plan: InferPlan) -> list[dict]:
 
 
 def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=None) -> None:
+    """Prompt text, ids, error messages, trait names and paths come from inputs or the model:
+    each is escaped (printable) before it is padded, and every line once more as it is printed,
+    so no escape sequence or bidi control reaches the terminal and a message's newline cannot
+    start a line of its own."""
     out = out or sys.stdout
-    p = lambda *a: print(*a, file=out)  # noqa: E731
+    e = printable
+
+    def p(line: str = "") -> None:
+        print(printable(line), file=out)
+
     p("")
-    p(f"raypipe: {plan.paths.experiment} / {plan.variant} / {plan.prompts.name}")
+    p(f"raypipe: {e(plan.paths.experiment)} / {e(plan.variant)} / {e(plan.prompts.name)}")
     p(
         f"  prompts: {s.total} | done {s.done} | skipped {s.skipped} (already complete) | "
         f"failed {s.failed} | generated {s.generated}"
@@ -72,11 +81,11 @@ def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=No
             f"= {s.tokens_per_second:,.0f} tok/s"
         )
     for pid, err in s.failures[:20]:
-        p(f"  failed {pid}: {err}")
+        p(f"  failed {e(pid)}: {e(err)}")
     if len(s.failures) > 20:
         p(f"  ... and {len(s.failures) - 20} more failures")
     for name, where in s.outputs.items():
-        p(f"  {name}: {where}")
+        p(f"  {e(name)}: {e(where)}")
     if not traits_table:
         return
     rows = trait_table(plan)
@@ -84,6 +93,7 @@ def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=No
         p("")
         p(f"  {'trait':<24} {'layer':>5} {'mean resp':>10}  highest-scoring prompt")
         for r in rows:
-            text = r["top_prompt"].replace("\n", " ")
+            text = e(r["top_prompt"].replace("\n", " "))
             text = text if len(text) <= 60 else text[:57] + "..."
-            p(f"  {r['trait']:<24} {r['layer']:>5} {r['mean']:>10.3f}  [{r['top_id']}] {text}")
+            trait, top_id = e(r["trait"]), e(r["top_id"])
+            p(f"  {trait:<24} {r['layer']:>5} {r['mean']:>10.3f}  [{top_id}] {text}")

@@ -150,5 +150,7 @@ def read_json(path: Path, field: str = "file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(path, f"line {e.lineno}", f"malformed JSON: {e.msg}") from None
-    except (RecursionError, ValueError) as e:  # absurd nesting, or a 5000-digit integer
-        raise InputError(path, "file", f"malformed JSON: {type(e).__name__}") from None
+    except RecursionError:
+        raise InputError(path, "file", "malformed JSON: nested too deeply") from None
+    except ValueError:  # Python's limit on integer digits (4300 by default)
+        raise InputError(path, "file", "malformed JSON: a number with too many digits") from None

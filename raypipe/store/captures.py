@@ -9,6 +9,7 @@ import torch
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import write_tensor
+from raypipe.store.text import brief, printable
 
 SEGMENTS = ("prompt", "response")
 
@@ -63,9 +64,9 @@ def _layer_key(key, path: Path, field: str) -> int:
     # Layers are saved as ints; digit strings are accepted for files written by other tools.
     if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
         return key
-    if isinstance(key, str) and key.isdigit():
+    if isinstance(key, str) and key.isascii() and key.isdigit():  # int("²") raises
         return int(key)
-    raise InputError(path, field, f"layer key {key!r} is not a layer number")
+    raise InputError(path, field, f"layer key {brief(key)} is not a layer number")
 
 
 def _segment(obj: dict, seg: str, path: Path) -> dict:
@@ -90,13 +91,13 @@ def _segment(obj: dict, seg: str, path: Path) -> dict:
         raise InputError(path, f"{seg}.activations", "missing, empty or not a dict")
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key, comps in acts.items():
-        field = f"{seg}.activations.{key}"
+        field = f"{seg}.activations.{printable(key)}"  # a key from the file: one line
         layer = _layer_key(key, path, field)
         if not isinstance(comps, dict) or not comps:
             raise InputError(path, field, "must be a non-empty dict of component -> tensor")
         out[layer] = {}
         for comp, t in comps.items():
-            where = f"{field}.{comp}"
+            where = f"{field}.{printable(comp)}"
             if not isinstance(comp, str):
                 raise InputError(path, where, "component name must be a string")
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():

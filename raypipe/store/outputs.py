@@ -10,6 +10,7 @@ import numpy as np
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json, write_json
+from raypipe.store.text import brief, check_text
 
 RESPONSE_KEYS = (
     "prompt",
@@ -72,13 +73,24 @@ def read_response(path: Path) -> dict:
         raise InputError(path, "token_ids", "must be a non-empty list of token ids")
     end = rec.get("prompt_end")
     if isinstance(end, bool) or not isinstance(end, int) or not 0 < end <= len(ids):
-        raise InputError(path, "prompt_end", f"must be an integer in 1..{len(ids)}, got {end!r}")
+        raise InputError(
+            path, "prompt_end", f"must be an integer in 1..{len(ids)}, got {brief(end)}"
+        )
     tokens = rec.get("tokens")
     if not isinstance(tokens, list) or len(tokens) != len(ids):
         raise InputError(path, "tokens", "must list one string per token id")
-    for key in ("prompt", "response"):
-        if not isinstance(rec.get(key), str):
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            raise InputError(path, f"tokens[{i}]", f"must be a string, got {brief(token)}")
+        check_text(token, path, f"tokens[{i}]")
+    # A reused response goes on to Parquet, which needs strings it can encode as UTF-8.
+    for key in ("prompt", "response", "system_prompt", "inference_model", "capture_date"):
+        value = rec.get(key)
+        if value is None and key not in ("prompt", "response"):
+            continue
+        if not isinstance(value, str):
             raise InputError(path, key, "must be a string")
+        check_text(value, path, key)
     return rec
 
 

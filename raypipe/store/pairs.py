@@ -8,6 +8,7 @@ from pathlib import Path
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
 from raypipe.store.paths import check_relpath
+from raypipe.store.text import check_text
 
 MIN_PAIRS = 4
 
@@ -56,7 +57,7 @@ def load_trait_data(folder: Path, trait: str) -> TraitData:
             value = item.get(key)
             if not isinstance(value, str) or not value.strip():
                 raise InputError(path, f"pairs[{i}].{key}", "must be a non-empty string")
-            values.append(value)
+            values.append(check_text(value, path, f"pairs[{i}].{key}"))
         pairs.append(Pair(*values))
     description = data.get("description", "")
     return TraitData(trait, description if isinstance(description, str) else "", tuple(pairs))

@@ -55,7 +55,8 @@ ROWS_PER_GROUP = 2048
 
 def _id_sort_key(path: Path):
     stem = path.stem
-    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+    # isascii: "²".isdigit() is True, but int("²") raises.
+    return (0, int(stem), "") if stem.isascii() and stem.isdigit() else (1, 0, stem)
 
 
 def _json_files(folder: Path) -> list[Path]:

@@ -7,18 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raypipe.errors import InputError
+from raypipe.store.text import brief
 
-_SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# Used with fullmatch: `$` would also match before a final newline, letting "0\n" through.
+_SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 MAX_NAME_LEN = 200
 
 
 def check_name(value: str, where: str | Path, field: str) -> str:
     """A single path component: letters, digits, `_ . -`, never `..`, never hidden."""
     if not isinstance(value, str) or not value:
-        raise InputError(where, field, f"must be a non-empty string, got {value!r}")
-    if len(value) > MAX_NAME_LEN or not _SAFE_PART.match(value) or ".." in value:
+        raise InputError(where, field, f"must be a non-empty string, got {brief(value)}")
+    if len(value) > MAX_NAME_LEN or not _SAFE_PART.fullmatch(value) or ".." in value:
         raise InputError(
-            where, field, f"{value!r} is not a safe name (letters, digits, '_', '.', '-' only)"
+            where, field, f"{brief(value)} is not a safe name (letters, digits, '_', '.', '-' only)"
         )
     return value
 
@@ -26,11 +28,11 @@ def check_name(value: str, where: str | Path, field: str) -> str:
 def check_relpath(value: str, where: str | Path, field: str, parts: int | None = None) -> str:
     """A relative path of safe components separated by '/', optionally with an exact depth."""
     if not isinstance(value, str) or not value.strip("/"):
-        raise InputError(where, field, f"must be a non-empty path, got {value!r}")
+        raise InputError(where, field, f"must be a non-empty path, got {brief(value)}")
     pieces = value.strip("/").split("/")
     if parts is not None and len(pieces) != parts:
         shape = "/".join(["part"] * parts)
-        raise InputError(where, field, f"{value!r} must have the form {shape}")
+        raise InputError(where, field, f"{brief(value)} must have the form {shape}")
     for piece in pieces:
         check_name(piece, where, field)
     return "/".join(pieces)

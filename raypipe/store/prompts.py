@@ -8,6 +8,7 @@ from pathlib import Path
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
 from raypipe.store.paths import check_name, check_relpath
+from raypipe.store.text import brief, check_text
 
 MAX_PROMPT_CHARS = 200_000
 
@@ -29,9 +30,11 @@ class PromptSet:
 
 def _opt_str(item: dict, key: str, where: Path, field: str) -> str | None:
     value = item.get(key)
-    if value is not None and not isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
         raise InputError(where, field, f"must be a string, got {type(value).__name__}")
-    return value
+    return check_text(value, where, field)
 
 
 def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
@@ -62,7 +65,7 @@ def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
             raise InputError(path, f"{field}.id", "missing")
         raw_id = item["id"]
         if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
-            raise InputError(path, f"{field}.id", f"must be an int or string, got {raw_id!r}")
+            raise InputError(path, f"{field}.id", f"must be an int or string, got {brief(raw_id)}")
         pid = check_name(str(raw_id), path, f"{field}.id")
         if pid in seen:
             raise InputError(path, f"{field}.id", f"duplicate id {pid!r}")
@@ -75,6 +78,7 @@ def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
             raise InputError(path, f"{field}.{key}", f"must be a string, got {type(text).__name__}")
         if not text.strip():
             raise InputError(path, f"{field}.{key}", "is empty")
+        check_text(text, path, f"{field}.{key}")
         if len(text) > MAX_PROMPT_CHARS:
             raise InputError(
                 path, f"{field}.{key}", f"is {len(text)} characters (limit {MAX_PROMPT_CHARS})"

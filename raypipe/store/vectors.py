@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
-from raypipe.store.paths import ExperimentPaths, check_relpath
+from raypipe.store.paths import ExperimentPaths, check_name, check_relpath, sanitize_position
+from raypipe.store.text import brief, check_text, printable
 
 METHOD_PREFERENCE = ("probe", "mean_diff")
 COMPONENTS = ("residual", "attn_contribution")
 MIN_COHERENCE = 77.0
-_LAYER_FILE = re.compile(r"^layer(\d+)\.pt$")
+MAX_VECTOR_FILE_BYTES = 64 * 2**20
+# With fullmatch and ASCII digits: `$` also matches before a final newline, `\d` any digit.
+_LAYER_FILE = re.compile(r"layer([0-9]{1,6})\.pt")
 
 
 # ---------------------------------------------------------------- --layers
@@ -34,9 +39,19 @@ def parse_layers(text: str, n_layers: int, where: str = "--layers") -> LayerSpec
     absolute: list[int] = []
     offsets: list[int] = []
     for raw in text.split(","):
-        term = raw.strip().replace(" ", "")
+        term = raw.strip()
         if not term:
             raise InputError(where, "layers", f"empty term in {text!r}")
+        # Spaces beside + - : % change nothing ("best + 5"); between two letters or digits
+        # they would join two numbers into one ("1 2" is not layer 12), so they are an error.
+        if re.search(r"[0-9A-Za-z]\s+[0-9A-Za-z]", term):
+            raise InputError(
+                where,
+                "layers",
+                f"{term!r} has a space between two numbers or words; separate layers with "
+                "commas (1,2)",
+            )
+        term = re.sub(r"\s+", "", term)
         if term == "all":
             absolute.extend(range(n_layers))
         elif m := re.fullmatch(r"best(?:([+-])([0-9]{1,6}))?", term):
@@ -123,6 +138,17 @@ def list_traits(paths: ExperimentPaths, variant: str) -> list[str]:
     )
 
 
+def _finite(value) -> float | None:
+    """`value` as a float if it is a finite number; JSON ints can be too big for any float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        return None
+    return out if math.isfinite(out) else None
+
+
 def _load_metadata(path: Path) -> dict:
     if not path.is_file():
         raise InputError(path, "metadata", "missing metadata.json beside the vectors")
@@ -133,18 +159,23 @@ def _load_metadata(path: Path) -> dict:
     if not isinstance(layers, dict):
         raise InputError(path, "layers", "must be an object keyed by layer")
     for key, value in layers.items():
+        at = f"layers.{printable(key)}"  # a key from the file: one error line whatever it holds
         if not isinstance(value, dict):
-            raise InputError(path, f"layers.{key}", "must be an object")
+            raise InputError(path, at, "must be an object")
         baseline = value.get("baseline", 0.0)
-        if (
-            isinstance(baseline, bool)
-            or not isinstance(baseline, int | float)
-            or not math.isfinite(baseline)
-        ):
-            raise InputError(
-                path, f"layers.{key}.baseline", f"must be a finite number: {baseline!r}"
-            )
+        if _finite(baseline) is None:
+            raise InputError(path, f"{at}.baseline", f"must be a finite number: {brief(baseline)}")
     return meta
+
+
+def _position(meta: dict, path: Path) -> str:
+    """The extraction position: written to every projection file, and a steering path part."""
+    pos = meta.get("position")
+    if not isinstance(pos, str):
+        raise InputError(path, "position", "missing or not a string")
+    check_text(pos, path, "position", controls=False)
+    check_name(sanitize_position(pos), path, "position")
+    return pos
 
 
 def find_vector_set(
@@ -161,8 +192,6 @@ def find_vector_set(
         raise InputError(base, "traits", f"trait {trait!r} has no vectors for variant {variant!r}")
     positions = sorted(p for p in base.iterdir() if p.is_dir())
     if position is not None:
-        from raypipe.store.paths import sanitize_position
-
         positions = [p for p in positions if p.name == sanitize_position(position)]
     methods = [method] if method else list(METHOD_PREFERENCE)
     tried = []
@@ -173,13 +202,11 @@ def find_vector_set(
             files = {}
             if d.is_dir():
                 for f in d.iterdir():
-                    if mm := _LAYER_FILE.match(f.name):
+                    if mm := _LAYER_FILE.fullmatch(f.name):
                         files[int(mm.group(1))] = f
             if files:
                 meta = _load_metadata(d / "metadata.json")
-                pos = meta.get("position")
-                if not isinstance(pos, str):
-                    raise InputError(d / "metadata.json", "position", "missing or not a string")
+                pos = _position(meta, d / "metadata.json")
                 return VectorSet(trait, m, pos, component, d, dict(sorted(files.items())), meta)
     raise InputError(
         base,
@@ -188,28 +215,82 @@ def find_vector_set(
     )
 
 
-def load_vector(path: Path, hidden_size: int) -> list[float]:
+def _open_vector(path: Path):
+    """torch.load of one vector file, every failure an InputError naming it."""
     import torch
 
     try:
-        t = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # truncated, pickled objects, not a tensor file
+        st = path.stat()
+    except OSError as e:
+        raise InputError(path, "vector", f"cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, or a FIFO that torch.load would wait on
+        raise InputError(path, "vector", "is not a file")
+    if st.st_size > MAX_VECTOR_FILE_BYTES:
+        raise InputError(
+            path,
+            "vector",
+            f"is {st.st_size:,} bytes (limit {MAX_VECTOR_FILE_BYTES:,}); a vector is a few KB "
+            "(a saved view keeps its whole storage: save v.clone())",
+        )
+    try:
+        with warnings.catch_warnings():  # torch's warnings would add lines to the error
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated, pickled objects, size claims, not a tensor file
         # torch's own message spans lines and suggests weights_only=False: never pass that on.
         raise InputError(
             path, "vector", f"not a loadable tensor file ({type(e).__name__})"
         ) from None
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
-        raise InputError(path, "vector", "must be a 1-D float tensor")
+
+
+def _tensor_problem(t, hidden_size: int) -> str | None:
+    """What makes `t` unusable as a dense 1-D real vector of `hidden_size`, if anything."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return f"must be a 1-D float tensor, got {type(t).__name__}"
+    if t.is_meta:
+        return "is a meta tensor: it has a shape but no values"
+    if t.is_nested:
+        return "is a nested tensor; save a 1-D float tensor"
+    if t.layout != torch.strided:
+        return f"is a sparse tensor ({t.layout}); save a dense one (v.to_dense())"
+    if t.is_quantized:
+        return f"is a quantized tensor ({t.dtype}); save a float one (v.dequantize())"
+    if t.is_complex():
+        return f"is complex ({t.dtype}); must be a real float tensor"
+    if not t.is_floating_point():
+        return f"has dtype {t.dtype}; must be a float tensor"
+    if t.dim() != 1:
+        return f"has shape {tuple(t.shape)}; must be a 1-D float tensor [hidden]"
     if t.shape[0] != hidden_size:
-        raise InputError(
-            path, "vector", f"has size {t.shape[0]} but the model's hidden size is {hidden_size}"
-        )
-    t = t.float()
+        return f"has size {t.shape[0]} but the model's hidden size is {hidden_size}"
+    return None
+
+
+def load_vector(path: Path, hidden_size: int) -> list[float]:
+    import torch
+
+    t = _open_vector(path)
+    if problem := _tensor_problem(t, hidden_size):
+        raise InputError(path, "vector", problem)
+    t = t.detach()
     if not torch.isfinite(t).all():
         raise InputError(path, "vector", "contains NaN or infinite values")
-    if float(t.norm()) == 0.0:
+    if not t.any():
         raise InputError(path, "vector", "is all zeros")
-    return t.tolist()
+    # The projector works in float32: v / |v| there must be finite and nonzero.
+    v = t.float()
+    if not torch.isfinite(v).all():
+        raise InputError(path, "vector", f"has values beyond the float32 range ({t.dtype})")
+    if not v.any():
+        raise InputError(path, "vector", f"its values are all zero in float32 ({t.dtype})")
+    norm = float(torch.linalg.vector_norm(v))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise InputError(
+            path, "vector", f"its norm is {norm} in float32; rescale it (only its direction counts)"
+        )
+    return v.tolist()
 
 
 # ---------------------------------------------------------------- steering and best layer
@@ -232,34 +313,59 @@ class SteeringResults:
 
 
 def _num(value, path: Path, field_name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(path, field_name, f"must be a finite number, got {value!r}")
-    return float(value)
+    out = _finite(value)
+    if out is None:
+        raise InputError(path, field_name, f"must be a finite number, got {brief(value)}")
+    return out
+
+
+def _json_line(line: str, path: Path, n: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"line {n}", f"malformed JSON: {e.msg}") from None
+    except RecursionError:
+        raise InputError(path, f"line {n}", "malformed JSON: nested too deeply") from None
+    except ValueError:  # Python's limit on integer digits (4300 by default)
+        raise InputError(
+            path, f"line {n}", "malformed JSON: a number with too many digits"
+        ) from None
+
+
+def _opt_name(value, path: Path, field_name: str, default: str) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InputError(path, field_name, f"must be a string, got {type(value).__name__}")
+    return value
 
 
 def load_steering(path: Path) -> SteeringResults | None:
-    if not path.is_file():
+    if not path.exists():
         return None
+    if not path.is_file():
+        raise InputError(path, "results", "is not a file")
     direction, baseline, runs = "positive", None, []
     try:
         # JSONL lines end at "\n" only: U+2028 and friends may sit unescaped inside strings.
         lines = path.read_text("utf-8").split("\n")
     except UnicodeDecodeError:
         raise InputError(path, "results", "not valid UTF-8") from None
+    except OSError as e:
+        raise InputError(path, "results", f"cannot read: {e.strerror}") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"line {n}", f"malformed JSON: {e.msg}") from None
+        obj = _json_line(line, path, n)
         if not isinstance(obj, dict):
             raise InputError(path, f"line {n}", "must be a JSON object")
         kind = obj.get("type")
         if kind == "header":
             direction = obj.get("direction", "positive")
             if direction not in ("positive", "negative"):
-                raise InputError(path, f"line {n}.direction", f"unknown direction {direction!r}")
+                raise InputError(
+                    path, f"line {n}.direction", f"unknown direction {brief(direction)}"
+                )
         elif kind == "baseline":
             result = obj.get("result")
             if not isinstance(result, dict):
@@ -276,11 +382,14 @@ def load_steering(path: Path) -> SteeringResults | None:
             layer = first.get("layer")
             if isinstance(layer, bool) or not isinstance(layer, int):
                 raise InputError(path, f"line {n}.config.vectors[0].layer", "must be an integer")
+            at = f"line {n}.config.vectors[0]"
             runs.append(
                 SteeringRun(
                     layer=layer,
-                    method=str(first.get("method", "")),
-                    component=str(first.get("component", "residual")),
+                    method=_opt_name(first.get("method"), path, f"{at}.method", "probe"),
+                    component=_opt_name(
+                        first.get("component"), path, f"{at}.component", "residual"
+                    ),
                     trait_mean=_num(result.get("trait_mean"), path, f"line {n}.result.trait_mean"),
                     coherence_mean=_num(
                         result.get("coherence_mean"), path, f"line {n}.result.coherence_mean"
@@ -310,9 +419,9 @@ def best_layer(vset: VectorSet, steering: SteeringResults | None) -> tuple[int, 
             return layer, "steering", f"steering delta {scores[layer]:+.2f}"
     effects = {}
     for layer in candidates:
-        value = vset.layer_meta(layer).get("val_effect_size")
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            effects[layer] = float(value)
+        value = _finite(vset.layer_meta(layer).get("val_effect_size"))
+        if value is not None:
+            effects[layer] = value
     if not effects:
         raise InputError(
             vset.dir,
