@@ -19,6 +19,7 @@ from raypipe.options import (
     ProjectionOptions,
     RunOptions,
 )
+from raypipe.store.text import printable
 
 
 def _root(args) -> Path:
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = user_error(e)
         if cause is None:
             raise
-        print(f"raypipe: error: {_one_line(cause)}", file=sys.stderr)
+        print(f"raypipe: error: {printable(_one_line(cause))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raypipe: interrupted", file=sys.stderr)

@@ -28,6 +28,7 @@ from raypipe.store.atomic import read_json, sweep_temp_files, write_json
 from raypipe.store.outputs import VectorInfo
 from raypipe.store.parquet import build_parquet, projection_traits
 from raypipe.store.runlock import run_lock
+from raypipe.store.text import printable
 
 
 @dataclass
@@ -121,7 +122,7 @@ def _has_gpus() -> bool:
 
 def log(msg: str, quiet: bool = False) -> None:
     if not quiet:
-        print(f"[raypipe] {msg}", file=sys.stderr, flush=True)
+        print(f"[raypipe] {printable(msg)}", file=sys.stderr, flush=True)
 
 
 def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Summary:
