@@ -138,3 +138,46 @@ def test_a_server_no_node_can_hold_fails_cleanly(ray_session, tiny_root):
         server.start_server(info.spec, gpus=1, cpus=0.5, timeout_s=3)
     handle, _ = server.find_server(info.spec, timeout_s=5)
     assert handle is None  # gone, or (its name not yet released) answering nothing
+
+
+@pytest.mark.slow
+def test_a_job_survives_its_model_server_being_killed(ray_session, tiny_root):
+    """SIGKILL the server while a `--backend auto` job runs: Ray restarts it, the forwarder
+    waits for it and runs the batch again, and the job ends complete."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.conftest import PROMPTS
+    from tests.tiny import write_prompt_set
+
+    ray = ray_session
+    # Enough batches (of 1) that the job is still running when the server dies.
+    write_prompt_set(tiny_root, "tests/small", [f"{t} {i}" for i in range(4) for t in PROMPTS])
+    _, info = plan_serve(tiny_root, "tiny", ModelOptions(dtype="float32"))
+    handle, up, _ = server.start_server(info.spec, gpus=0, cpus=0.5)
+    responses = tiny_root / "experiments/tiny/inference/base/responses/tests/small"
+    killed = []
+
+    def kill_when_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(responses.glob("*.json"))) < 3:
+            time.sleep(0.05)
+        os.kill(up["pid"], signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
+    try:
+        assert infer(tiny_root, "--backend", "auto", "--batch-size", "1", "--quiet") == 0
+        killer.join(5)
+        assert killed, "the server was never killed"
+        after = ray.get(handle.info.remote())
+        assert after["pid"] != up["pid"]  # a restarted server served the rest of the job
+        assert len(list(responses.glob("*.json"))) == 40
+        projections = tiny_root / "experiments/tiny/inference/base/projections"
+        for trait in TRAITS:
+            assert len(list((projections / trait / "tests/small").glob("*.json"))) == 40
+    finally:
+        server.stop_server(info.spec)

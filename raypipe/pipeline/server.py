@@ -25,6 +25,8 @@ from raypipe.errors import RaypipeError
 NAMESPACE = "raypipe"
 MAX_STAGES = 16  # stage objects a server keeps (one per job stage replica); oldest dropped
 READY_TIMEOUT_S = 30.0
+MAX_SERVER_DEATHS = 3  # restarts of the server one batch waits through before it fails
+RESTART_WAIT_S = 1800.0  # a restarted server reloads its model: as long as `serve --timeout`
 
 
 def spec_identity(spec: ModelSpec) -> dict:
@@ -204,12 +206,49 @@ class ServedStage:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import ray
+        from ray.exceptions import RayActorError
 
-        out = ray.get(self.server.run.remote(self.key, batch))
-        if out is None:  # the server dropped this stage or restarted: build it again
-            ray.get(self.server.open.remote(self.key, self.kind, self.kwargs))
-            out = ray.get(self.server.run.remote(self.key, batch))
-        return out
+        deaths = 0
+        while True:
+            try:
+                out = ray.get(self.server.run.remote(self.key, batch))
+                if out is None:  # the server dropped this stage or restarted: build it again
+                    ray.get(self.server.open.remote(self.key, self.kind, self.kwargs))
+                    out = ray.get(self.server.run.remote(self.key, batch))
+                return out
+            except RayActorError as e:  # died, or restarting (ActorUnavailableError)
+                # The server died under this batch; Ray restarts it (max_restarts=-1) and it
+                # reloads the model. Wait for that, then run the batch again: a stage call is
+                # idempotent (what it writes, it rewrites whole), so a rerun gives the same rows.
+                deaths += 1
+                if deaths > MAX_SERVER_DEATHS:
+                    raise RaypipeError(
+                        f"stage {self.kind}: model server died {deaths} times under one "
+                        f"batch ({type(e).__name__}); see `raypipe serve --status`"
+                    ) from None
+                self._wait_for_restart()
+
+    def _wait_for_restart(self) -> None:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                ray.get(self.server.info.remote(), timeout=max(left, 0.1))
+                return
+            except ActorUnavailableError:  # restarting: Ray answers at once, so ask again
+                if left <= 0:
+                    break
+                time.sleep(0.5)
+            except GetTimeoutError:
+                break
+            except ActorDiedError as e:
+                raise RaypipeError(f"stage {self.kind}: model server is gone: {e}") from None
+        raise RaypipeError(
+            f"stage {self.kind}: model server died and was not back within {RESTART_WAIT_S:.0f} s"
+        )
 
     def __del__(self):
         try:
