@@ -27,7 +27,14 @@ def status_options(args, root: Path, cache_dir: Path, prompt_set: str) -> InferO
         output=OutputOptions(root=root, experiment=args.experiment, prompt_set=prompt_set),
         model=ModelOptions(cache_dir=cache_dir, variant=args.model_variant),
         projection=ProjectionOptions(
-            component=args.component, layers=args.layers, traits=traits, method=args.method
+            component=args.component,
+            layers=args.layers,
+            traits=traits,
+            method=args.method,
+            # Entries count under the settings infer would write them with; `status` has no
+            # flag for these yet, so they take infer's defaults unless the parser grows one.
+            centered=getattr(args, "centered", False),
+            remove_massive_dims=getattr(args, "remove_massive_dims", False),
         ),
     )
 
@@ -69,7 +76,7 @@ def _parquet_state(path: Path, newest_json: int | None) -> str:
 
 
 def collect_status(plan: InferPlan, note: str | None = None) -> dict:
-    """Counts for one prompt set, by file existence: what the next `infer` would skip or do."""
+    """Counts for one prompt set: what the next `infer` with these flags would skip or do."""
     paths: ExperimentPaths = plan.paths
     variant, name = plan.variant, plan.prompts.name
     ids = [item.id for item in plan.prompts.items]
@@ -77,8 +84,10 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     missing_responses = [i for i in ids if not paths.response_file(variant, name, i).is_file()]
 
     traits = {}
-    for trait in dict.fromkeys(v.trait for v in plan.vectors):
-        missing = [i for i in ids if not paths.projection_file(variant, trait, name, i).is_file()]
+    for trait, missing in plan.missing.items():
+        # Per requested (method, layer) entry, not per file: a file without layer 3 is missing
+        # for --layers 3 (ProjectionContents says what a file holds).
+        missing = list(missing)
         traits[trait] = {
             "present": len(ids) - len(missing),
             "missing": len(missing),

@@ -355,6 +355,40 @@ def test_prompt_longer_than_context_fails_alone(ray_session, tiny_root, capsys):
 # ---------------------------------------------------------------- raypipe status
 
 
+def write_projection_file(paths, trait: str, pid: str, layers, centered: bool = False) -> None:
+    """A projection file as the store writes it, with probe entries at `layers` (no model)."""
+    import numpy as np
+
+    from raypipe.store.outputs import (
+        VectorInfo,
+        projection_entry,
+        projection_record,
+        write_projection,
+    )
+
+    entries = [
+        projection_entry(
+            VectorInfo(trait, "probe", "response[:]", layer, "layers_arg", 0.0),
+            np.arange(4, dtype=np.float32),
+            np.ones(4, dtype=np.float32),
+            3,
+            centered,
+        )
+        for layer in layers
+    ]
+    record = projection_record(
+        prompt_id=pid,
+        prompt_set="tests/small",
+        n_prompt_tokens=3,
+        n_response_tokens=1,
+        component="residual",
+        position="response[:]",
+        centered=centered,
+        entries=entries,
+    )
+    write_projection(paths.projection_file("base", trait, "tests/small", pid), record)
+
+
 def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
     from raypipe.store.outputs import response_record, write_response
     from raypipe.store.paths import ExperimentPaths
@@ -380,9 +414,11 @@ def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
         write_response(paths.response_file("base", "tests/small", str(i)), rec)
     for trait, ids in (("behavior/alpha", "012"), ("tone/beta", "0")):
         for i in ids:
-            f = paths.projection_file("base", trait, "tests/small", i)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text('{"metadata": {}, "projections": []}')
+            write_projection_file(paths, trait, i, layers=(1, 2))
+    # Counted per (method, layer) entry: a file without layer 2 is not done for --layers 1,2,
+    # nor is one written with other settings (uncentered is what this status asks about).
+    write_projection_file(paths, "tone/beta", "1", layers=(1,))
+    write_projection_file(paths, "tone/beta", "2", layers=(1, 2), centered=True)
     raw = paths.raw_file("base", "residual", "tests/small", "0")
     raw.parent.mkdir(parents=True)
     raw.write_bytes(b"x")
@@ -417,6 +453,7 @@ def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "responses: 4 present, 6 missing [4, 5, 6, 7, 8, 9]" in text
     assert "projections tone/beta: 1 present, 9 missing" in text
+    assert "tone/beta: 1 projection file(s) hold entries with centered=True" in text
     assert "stray temp files: 2" in text and "parquet responses: stale" in text
     # The same validation as infer: a layer past the model depth is an error naming it.
     assert main(["status", "--root", str(tiny_root), *ARGS[:4], "--layers", "9"]) == 2

@@ -10,6 +10,7 @@ from raypipe.errors import InputError
 from raypipe.options import InferOptions, ModelOptions
 from raypipe.store.atomic import read_json
 from raypipe.store.experiment import ExperimentConfig, load_experiment
+from raypipe.store.outputs import ProjectionSettings, projection_contents, requested_entries
 from raypipe.store.paths import ExperimentPaths
 from raypipe.store.prompts import PromptSet, load_prompt_set
 from raypipe.store.vectors import VectorSpec, list_traits, parse_layers, resolve_vectors
@@ -35,6 +36,8 @@ class InferPlan:
     notes: tuple[str, ...]
     massive_dims: tuple[int, ...] | None
     rows: tuple[dict, ...]  # one per prompt: what the stages need and what is to be done
+    # trait -> ids of the prompts whose file lacks a requested (method, layer) entry
+    missing: dict[str, tuple[str, ...]]
 
 
 def model_info(model: str, lora: str | None, m: ModelOptions) -> ModelInfo:
@@ -108,15 +111,23 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
             proj.method,
         )
         dims = _massive_dims(paths, variant.name) if proj.remove_massive_dims else None
+    requested = requested_entries(vectors, proj.component, proj.centered)
+    missing: dict[str, list[str]] = {t: [] for t in requested}
+    replaced: dict[tuple[str, ProjectionSettings | None], int] = {}
     rows = []
     for item in prompts.items:
         response = paths.response_file(variant.name, prompts.name, item.id)
         generate = out.regenerate or not response.is_file()
-        missing = [
-            t
-            for t in dict.fromkeys(v.trait for v in vectors)
-            if not paths.projection_file(variant.name, t, prompts.name, item.id).is_file()
-        ]
+        todo = generate or out.force
+        for trait, (settings, wanted) in requested.items():
+            path = paths.projection_file(variant.name, trait, prompts.name, item.id)
+            held = None if out.regenerate else projection_contents(path)
+            if held is None or held.missing(settings, wanted, dims):
+                missing[trait].append(item.id)
+                todo = True
+            if held is not None and held.settings != settings and not generate:
+                key = (trait, held.settings)
+                replaced[key] = replaced.get(key, 0) + 1
         rows.append(
             {
                 "prompt_set": prompts.name,
@@ -125,8 +136,15 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
                 "system_prompt": item.system_prompt,
                 "note": item.note,
                 "generate": generate,
-                "project": need_vectors and (generate or out.force or bool(missing)),
+                "project": need_vectors and todo,
             }
+        )
+    for (trait, old), n in replaced.items():
+        new = requested[trait][0]
+        had = old.differences(new) if old else "no stated settings"
+        notes.append(
+            f"{trait}: {n} projection file(s) hold entries with {had}; projecting with "
+            f"{new.differences(old)} replaces those entries (one file holds one setting)"
         )
     return InferPlan(
         opts=opts,
@@ -139,4 +157,5 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
         notes=tuple(notes),
         massive_dims=dims,
         rows=tuple(rows),
+        missing={t: tuple(ids) for t, ids in missing.items()},
     )

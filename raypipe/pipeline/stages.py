@@ -17,7 +17,7 @@ from raypipe.store.outputs import (
     projection_record,
     read_response,
     response_record,
-    write_projection,
+    update_projection,
     write_response,
 )
 from raypipe.store.paths import ExperimentPaths
@@ -442,7 +442,8 @@ MODEL_STAGES = {"generate": GenerateStage, "project": ProjectStage, "capture": C
 
 
 def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame:
-    """One JSON per prompt per trait; existing files stay unless --force or regenerated."""
+    """One JSON per prompt per trait. Entries the files hold already stay (all of them but
+    the requested ones with --force; none for a regenerated response): update_projection."""
     require(
         batch,
         "write_projections",
@@ -473,12 +474,11 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
             cleaned = np.asarray(cleaned, dtype=np.float32).reshape(n_vec, -1)
             cleaned_norms = np.asarray(row["cleaned_norms"], dtype=np.float32).reshape(n_vec, -1)
         end = int(row["prompt_end"])
+        wrote = False
         for trait, idx in by_trait.items():
             path = sink.paths.projection_file(
                 sink.variant, trait, row["prompt_set"], row["prompt_id"]
             )
-            if path.exists() and not (sink.force or row["generated"]):
-                continue
             entries = [
                 projection_entry(
                     sink.vectors[i],
@@ -492,18 +492,17 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
                 )
                 for i in idx
             ]
-            write_projection(
-                path,
-                projection_record(
-                    prompt_id=row["prompt_id"],
-                    prompt_set=row["prompt_set"],
-                    n_prompt_tokens=end,
-                    n_response_tokens=scores.shape[1] - end,
-                    component=sink.component,
-                    position=sink.vectors[idx[0]].position,
-                    centered=sink.centered,
-                    entries=entries,
-                ),
+            record = projection_record(
+                prompt_id=row["prompt_id"],
+                prompt_set=row["prompt_set"],
+                n_prompt_tokens=end,
+                n_response_tokens=scores.shape[1] - end,
+                component=sink.component,
+                position=sink.vectors[idx[0]].position,
+                centered=sink.centered,
+                entries=entries,
             )
-        out.append({**summary, "status": "done"})
+            wrote |= update_projection(path, record, force=sink.force, fresh=row["generated"])
+        # Projected only for the calibration (its files were complete): nothing new written.
+        out.append({**summary, "status": "done" if wrote else "skipped"})
     return _frame(out, SUMMARY_COLUMNS)
