@@ -10,6 +10,7 @@ from raypipe.errors import InputError
 from raypipe.options import InferOptions, ModelOptions, OutputOptions, ProjectionOptions
 from raypipe.pipeline.plan import InferPlan, plan_infer
 from raypipe.store.atomic import TMP_MARK
+from raypipe.store.calibration import is_complete, read_calibration
 from raypipe.store.parquet import projection_traits
 from raypipe.store.paths import ExperimentPaths
 
@@ -75,6 +76,22 @@ def _parquet_state(path: Path, newest_json: int | None) -> str:
     return "up to date"
 
 
+def _calibration_state(path: Path) -> dict:
+    """complete / partial (a run was stopped; the next infer goes on with it) / none."""
+    try:
+        record = read_calibration(path)
+    except InputError as e:
+        return {"state": "unreadable", "error": str(e)}
+    if record is None:
+        return {"state": "none"}
+    agg = record.get("aggregate")
+    return {
+        "state": "complete" if is_complete(record) else "partial",
+        "tokens_seen": record.get("tokens_seen"),
+        "n_prompts": agg.get("n_prompts") if isinstance(agg, dict) else None,
+    }
+
+
 def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     """Counts for one prompt set: what the next `infer` with these flags would skip or do."""
     paths: ExperimentPaths = plan.paths
@@ -120,6 +137,7 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
 
     root = paths.inference_dir(variant)
     return {
+        "calibration": _calibration_state(paths.calibration_file(variant)),
         "experiment": paths.experiment,
         "variant": variant,
         "prompt_set": name,
@@ -159,6 +177,16 @@ def print_status(st: dict, out=None) -> None:
             f"  projections {trait}: {t['present']} present, {t['missing']} missing"
             f"{_ids(t['missing_ids'])}"
         )
+    cal = st["calibration"]
+    if cal["state"] in ("complete", "partial"):
+        line = f"{cal['state']}, {cal['tokens_seen']} tokens from {cal['n_prompts']} prompts"
+        if cal["state"] == "partial":
+            line += " (a run was stopped; the next `raypipe infer` goes on with it)"
+    elif cal["state"] == "none":
+        line = "none yet (the next `raypipe infer` collects it)"
+    else:
+        line = f"unreadable ({cal['error']}; the next `raypipe infer` collects it again)"
+    p(f"  calibration: {line}")
     for comp, n in st["raw"].items():
         p(f"  raw captures ({comp}): {n} present")
     if not st["raw"]:
