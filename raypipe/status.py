@@ -137,7 +137,6 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
 
     root = paths.inference_dir(variant)
     return {
-        "calibration": _calibration_state(paths.calibration_file(variant)),
         "experiment": paths.experiment,
         "variant": variant,
         "prompt_set": name,
@@ -153,6 +152,7 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
         "raw": raw,
         "stray_temp_files": [str(p.relative_to(root)) for p in stray],
         "parquet": parquet,
+        "calibration": _calibration_state(paths.calibration_file(variant)),
     }
 
 
