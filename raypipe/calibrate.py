@@ -8,28 +8,17 @@ from typing import Any
 
 from raypipe.errors import InputError
 from raypipe.options import ModelOptions
-from raypipe.store.atomic import read_json, write_json
+from raypipe.store.calibration import (
+    calibration_record,
+    is_complete,
+    read_calibration,
+    write_calibration,
+)
 from raypipe.store.experiment import load_experiment
-from raypipe.store.outputs import now_iso
 from raypipe.store.paths import ExperimentPaths
 from raypipe.store.prompts import load_prompt_set
 
 DEFAULT_PROMPT_SET = "neutral/calibration"
-
-
-def calibration_record(
-    experiment: str, model: str, variant: str, source: str, result: dict[str, Any]
-) -> dict[str, Any]:
-    """calibration.json (SPEC section 8) from a collector's `result()`."""
-    return {
-        "experiment": experiment,
-        "model": model,
-        "model_variant": variant,
-        "source": source,
-        "tokens_seen": result["tokens_seen"],
-        "aggregate": result["aggregate"],
-        "timestamp": now_iso(),
-    }
 
 
 def format_report(record: dict[str, Any]) -> str:
@@ -102,9 +91,12 @@ def run_calibrate(
     config = load_experiment(paths)
     variant = config.variant(model.variant, "application")
     target = paths.calibration_file(variant.name)
-    if target.is_file() and not force:
+    existing = None if force else read_calibration(target)
+    if existing is not None and is_complete(existing):
         print(f"calibrate: {target} exists (use --force to redo)", file=out)
-        return read_json(target, "calibration")
+        return existing
+    if existing is not None:
+        print(f"calibrate: {target} is partial (a stopped run); collecting again", file=out)
     prompts = load_prompt_set(paths.datasets, prompt_set)  # validated before the model loads
     spec = model.spec(variant.model, variant.lora)
     lm, tok = load_model(spec)
@@ -131,7 +123,8 @@ def run_calibrate(
         f"raypipe calibrate:{prompts.name}",
         collector.result(),
     )
-    write_json(target, record)
+    record = {**record, "complete": True}
+    write_calibration(target, record, complete=True)
     print(format_report(record), file=out)
     print(f"calibrate: wrote {target}", file=out)
     return record

@@ -13,7 +13,14 @@ import torch
 from raypipe.engine.projector import layer_scores
 from raypipe.errors import InputError, RaypipeError
 from raypipe.store.captures import read_capture
-from raypipe.store.outputs import VectorInfo, projection_entry, projection_record, write_projection
+from raypipe.store.outputs import (
+    VectorInfo,
+    projection_contents,
+    projection_entry,
+    projection_record,
+    requested_entries,
+    update_projection,
+)
 from raypipe.store.paths import ExperimentPaths
 
 CHUNK_FILES = 32  # files per Ray task: enough work to amortise a task, small enough to spread
@@ -178,12 +185,17 @@ def _project_files(
     force: bool,
     massive_dims: Sequence[int] | None,
 ) -> list[tuple[str, str, str | None, int]]:
-    """(prompt_id, status, reason, n_tokens) per prompt; one bad file never sinks the others."""
-    traits = list(dict.fromkeys(v.info.trait for v in vectors))
+    """(prompt_id, status, reason, n_tokens) per prompt; one bad file never sinks the others.
+    A trait's file is to do when it lacks a requested (method, layer) entry, as in the plan."""
+    requested = requested_entries([v.info for v in vectors], component, centered)
     out = []
     for pid in prompt_ids:
-        targets = {t: paths.projection_file(variant, t, prompt_set, pid) for t in traits}
-        todo = {t: p for t, p in targets.items() if force or not p.exists()}
+        todo = {}
+        for trait, (settings, wanted) in requested.items():
+            path = paths.projection_file(variant, trait, prompt_set, pid)
+            held = None if force else projection_contents(path)
+            if held is None or held.missing(settings, wanted, massive_dims):
+                todo[trait] = path
         if not todo:
             out.append((pid, "skipped", None, 0))
             continue
@@ -194,7 +206,7 @@ def _project_files(
         try:
             rec = read_capture(src)
             # Every vector, even for traits already written: the same matmul shapes as the
-            # projector, and the files written are complete.
+            # projector; update_projection keeps what a file holds already.
             records = project_capture(
                 rec,
                 vectors,
@@ -206,7 +218,7 @@ def _project_files(
                 source=src,
             )
             for trait, path in todo.items():
-                write_projection(path, records[trait])
+                update_projection(path, records[trait], force=force)
         except RaypipeError as e:
             out.append((pid, "failed", str(e), 0))
             continue

@@ -10,6 +10,7 @@ from raypipe.errors import InputError
 from raypipe.options import InferOptions, ModelOptions, OutputOptions, ProjectionOptions
 from raypipe.pipeline.plan import InferPlan, plan_infer
 from raypipe.store.atomic import TMP_MARK
+from raypipe.store.calibration import is_complete, read_calibration
 from raypipe.store.parquet import projection_traits
 from raypipe.store.paths import ExperimentPaths
 
@@ -27,7 +28,14 @@ def status_options(args, root: Path, cache_dir: Path, prompt_set: str) -> InferO
         output=OutputOptions(root=root, experiment=args.experiment, prompt_set=prompt_set),
         model=ModelOptions(cache_dir=cache_dir, variant=args.model_variant),
         projection=ProjectionOptions(
-            component=args.component, layers=args.layers, traits=traits, method=args.method
+            component=args.component,
+            layers=args.layers,
+            traits=traits,
+            method=args.method,
+            # Entries count under the settings infer would write them with; `status` has no
+            # flag for these yet, so they take infer's defaults unless the parser grows one.
+            centered=getattr(args, "centered", False),
+            remove_massive_dims=getattr(args, "remove_massive_dims", False),
         ),
     )
 
@@ -68,8 +76,24 @@ def _parquet_state(path: Path, newest_json: int | None) -> str:
     return "up to date"
 
 
+def _calibration_state(path: Path) -> dict:
+    """complete / partial (a run was stopped; the next infer goes on with it) / none."""
+    try:
+        record = read_calibration(path)
+    except InputError as e:
+        return {"state": "unreadable", "error": str(e)}
+    if record is None:
+        return {"state": "none"}
+    agg = record.get("aggregate")
+    return {
+        "state": "complete" if is_complete(record) else "partial",
+        "tokens_seen": record.get("tokens_seen"),
+        "n_prompts": agg.get("n_prompts") if isinstance(agg, dict) else None,
+    }
+
+
 def collect_status(plan: InferPlan, note: str | None = None) -> dict:
-    """Counts for one prompt set, by file existence: what the next `infer` would skip or do."""
+    """Counts for one prompt set: what the next `infer` with these flags would skip or do."""
     paths: ExperimentPaths = plan.paths
     variant, name = plan.variant, plan.prompts.name
     ids = [item.id for item in plan.prompts.items]
@@ -77,8 +101,10 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     missing_responses = [i for i in ids if not paths.response_file(variant, name, i).is_file()]
 
     traits = {}
-    for trait in dict.fromkeys(v.trait for v in plan.vectors):
-        missing = [i for i in ids if not paths.projection_file(variant, trait, name, i).is_file()]
+    for trait, missing in plan.missing.items():
+        # Per requested (method, layer) entry, not per file: a file without layer 3 is missing
+        # for --layers 3 (ProjectionContents says what a file holds).
+        missing = list(missing)
         traits[trait] = {
             "present": len(ids) - len(missing),
             "missing": len(missing),
@@ -126,6 +152,7 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
         "raw": raw,
         "stray_temp_files": [str(p.relative_to(root)) for p in stray],
         "parquet": parquet,
+        "calibration": _calibration_state(paths.calibration_file(variant)),
     }
 
 
@@ -150,6 +177,16 @@ def print_status(st: dict, out=None) -> None:
             f"  projections {trait}: {t['present']} present, {t['missing']} missing"
             f"{_ids(t['missing_ids'])}"
         )
+    cal = st["calibration"]
+    if cal["state"] in ("complete", "partial"):
+        line = f"{cal['state']}, {cal['tokens_seen']} tokens from {cal['n_prompts']} prompts"
+        if cal["state"] == "partial":
+            line += " (a run was stopped; the next `raypipe infer` goes on with it)"
+    elif cal["state"] == "none":
+        line = "none yet (the next `raypipe infer` collects it)"
+    else:
+        line = f"unreadable ({cal['error']}; the next `raypipe infer` collects it again)"
+    p(f"  calibration: {line}")
     for comp, n in st["raw"].items():
         p(f"  raw captures ({comp}): {n} present")
     if not st["raw"]:

@@ -306,3 +306,115 @@ def test_one_replica_collects_the_calibration(tiny_root, tiny_model_dir):
     assert first.collector is None and target.path.is_file()
     third = ProjectStage(*args, calibration=target)
     assert third.collector is not None
+
+
+def _target(path, expected=(), budget=5000):
+    from raypipe.store.calibration import CalibrationTarget
+
+    return CalibrationTarget(
+        path=path,
+        experiment="tiny",
+        model="tiny",
+        variant="base",
+        source="test",
+        budget=budget,
+        prompt_set="s",
+        expected=frozenset(expected),
+    )
+
+
+def test_collector_state_goes_on_in_another_collector(model, seqs, tmp_path):
+    """A collection stopped after some batches and carried on from its saved state (through the
+    sidecar file) ends where one uninterrupted collection does."""
+    from raypipe.store.calibration import (
+        calibration_record,
+        read_state,
+        state_file,
+        write_calibration,
+        write_state,
+    )
+
+    batches = [seqs[:2], seqs[2:]]
+    first = CalibrationCollector(model)
+    first.observe(*pad_right(batches[0], JUNK, "cpu"))
+    target = _target(tmp_path / "calibration.json")
+    record = calibration_record("tiny", "tiny", "base", "test", first.result())
+    write_calibration(target.path, record, complete=False)
+    write_state(target, [("s", "0"), ("s", "1")], ["test"], first.state_dict())
+    saved = read_state(target)
+    assert saved["counted"] == [["s", "0"], ["s", "1"]] and saved["sources"] == ["test"]
+    again = CalibrationCollector(model)
+    again.load_state_dict(saved["collector"])
+    again.observe(*pad_right(batches[1], JUNK, "cpu"))
+    assert_close(again.result(), observe_all(model, batches))
+    with pytest.raises(ValueError, match="budget"):
+        CalibrationCollector(model, budget=10).load_state_dict(saved["collector"])
+    # Only beside a partial calibration of the same model and budget is a state carried on.
+    assert read_state(_target(target.path, budget=10)) is None
+    write_calibration(target.path, record, complete=True)
+    assert not state_file(target.path).exists() and read_state(target) is None
+
+
+def _batch(ids, seqs):
+    batch = pd.DataFrame(
+        {"prompt_id": list(ids), "token_ids": list(seqs), "project": [True] * len(ids)}
+    )
+    batch["error"] = None
+    return batch
+
+
+def test_project_stage_goes_on_with_a_killed_collection(tiny_root, tiny_model_dir, tmp_path):
+    """A replica killed after its first batch, then the resumed run: fed only the prompts left
+    (their projections were written) or the first batch again too (they were not), the
+    calibration is the one an uninterrupted run collects, each prompt counted once."""
+    import shutil
+
+    from raypipe.engine.models import ModelSpec
+    from raypipe.pipeline.stages import ProjectStage
+    from raypipe.store.calibration import state_file
+
+    spec = ModelSpec(str(tiny_model_dir), tiny_root / "cache", dtype="float32")
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(7, 200, (n,), generator=gen).tolist() for n in (9, 17, 4, 12, 6, 3)]
+    ids = [str(i) for i in range(len(seqs))]
+    b1, b2 = _batch(ids[:3], seqs[:3]), _batch(ids[3:], seqs[3:])
+    args = (spec, [(1, [1.0] * 64)], "residual", None, 1024)
+
+    def collect(path, *batches):
+        stage = ProjectStage(*args, calibration=_target(path, ids))
+        for b in batches:
+            stage(b)
+        if stage.claim is not None:
+            stage.claim.close()  # the replica's process is gone: so is its lock
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    want = collect(tmp_path / "ref" / "calibration.json", b1, b2)
+    assert want["complete"] is True and want["tokens_seen"] == sum(map(len, seqs))
+    killed = tmp_path / "killed" / "calibration.json"
+    partial = collect(killed, b1)
+    assert partial["complete"] is False and partial["tokens_seen"] == sum(map(len, seqs[:3]))
+    assert state_file(killed).is_file()
+    for name, batches in (("rest", (b2,)), ("again", (b1, b2))):
+        shutil.copytree(killed.parent, tmp_path / name)
+        got = collect(tmp_path / name / "calibration.json", *batches)
+        assert got["complete"] is True
+        assert got["tokens_seen"] == want["tokens_seen"], name
+        assert_close(got["aggregate"], want["aggregate"], name)
+        assert not state_file(tmp_path / name / "calibration.json").exists()
+
+
+def test_partial_calibration_is_no_source_of_massive_dims(tiny_root, capsys):
+    from raypipe.cli import main
+    from raypipe.store.calibration import calibration_record, write_calibration
+
+    path = ExperimentPaths(tiny_root, "tiny").calibration_file("base")
+    result = {"tokens_seen": 83, "aggregate": {"n_prompts": 2, "massive_dims": [7]}}
+    write_calibration(path, calibration_record("tiny", "m", "base", "t", result), complete=False)
+    args = ["infer", "--root", str(tiny_root), "--experiment", "tiny", "--prompt-set"]
+    args += ["tests/small", "--layers", "1", "--remove-massive-dims"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: complete: the calibration is partial (83 tokens" in err
+    status = ["status", "--root", str(tiny_root), "--experiment", "tiny", "--prompt-set"]
+    assert main([*status, "tests/small", "--layers", "1"]) == 0
+    assert "calibration: partial, 83 tokens from 2 prompts" in capsys.readouterr().out

@@ -308,14 +308,14 @@ def test_run_from_activations_matches_stream_through(ray_session, tiny_root, tin
             b = _load(paths.projection_file("acts", trait, prompt_set, pid))
             _same(a, b)
 
-    # Existing files are kept; --force rewrites them.
+    # Existing files are kept (a file that holds every requested entry); --force rewrites them.
     f = paths.projection_file("acts", TRAITS[0], prompt_set, "0")
-    f.write_text(f.read_text().replace('"centered": true', '"centered": false'))
+    f.write_text(f.read_text().replace('"projection_date": "', '"projection_date": "kept '))
     again = run_from_activations(*args, force=False, massive_dims=dims)
     assert (again.done, again.skipped, again.failed) == (0, len(ids) - 1, 1)
-    assert '"centered": false' in f.read_text()
+    assert '"projection_date": "kept ' in f.read_text()
     forced = run_from_activations(*args, force=True, massive_dims=dims)
-    assert forced.done == len(ids) - 1 and '"centered": true' in f.read_text()
+    assert forced.done == len(ids) - 1 and '"projection_date": "kept ' not in f.read_text()
 
 
 # ---------------------------------------------------------------- (e) layers that were not captured

@@ -192,9 +192,8 @@ def assert_same_output(root: Path, ref: Path) -> None:
             continue
         a, b = json.loads(path.read_text()), json.loads(want[key].read_text())
         assert strip_dates(a) == strip_dates(b), f"{key} differs from the uninterrupted run"
-    # The calibration of a killed first run covers the batches it saw; it must still be whole.
-    cal = json.loads((out_dir(root) / "massive_activations" / "calibration.json").read_text())
-    assert cal["tokens_seen"] > 0
+    # Whatever the crash history, the calibration counts every prompt once.
+    assert_same_calibration(root, ref)
     for table, rows in (("projections", ALL_PROJECTIONS * 2), ("responses", len(PROMPTS))):
         path = out_dir(root) / "parquet" / table / "tests" / "small.parquet"
         t = pq.read_table(path)
@@ -202,6 +201,24 @@ def assert_same_output(root: Path, ref: Path) -> None:
         keys = ["prompt_id", "trait", "layer"] if table == "projections" else ["prompt_id"]
         cols = list(zip(*(t.column(k).to_pylist() for k in keys)))
         assert len(set(cols)) == len(cols), f"duplicate rows in the {table} table"
+
+
+def calibration(root: Path) -> dict:
+    return json.loads((out_dir(root) / "massive_activations" / "calibration.json").read_text())
+
+
+def assert_same_calibration(root: Path, ref: Path) -> None:
+    """The same prompts and tokens as the uninterrupted run's, statistics equal to fp32
+    summation noise (batches met the collector in other company), nothing left to go on."""
+    from raypipe.store.calibration import state_file
+    from tests.test_calibration import assert_close
+
+    got, want = calibration(root), calibration(ref)
+    assert got["complete"] is True and want["complete"] is True
+    assert got["tokens_seen"] == want["tokens_seen"]
+    assert got["aggregate"]["n_prompts"] == want["aggregate"]["n_prompts"] == len(PROMPTS)
+    assert_close(got["aggregate"], want["aggregate"])
+    assert not state_file(out_dir(root) / "massive_activations" / "calibration.json").exists()
 
 
 def assert_valid_files(root: Path) -> None:
@@ -273,6 +290,66 @@ def test_driver_sigkill_at_several_points_then_resume(reference, tiny_root, tmp_
     assert st["responses"]["missing"] == 0 and st["stray_temp_files"] == []
     assert all(t["missing"] == 0 for t in st["projections"].values())
     assert {v["state"] for v in st["parquet"].values()} == {"up to date"}
+
+
+def first_batch_projected(root: Path) -> bool:
+    # ARGS: batches of 2 prompts, each written as one projection file per trait.
+    return n_json(root, "projections") >= 2 * len(TRAITS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["nothing", "projections"])
+def test_killed_run_goes_on_with_its_calibration(reference, tiny_root, tmp_path, lost):
+    """SIGKILL once the first batch's projections land, then resume: the calibration counts
+    every prompt once. The resume projects only the prompts left; the calibration must not be
+    rebuilt from those alone. With `lost="projections"` the kill fell between the calibration
+    write and the projection writes: the prompts it counted have no projections yet (the
+    writer runs after the stage), so they are projected again but not counted again."""
+    root = copy_tree(tiny_root, tmp_path / "root")
+    run = Run(root, tmp_path / "logs")
+    run.wait_for("the first batch's projections", lambda: first_batch_projected(root))
+    run.kill()
+    assert n_json(root, "projections") < ALL_PROJECTIONS, "killed too late"
+    partial = calibration(root)
+    assert partial["complete"] is False and 0 < partial["tokens_seen"]
+    if lost == "projections":
+        import torch
+
+        from raypipe.store.calibration import state_file
+
+        state = torch.load(
+            state_file(out_dir(root) / "massive_activations" / "calibration.json"),
+            weights_only=True,
+        )
+        counted = [pid for _, pid in state["counted"]]
+        assert counted
+        for trait in TRAITS:
+            for pid in counted:
+                (out_dir(root) / "projections" / trait / "tests" / "small" / f"{pid}.json").unlink(
+                    missing_ok=True
+                )
+    run = Run(root, tmp_path / "logs-resume")
+    rc, _ = run.finish()
+    assert rc == 0, run.tail()
+    assert_same_output(root, reference)
+
+
+@pytest.mark.slow
+def test_calibration_is_collected_where_projections_are_complete(reference, tmp_path, capsys):
+    """A calibration lost (or never collected) after every projection was written: the next
+    run sends the prompts through the calibration prefill and leaves their files alone."""
+    from raypipe.store.calibration import state_file
+
+    root = copy_tree(reference, tmp_path / "root")
+    cal = out_dir(root) / "massive_activations" / "calibration.json"
+    cal.unlink()
+    assert not state_file(cal).exists()
+    before = {k: p.read_bytes() for k, p in tree(root).items() if "/projections/" in f"/{k}"}
+    assert main(["infer", "--root", str(root), *ARGS]) == 0
+    assert f"done 0 | skipped {len(PROMPTS)}" in capsys.readouterr().out
+    after = {k: p.read_bytes() for k, p in tree(root).items() if "/projections/" in f"/{k}"}
+    assert after == before
+    assert_same_calibration(root, reference)
 
 
 @pytest.mark.slow
@@ -355,6 +432,40 @@ def test_prompt_longer_than_context_fails_alone(ray_session, tiny_root, capsys):
 # ---------------------------------------------------------------- raypipe status
 
 
+def write_projection_file(paths, trait: str, pid: str, layers, centered: bool = False) -> None:
+    """A projection file as the store writes it, with probe entries at `layers` (no model)."""
+    import numpy as np
+
+    from raypipe.store.outputs import (
+        VectorInfo,
+        projection_entry,
+        projection_record,
+        write_projection,
+    )
+
+    entries = [
+        projection_entry(
+            VectorInfo(trait, "probe", "response[:]", layer, "layers_arg", 0.0),
+            np.arange(4, dtype=np.float32),
+            np.ones(4, dtype=np.float32),
+            3,
+            centered,
+        )
+        for layer in layers
+    ]
+    record = projection_record(
+        prompt_id=pid,
+        prompt_set="tests/small",
+        n_prompt_tokens=3,
+        n_response_tokens=1,
+        component="residual",
+        position="response[:]",
+        centered=centered,
+        entries=entries,
+    )
+    write_projection(paths.projection_file("base", trait, "tests/small", pid), record)
+
+
 def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
     from raypipe.store.outputs import response_record, write_response
     from raypipe.store.paths import ExperimentPaths
@@ -380,9 +491,11 @@ def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
         write_response(paths.response_file("base", "tests/small", str(i)), rec)
     for trait, ids in (("behavior/alpha", "012"), ("tone/beta", "0")):
         for i in ids:
-            f = paths.projection_file("base", trait, "tests/small", i)
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text('{"metadata": {}, "projections": []}')
+            write_projection_file(paths, trait, i, layers=(1, 2))
+    # Counted per (method, layer) entry: a file without layer 2 is not done for --layers 1,2,
+    # nor is one written with other settings (uncentered is what this status asks about).
+    write_projection_file(paths, "tone/beta", "1", layers=(1,))
+    write_projection_file(paths, "tone/beta", "2", layers=(1, 2), centered=True)
     raw = paths.raw_file("base", "residual", "tests/small", "0")
     raw.parent.mkdir(parents=True)
     raw.write_bytes(b"x")
@@ -417,6 +530,7 @@ def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "responses: 4 present, 6 missing [4, 5, 6, 7, 8, 9]" in text
     assert "projections tone/beta: 1 present, 9 missing" in text
+    assert "tone/beta: 1 projection file(s) hold entries with centered=True" in text
     assert "stray temp files: 2" in text and "parquet responses: stale" in text
     # The same validation as infer: a layer past the model depth is an error naming it.
     assert main(["status", "--root", str(tiny_root), *ARGS[:4], "--layers", "9"]) == 2
@@ -427,9 +541,11 @@ def test_status_counts_without_ray_or_model(tiny_root, capsys, monkeypatch):
 
 
 def complete_tree(root: Path) -> None:
-    """Every response and projection file of tests/small, written by the store (no model)."""
+    """Every response and projection file of tests/small and a complete calibration, written by
+    the store (no model): nothing is left for `infer` to do."""
     import numpy as np
 
+    from raypipe.store.calibration import calibration_record, write_calibration
     from raypipe.store.outputs import (
         VectorInfo,
         projection_entry,
@@ -441,6 +557,9 @@ def complete_tree(root: Path) -> None:
     from raypipe.store.paths import ExperimentPaths
 
     paths = ExperimentPaths(root, "tiny")
+    result = {"tokens_seen": 4 * len(PROMPTS), "aggregate": {"n_prompts": len(PROMPTS)}}
+    record = calibration_record("tiny", "tiny", "base", "test", result)
+    write_calibration(paths.calibration_file("base"), record, complete=True)
     for i in range(len(PROMPTS)):
         pid = str(i)
         rec = response_record(

@@ -153,3 +153,69 @@ def test_tp_stage_matches_project_stage(ray_session, tiny_model_dir, tmp_path):
     finally:
         stage.close()
     assert stage.actors == []
+
+
+@pytest.mark.slow
+def test_tp_stage_calibration_is_partial_until_done_and_goes_on(
+    ray_session, tiny_model_dir, tmp_path
+):
+    """A TP replica marks its calibration partial until it is done (a run killed early must not
+    leave one that later runs take as complete), and a gang started after the kill goes on from
+    the count it left: the result is what one uninterrupted ProjectStage collects."""
+    from raypipe.pipeline.stages import ProjectStage
+    from raypipe.pipeline.tp_stage import TPProjectStage
+    from raypipe.store.calibration import CalibrationTarget, calibration_complete, state_file
+    from tests.test_calibration import assert_close
+
+    seqs, vectors = _inputs()
+    ids = [str(i) for i in range(len(seqs))]
+    spec = ModelSpec(str(tiny_model_dir), tmp_path / "cache", dtype="float32", device="cpu")
+
+    def batch(part):
+        return pd.DataFrame(
+            {
+                "prompt_id": [ids[i] for i in part],
+                "token_ids": [seqs[i] for i in part],
+                "project": [True] * len(part),
+                "error": [None] * len(part),
+            }
+        )
+
+    def target(name):
+        return CalibrationTarget(
+            path=tmp_path / name / "calibration.json",
+            experiment="tiny",
+            model="tiny",
+            variant="base",
+            source="test",
+            prompt_set="s",
+            expected=frozenset(ids),
+        )
+
+    first, rest = batch([0, 1]), batch([2, 3, 4])
+    args = (spec, vectors, "residual", None, 1024)
+    ref = ProjectStage(*args, calibration=target("ref"))
+    ref(first)
+    ref(rest)
+    want = json.loads(target("ref").path.read_text())
+    assert want["complete"] is True and ref.claim is None  # done: the claim is let go
+
+    killed = TPProjectStage(*args, calibration=target("tp"), tp=2, threads=1)
+    try:
+        killed(first)
+    finally:
+        killed.close()
+        killed.claim.close()  # what the stage's death does to its lock
+    assert not calibration_complete(target("tp").path)
+    assert state_file(target("tp").path).is_file()
+    resumed = TPProjectStage(*args, calibration=target("tp"), tp=2, threads=1)
+    try:
+        out = resumed(pd.concat([first, rest], ignore_index=True))  # the first batch again too
+    finally:
+        resumed.close()
+    assert all(s is not None for s in out["scores"])
+    got = json.loads(target("tp").path.read_text())
+    assert got["complete"] is True and resumed.claim is None
+    assert got["tokens_seen"] == want["tokens_seen"] == sum(map(len, seqs))
+    assert got["aggregate"]["n_prompts"] == len(seqs)
+    assert_close(got["aggregate"], want["aggregate"])

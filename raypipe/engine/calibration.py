@@ -21,6 +21,12 @@ REFERENCES = ("layer", "token")
 TOP_K = 5
 
 
+# What passive collection (a projection run's first prefills) flags as massive: the
+# collector's defaults, which a saved running state must match to be carried on.
+DEFAULT_CRITERION = {"threshold": 100.0, "ratio": 1000.0, "reference": "layer", "min_fraction": 0.5}
+_TENSORS = ("sum_abs", "max_abs", "massive_tokens", "massive_sequences", "norm_sum")
+
+
 class _LayerStats:
     """Running fp32 sums for one layer, kept on the device of its hidden states."""
 
@@ -33,6 +39,26 @@ class _LayerStats:
         self.massive_sequences = torch.zeros(dim, dtype=torch.long, device=device)  # (D,)
         self.norm_sum = torch.zeros((), dtype=torch.float32, device=device)
         self.medians: list[torch.Tensor] = []  # (N_i,) median |h| of each token seen
+
+    def state(self) -> dict:
+        out = {k: getattr(self, k).detach().cpu().clone() for k in _TENSORS}
+        medians = torch.cat(self.medians) if self.medians else torch.zeros(0)
+        return {**out, "tokens": self.tokens, "sequences": self.sequences, "medians": medians.cpu()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> _LayerStats:
+        st = cls(int(state["sum_abs"].numel()), torch.device("cpu"))
+        st.tokens, st.sequences = int(state["tokens"]), int(state["sequences"])
+        for k in _TENSORS:
+            setattr(st, k, state[k].to(getattr(st, k).dtype))
+        st.medians = [state["medians"].float()]
+        return st
+
+    def to(self, device: torch.device) -> _LayerStats:
+        for k in _TENSORS:
+            setattr(self, k, getattr(self, k).to(device))
+        self.medians = [m.to(device) for m in self.medians]
+        return self
 
 
 class CalibrationCollector:
@@ -60,10 +86,10 @@ class CalibrationCollector:
         self,
         model: nn.Module,
         budget: int = 5000,
-        threshold: float = 100.0,
-        ratio: float = 1000.0,
-        min_fraction: float = 0.5,
-        reference: str = "layer",
+        threshold: float = DEFAULT_CRITERION["threshold"],
+        ratio: float = DEFAULT_CRITERION["ratio"],
+        min_fraction: float = DEFAULT_CRITERION["min_fraction"],
+        reference: str = DEFAULT_CRITERION["reference"],
     ):
         if budget < 1:
             raise ValueError("calibration budget must be at least 1 token")
@@ -96,6 +122,43 @@ class CalibrationCollector:
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    @property
+    def criterion(self) -> dict:
+        return {
+            "threshold": self.threshold,
+            "ratio": self.ratio,
+            "reference": self.reference,
+            "min_fraction": self.min_fraction,
+        }
+
+    # --- running state, to go on counting in another process -----------------------------
+
+    def state_dict(self) -> dict:
+        """The running sums and counts, on the CPU, in types `torch.load(weights_only=True)`
+        reads back: a collection a killed run left goes on from here (load_state_dict)."""
+        with torch.inference_mode():
+            layers = {str(layer): st.state() for layer, st in self.stats.items()}
+        return {
+            "budget": self.budget,
+            "criterion": self.criterion,
+            "tokens_seen": self.tokens_seen,
+            "prompts_seen": self.prompts_seen,
+            "layers": layers,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Carry on from `state_dict()`; it must come from the same budget and criterion."""
+        if self.attached:
+            raise RuntimeError("load_state_dict() while attached")
+        if state["budget"] != self.budget or state["criterion"] != self.criterion:
+            raise ValueError(
+                f"calibration state for budget {state['budget']} and {state['criterion']}, "
+                f"not {self.budget} and {self.criterion}"
+            )
+        self.tokens_seen = int(state["tokens_seen"])
+        self.prompts_seen = int(state["prompts_seen"])
+        self.stats = {int(k): _LayerStats.from_state(v) for k, v in state["layers"].items()}
 
     # --- explicit forwards -------------------------------------------------------------
 
@@ -209,6 +272,8 @@ class CalibrationCollector:
         st = self.stats.get(layer)
         if st is None:
             st = self.stats[layer] = _LayerStats(x.shape[1], x.device)
+        elif st.sum_abs.device != x.device:
+            st.to(x.device)  # loaded from a saved state (on the CPU)
         med = x.median(dim=-1).values  # (N,) lower median for an even D
         ref = med.median() if self.reference == "layer" else med[:, None]
         massive = (x > self.threshold) & (x >= self.ratio * ref)  # (N, D)

@@ -9,13 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 from raypipe.engine.models import resolve_model_path
-from raypipe.errors import InputError, user_error
+from raypipe.errors import user_error
 from raypipe.options import RunOptions
 from raypipe.pipeline import localray
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.stages import (
     MODEL_STAGES,
-    CalibrationTarget,
     CaptureSink,
     FusedStage,
     GenerateStage,
@@ -24,7 +23,8 @@ from raypipe.pipeline.stages import (
     write_projections,
     write_responses,
 )
-from raypipe.store.atomic import read_json, sweep_temp_files, write_json
+from raypipe.store.atomic import sweep_temp_files
+from raypipe.store.calibration import mark_complete
 from raypipe.store.outputs import VectorInfo
 from raypipe.store.parquet import build_parquet, projection_traits
 from raypipe.store.runlock import run_lock
@@ -196,23 +196,6 @@ def _output_folders(plan: InferPlan) -> list:
     ]
 
 
-def _calibration_complete(path) -> bool:
-    """A calibration file counts unless a killed run left it marked partial."""
-    if not path.is_file():
-        return False
-    try:
-        data = read_json(path, "calibration")
-    except InputError:
-        return False  # unreadable: collect it again
-    return not (isinstance(data, dict) and data.get("complete") is False)
-
-
-def _mark_complete(path) -> None:
-    data = read_json(path, "calibration")
-    if isinstance(data, dict) and data.get("complete") is False:
-        write_json(path, {**data, "complete": True})
-
-
 def _capture_rows(plan: InferPlan) -> list[dict]:
     """For --capture a prompt is to do when its raw file is missing, whatever projections exist."""
     comp, force = plan.opts.projection.component, plan.opts.output.force
@@ -319,17 +302,9 @@ def _execute(
             ),
         )
     elif project:
-        cal_path = plan.paths.calibration_file(plan.variant)
-        if not _calibration_complete(cal_path):
-            # A run killed before its budget filled left a partial one: collect it again.
-            # SPEC 8: the first run of a variant collects calibration passively.
-            calibration = CalibrationTarget(
-                path=cal_path,
-                experiment=plan.paths.experiment,
-                model=plan.model.spec.model,
-                variant=plan.variant,
-                source=f"raypipe infer:{plan.prompts.name}",
-            )
+        # SPEC 8: the first run of a variant collects calibration passively; the plan decided
+        # whether this one does, and which prompts it sends through for it.
+        calibration = plan.calibration
         then = (
             "project",
             dict(
@@ -436,5 +411,5 @@ def _execute(
             f"{summary.failed} | {summary.tokens_per_second:,.0f} tok/s",
             run.quiet,
         )
-    if calibration is not None and calibration.path.is_file():
-        _mark_complete(calibration.path)  # every prompt of the run was seen
+    if calibration is not None:
+        mark_complete(calibration.path)  # every prompt of the run was seen

@@ -8,8 +8,19 @@ from pathlib import Path
 from raypipe.engine.models import ModelSpec, load_config, text_config
 from raypipe.errors import InputError
 from raypipe.options import InferOptions, ModelOptions
-from raypipe.store.atomic import read_json
+from raypipe.store.calibration import (
+    CalibrationTarget,
+    calibration_complete,
+    massive_dims,
+    read_state,
+)
 from raypipe.store.experiment import ExperimentConfig, load_experiment
+from raypipe.store.outputs import (
+    ProjectionSettings,
+    projection_contents,
+    read_response,
+    requested_entries,
+)
 from raypipe.store.paths import ExperimentPaths
 from raypipe.store.prompts import PromptSet, load_prompt_set
 from raypipe.store.vectors import VectorSpec, list_traits, parse_layers, resolve_vectors
@@ -34,7 +45,10 @@ class InferPlan:
     vectors: tuple[VectorSpec, ...]
     notes: tuple[str, ...]
     massive_dims: tuple[int, ...] | None
+    calibration: CalibrationTarget | None  # None: complete already, or nothing is projected
     rows: tuple[dict, ...]  # one per prompt: what the stages need and what is to be done
+    # trait -> ids of the prompts whose file lacks a requested (method, layer) entry
+    missing: dict[str, tuple[str, ...]]
 
 
 def model_info(model: str, lora: str | None, m: ModelOptions) -> ModelInfo:
@@ -61,21 +75,49 @@ def plan_serve(root: Path, experiment: str, m: ModelOptions) -> tuple[str, Model
 
 
 def _massive_dims(paths: ExperimentPaths, variant: str) -> tuple[int, ...]:
+    return massive_dims(paths.calibration_file(variant))
+
+
+def _calibration(
+    paths: ExperimentPaths, variant: str, model: str, prompts: PromptSet, rows: list[dict]
+) -> CalibrationTarget | None:
+    """The calibration this run collects (SPEC 8: the first run of a variant), or None when it
+    is complete. It goes on from a killed run's count: prompts it has not counted are marked
+    to project, up to the token budget, even where their projection files are complete (the
+    writer leaves those files alone)."""
     path = paths.calibration_file(variant)
-    if not path.is_file():
-        raise InputError(
-            path,
-            "calibration",
-            "--remove-massive-dims needs a calibration; run `raypipe calibrate` first",
-        )
-    data = read_json(path, "calibration")
-    aggregate = data.get("aggregate") if isinstance(data, dict) else None
-    if not isinstance(aggregate, dict):
-        raise InputError(path, "aggregate", "must be an object holding massive_dims")
-    dims = aggregate.get("massive_dims")
-    if not isinstance(dims, list) or not all(isinstance(d, int) for d in dims):
-        raise InputError(path, "aggregate.massive_dims", "must be a list of integers")
-    return tuple(dims)
+    if calibration_complete(path):
+        return None
+    target = CalibrationTarget(
+        path=path,
+        experiment=paths.experiment,
+        model=model,
+        variant=variant,
+        source=f"raypipe infer:{prompts.name}",
+        prompt_set=prompts.name,
+        expected=frozenset(item.id for item in prompts.items),
+    )
+    saved = read_state(target)
+    counted = {tuple(k) for k in saved["counted"]} if saved else set()
+    left = target.budget - (saved["collector"]["tokens_seen"] if saved else 0)
+    for row in rows:
+        if left <= 0:
+            break
+        if (prompts.name, row["prompt_id"]) in counted:
+            continue
+        if not row["generate"]:
+            # (One to generate has no length yet: counting it as none errs towards sending
+            # more prompts than the budget needs, never fewer.)
+            try:
+                response = read_response(
+                    paths.response_file(variant, prompts.name, row["prompt_id"])
+                )
+            except InputError:
+                # Sent through, the generate stage would write it anew: not for calibration.
+                continue
+            left -= len(response["token_ids"])
+        row["project"] = True
+    return target
 
 
 def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
@@ -108,15 +150,23 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
             proj.method,
         )
         dims = _massive_dims(paths, variant.name) if proj.remove_massive_dims else None
+    requested = requested_entries(vectors, proj.component, proj.centered)
+    missing: dict[str, list[str]] = {t: [] for t in requested}
+    replaced: dict[tuple[str, ProjectionSettings | None], int] = {}
     rows = []
     for item in prompts.items:
         response = paths.response_file(variant.name, prompts.name, item.id)
         generate = out.regenerate or not response.is_file()
-        missing = [
-            t
-            for t in dict.fromkeys(v.trait for v in vectors)
-            if not paths.projection_file(variant.name, t, prompts.name, item.id).is_file()
-        ]
+        todo = generate or out.force
+        for trait, (settings, wanted) in requested.items():
+            path = paths.projection_file(variant.name, trait, prompts.name, item.id)
+            held = None if out.regenerate else projection_contents(path)
+            if held is None or held.missing(settings, wanted, dims):
+                missing[trait].append(item.id)
+                todo = True
+            if held is not None and held.settings != settings and not generate:
+                key = (trait, held.settings)
+                replaced[key] = replaced.get(key, 0) + 1
         rows.append(
             {
                 "prompt_set": prompts.name,
@@ -125,8 +175,18 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
                 "system_prompt": item.system_prompt,
                 "note": item.note,
                 "generate": generate,
-                "project": need_vectors and (generate or out.force or bool(missing)),
+                "project": need_vectors and todo,
             }
+        )
+    calibration = None
+    if need_vectors:
+        calibration = _calibration(paths, variant.name, info.spec.model, prompts, rows)
+    for (trait, old), n in replaced.items():
+        new = requested[trait][0]
+        had = old.differences(new) if old else "no stated settings"
+        notes.append(
+            f"{trait}: {n} projection file(s) hold entries with {had}; projecting with "
+            f"{new.differences(old)} replaces those entries (one file holds one setting)"
         )
     return InferPlan(
         opts=opts,
@@ -138,5 +198,7 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
         vectors=tuple(vectors),
         notes=tuple(notes),
         massive_dims=dims,
+        calibration=calibration,
         rows=tuple(rows),
+        missing={t: tuple(ids) for t, ids in missing.items()},
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,13 +10,14 @@ import pandas as pd
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
+from raypipe.store.calibration import CalibrationTarget
 from raypipe.store.outputs import (
     VectorInfo,
     projection_entry,
     projection_record,
     read_response,
     response_record,
-    write_projection,
+    update_projection,
     write_response,
 )
 from raypipe.store.paths import ExperimentPaths
@@ -200,18 +200,6 @@ def write_responses(batch: pd.DataFrame, source: ResponseSource) -> pd.DataFrame
     return batch
 
 
-@dataclass(frozen=True)
-class CalibrationTarget:
-    """Where the first run of a variant writes its passively collected calibration."""
-
-    path: Path
-    experiment: str
-    model: str
-    variant: str
-    source: str
-    budget: int = 5000
-
-
 def claim_calibration(target: CalibrationTarget | None):
     """An open lock file when this process is the one replica that collects the calibration,
     else None. The lock (flock) goes with the process: a replica that dies frees it, and the
@@ -229,6 +217,52 @@ def claim_calibration(target: CalibrationTarget | None):
         lock.close()
         return None
     return lock
+
+
+class PassiveCalibration:
+    """The collecting replica's side of passive calibration (SPEC 8), shared by ProjectStage
+    and TPProjectStage: which prompts the collector has counted, and the files.
+
+    The count goes on across runs: a run killed part way leaves its running state beside the
+    partial calibration.json, and the next run starts from it, counting only prompts it has
+    not counted (the plan sends those through the prefill even where their projections are
+    complete). So the calibration comes out the same whatever the crash history.
+    """
+
+    def __init__(self, target: CalibrationTarget):
+        from raypipe.store.calibration import read_state
+
+        self.target = target
+        saved = read_state(target)
+        self.state = saved["collector"] if saved else None  # CalibrationCollector.state_dict()
+        self.counted = {tuple(k) for k in saved["counted"]} if saved else set()
+        self.sources = list(saved["sources"]) if saved else []
+        if target.source not in self.sources:
+            self.sources.append(target.source)
+
+    def fresh(self, rows: list[dict]) -> list[bool]:
+        """Per row: not counted yet (a row counted by a killed run, or by an earlier try of this
+        batch, must not be counted twice)."""
+        return [(self.target.prompt_set, str(r["prompt_id"])) not in self.counted for r in rows]
+
+    def save(self, result: dict, state: dict, counted_rows: list[dict], done: bool) -> bool:
+        """After a batch whose `counted_rows` the collector saw: calibration.json, then the
+        running state. True when the calibration is complete (its budget filled, or every
+        prompt of the run counted): then the state goes and the claim can be let go."""
+        from raypipe.store.calibration import calibration_record, write_calibration, write_state
+
+        t = self.target
+        self.counted.update((t.prompt_set, str(r["prompt_id"])) for r in counted_rows)
+        self.state = state
+        covered = bool(t.expected) and all((t.prompt_set, i) in self.counted for i in t.expected)
+        complete = done or covered
+        source = " + ".join(self.sources)
+        write_calibration(
+            t.path, calibration_record(t.experiment, t.model, t.variant, source, result), complete
+        )
+        if not complete:
+            write_state(t, sorted(self.counted), self.sources, state)
+        return complete
 
 
 class ProjectStage:
@@ -269,58 +303,64 @@ class ProjectStage:
         )
         self.early_stop = early_stop
         self.claim = claim_calibration(calibration)  # held while this stage lives
-        self.calibration = calibration if self.claim is not None else None
+        self.calibration = PassiveCalibration(calibration) if self.claim is not None else None
         self.collector = None
         if self.calibration is not None:
             from raypipe.engine.calibration import CalibrationCollector
 
-            # Calibration hooks every block, so the first batches run the whole stack. It is
-            # attached only while a batch projects: a served model also generates in between.
-            self.collector = CalibrationCollector(model, budget=self.calibration.budget)
-            self.projector.early_stop = False
+            # Attached only while a batch of uncounted prompts projects: a served model also
+            # generates in between, and counted prompts must not count again.
+            self.collector = CalibrationCollector(model, budget=calibration.budget)
+            if self.calibration.state is not None:
+                self.collector.load_state_dict(self.calibration.state)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         require(batch, "project", self.NEEDS)
         rows = _rows(batch)
         todo = [r for r in rows if r["project"] and r["error"] is None]
-        results = []
-        if todo:
-            if self.collector is not None:
-                self.collector.attach()
-            try:
-                results = self.projector.project([list(r["token_ids"]) for r in todo])
-            finally:
-                if self.collector is not None:
-                    self.collector.detach()
-            if self.collector is not None:
-                self._save_calibration()
         for row in rows:
             for col in self.SCORE_COLUMNS:
                 row[col] = None
-        for row, res in zip(todo, results):
-            row["scores"], row["norms"] = res.scores.ravel(), res.norms.ravel()
-            if res.cleaned_scores is not None:
-                row["cleaned_scores"] = res.cleaned_scores.ravel()
-                row["cleaned_norms"] = res.cleaned_norms.ravel()
+        fresh = [False] * len(todo)
+        if self.collector is not None:
+            fresh = self.calibration.fresh(todo)
+        counting = [r for r, f in zip(todo, fresh) if f]
+        if counting:
+            put_scores(counting, self._project_counted(counting))
+        rest = [r for r, f in zip(todo, fresh) if not f]
+        if rest:
+            put_scores(rest, self.projector.project(_seqs(rest)))
         return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
 
-    def _save_calibration(self) -> None:
-        """Rewritten after each batch, so a run shorter than the budget still leaves a file."""
-        from raypipe.calibrate import calibration_record
-        from raypipe.store.atomic import write_json
-
-        c = self.calibration
-        record = calibration_record(
-            c.experiment, c.model, c.variant, c.source, self.collector.result()
-        )
-        # Below the budget it is a partial sample until the driver sees the run through.
-        record["complete"] = self.collector.done
-        write_json(c.path, record)
-        if self.collector.done:
-            self.collector = None
+    def _project_counted(self, rows: list[dict]) -> list:
+        """The rows' prefill with the calibration hooks on (every block: no early stop), then
+        the calibration saved; rewritten after each batch, so a killed run leaves its count."""
+        self.collector.attach()
+        self.projector.early_stop = False
+        try:
+            results = self.projector.project(_seqs(rows))
+        finally:
+            self.collector.detach()
             self.projector.early_stop = self.early_stop
+        c = self.collector
+        if self.calibration.save(c.result(), c.state_dict(), rows, c.done):
+            self.collector = None
             self.claim.close()  # done: a stage a model server keeps must not hold it on
             self.claim = None
+        return results
+
+
+def _seqs(rows: list[dict]) -> list[list[int]]:
+    return [list(map(int, r["token_ids"])) for r in rows]
+
+
+def put_scores(rows: list[dict], results: list) -> None:
+    """A projector's SequenceScores into the rows' flat score columns."""
+    for row, res in zip(rows, results):
+        row["scores"], row["norms"] = res.scores.ravel(), res.norms.ravel()
+        if res.cleaned_scores is not None:
+            row["cleaned_scores"] = res.cleaned_scores.ravel()
+            row["cleaned_norms"] = res.cleaned_norms.ravel()
 
 
 class FusedStage:
@@ -442,7 +482,8 @@ MODEL_STAGES = {"generate": GenerateStage, "project": ProjectStage, "capture": C
 
 
 def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame:
-    """One JSON per prompt per trait; existing files stay unless --force or regenerated."""
+    """One JSON per prompt per trait. Entries the files hold already stay (all of them but
+    the requested ones with --force; none for a regenerated response): update_projection."""
     require(
         batch,
         "write_projections",
@@ -473,12 +514,11 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
             cleaned = np.asarray(cleaned, dtype=np.float32).reshape(n_vec, -1)
             cleaned_norms = np.asarray(row["cleaned_norms"], dtype=np.float32).reshape(n_vec, -1)
         end = int(row["prompt_end"])
+        wrote = False
         for trait, idx in by_trait.items():
             path = sink.paths.projection_file(
                 sink.variant, trait, row["prompt_set"], row["prompt_id"]
             )
-            if path.exists() and not (sink.force or row["generated"]):
-                continue
             entries = [
                 projection_entry(
                     sink.vectors[i],
@@ -492,18 +532,17 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
                 )
                 for i in idx
             ]
-            write_projection(
-                path,
-                projection_record(
-                    prompt_id=row["prompt_id"],
-                    prompt_set=row["prompt_set"],
-                    n_prompt_tokens=end,
-                    n_response_tokens=scores.shape[1] - end,
-                    component=sink.component,
-                    position=sink.vectors[idx[0]].position,
-                    centered=sink.centered,
-                    entries=entries,
-                ),
+            record = projection_record(
+                prompt_id=row["prompt_id"],
+                prompt_set=row["prompt_set"],
+                n_prompt_tokens=end,
+                n_response_tokens=scores.shape[1] - end,
+                component=sink.component,
+                position=sink.vectors[idx[0]].position,
+                centered=sink.centered,
+                entries=entries,
             )
-        out.append({**summary, "status": "done"})
+            wrote |= update_projection(path, record, force=sink.force, fresh=row["generated"])
+        # Projected only for the calibration (its files were complete): nothing new written.
+        out.append({**summary, "status": "done" if wrote else "skipped"})
     return _frame(out, SUMMARY_COLUMNS)

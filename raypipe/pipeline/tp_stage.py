@@ -8,19 +8,23 @@ from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
 from raypipe.pipeline.stages import (
     CalibrationTarget,
+    PassiveCalibration,
     ProjectStage,
     _frame,
     _rows,
     claim_calibration,
+    put_scores,
     require,
 )
 
 
 class _Rank:
-    """One rank actor: picks the rendezvous port (rank 0), then holds a TPProjector."""
+    """One rank actor: picks the rendezvous port (rank 0), then holds a TPProjector, and on
+    rank 0 of the collecting replica the calibration collector (residuals are replicated)."""
 
     def __init__(self):
         self.engine = None
+        self.collector = None
 
     def free_port(self) -> int:
         from raypipe.engine.tp import free_port
@@ -32,10 +36,32 @@ class _Rank:
 
         self.engine = TPProjector(**kwargs)
 
+    def start_calibration(self, budget: int, state: dict | None) -> None:
+        """Rank 0: a collector on the sharded model, going on from `state` when there is one."""
+        from raypipe.engine.calibration import CalibrationCollector
+
+        self.collector = CalibrationCollector(self.engine.model, budget=budget)
+        if state is not None:
+            self.collector.load_state_dict(state)
+
     def project(self, seqs: list[list[int]], collecting: bool):
-        return self.engine.project(seqs, collecting)
+        """Rank 0: (scores, (result, state, done) when `collecting`); other ranks: None.
+        `collecting` is the same on every rank (TPProjector.project turns the early stop off)."""
+        counting = collecting and self.collector is not None
+        if counting:
+            self.collector.attach()
+        try:
+            out = self.engine.project(seqs, collecting)
+        finally:
+            if counting:
+                self.collector.detach()
+        if out is None:
+            return None
+        c = self.collector
+        return out[0], ((c.result(), c.state_dict(), c.done) if counting else None)
 
     def close(self) -> None:
+        self.collector = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -87,7 +113,7 @@ class TPProjectStage:
             threads=threads,
         )
         self.claim = claim_calibration(calibration)  # one collecting replica (see there)
-        self.calibration = calibration if self.claim is not None else None
+        self.calibration = PassiveCalibration(calibration) if self.claim is not None else None
         self.collecting = self.calibration is not None
         self.pg = None
         self.actors: list = []
@@ -130,20 +156,17 @@ class TPProjectStage:
             for i in range(self.tp)
         ]
         port = self._gather([self.actors[0].free_port.remote()])[0]
-        # A gang rebuilt after the calibration finished must not collect again.
-        budget = self.calibration.budget if self.collecting else None
         self._gather(
             [
-                a.setup.remote(
-                    rank=i,
-                    master_addr="127.0.0.1",
-                    port=port,
-                    calibration_budget=budget,
-                    **self.setup_args,
-                )
+                a.setup.remote(rank=i, master_addr="127.0.0.1", port=port, **self.setup_args)
                 for i, a in enumerate(self.actors)
             ]
         )
+        if self.collecting:
+            # A gang rebuilt after a failure goes on from the last state saved; one rebuilt
+            # after the calibration finished does not collect again.
+            cal = self.calibration
+            self._gather([self.actors[0].start_calibration.remote(cal.target.budget, cal.state)])
 
     def _gather(self, refs: list) -> list:
         """ray.get on every rank, but on the first failure tear the gang down at once."""
@@ -164,35 +187,28 @@ class TPProjectStage:
         require(batch, "project", self.NEEDS)
         rows = _rows(batch)
         todo = [r for r in rows if r["project"] and r["error"] is None]
-        results = []
-        if todo:
-            if not self.actors:
-                self._start()
-            seqs = [list(map(int, r["token_ids"])) for r in todo]
-            collecting = self.collecting
-            results, calib, done = self._gather(
-                [a.project.remote(seqs, collecting) for a in self.actors]
-            )[0]
-            if collecting:
-                self._save_calibration(calib, done)
         for row in rows:
             for col in self.SCORE_COLUMNS:
                 row[col] = None
-        for row, res in zip(todo, results):
-            row["scores"], row["norms"] = res.scores.ravel(), res.norms.ravel()
-            if res.cleaned_scores is not None:
-                row["cleaned_scores"] = res.cleaned_scores.ravel()
-                row["cleaned_norms"] = res.cleaned_norms.ravel()
+        if todo and not self.actors:
+            self._start()
+        fresh = self.calibration.fresh(todo) if self.collecting else [False] * len(todo)
+        # As ProjectStage: prompts the calibration has not counted go through with the
+        # collector on, then the others with it off; each call reaches every rank.
+        for counting in (True, False):
+            part = [r for r, f in zip(todo, fresh) if f == counting]
+            if not part:
+                continue
+            seqs = [list(map(int, r["token_ids"])) for r in part]
+            scores, calib = self._gather([a.project.remote(seqs, counting) for a in self.actors])[0]
+            put_scores(part, scores)
+            if calib is not None:
+                self._save_calibration(part, *calib)
         return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
 
-    def _save_calibration(self, result: dict, done: bool) -> None:
-        """As ProjectStage: rewritten after each batch until rank 0's collector is done."""
-        from raypipe.calibrate import calibration_record
-        from raypipe.store.atomic import write_json
-
-        c = self.calibration
-        write_json(c.path, calibration_record(c.experiment, c.model, c.variant, c.source, result))
-        if done:
+    def _save_calibration(self, rows: list[dict], result: dict, state: dict, done: bool) -> None:
+        """As ProjectStage: rewritten after each batch, with the shared rule for "complete"."""
+        if self.calibration.save(result, state, rows, done):
             self.collecting = False
             self.claim.close()
             self.claim = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,6 +172,9 @@ def projection_record(
             "prompt_set": prompt_set,
             "n_prompt_tokens": int(n_prompt_tokens),
             "n_response_tokens": int(n_response_tokens),
+            # trait-interp's viewer reads the list-of-vectors shape only with these (SPEC 7).
+            "multi_vector": True,
+            "n_vectors": len(entries),
             "component": component,
             "position": position,
             "centered": bool(centered),
@@ -191,3 +196,163 @@ def read_projection(path: Path) -> dict:
     if not isinstance(rec.get("projections"), list):
         raise InputError(path, "projections", "must be a list")
     return rec
+
+
+@dataclass(frozen=True)
+class ProjectionSettings:
+    """What a projection file's metadata says of every entry in it: one file, one setting."""
+
+    component: str
+    centered: bool
+    position: str
+
+    @classmethod
+    def of(cls, meta: dict) -> ProjectionSettings | None:
+        """None when the metadata does not say (a foreign or damaged file)."""
+        comp, centered, pos = meta.get("component"), meta.get("centered"), meta.get("position")
+        if not (isinstance(comp, str) and isinstance(centered, bool) and isinstance(pos, str)):
+            return None
+        return cls(comp, centered, pos)
+
+    def differences(self, other: ProjectionSettings | None) -> str:
+        """This setting's fields that `other` does not share, as `name=value, ...`."""
+        fields = ("component", "centered", "position")
+        return ", ".join(
+            f"{f}={getattr(self, f)}"
+            for f in fields
+            if other is None or getattr(self, f) != getattr(other, f)
+        )
+
+
+def requested_entries(
+    vectors: Iterable, component: str, centered: bool
+) -> dict[str, tuple[ProjectionSettings, tuple[tuple[str, int], ...]]]:
+    """trait -> (the settings its file is written with, the (method, layer) entries a run asks
+    for), from vectors with trait, method, position and layer (VectorSpec, VectorInfo)."""
+    out: dict[str, tuple[ProjectionSettings, tuple[tuple[str, int], ...]]] = {}
+    for v in vectors:
+        # One vector set per trait (resolve_vectors), so one position per trait.
+        settings = ProjectionSettings(component, centered, v.position)
+        _, wanted = out.get(v.trait, (settings, ()))
+        out[v.trait] = (settings, (*wanted, (v.method, int(v.layer))))
+    return out
+
+
+def _entry_key(entry) -> tuple[str, int] | None:
+    if not isinstance(entry, dict):
+        return None
+    method, layer = entry.get("method"), entry.get("layer")
+    if not isinstance(method, str) or isinstance(layer, bool) or not isinstance(layer, int):
+        return None
+    return method, layer
+
+
+def _cleaned_dims(entry: dict) -> tuple[int, ...] | None:
+    cleaned = entry.get("cleaned")
+    dims = cleaned.get("dims") if isinstance(cleaned, dict) else None
+    return tuple(sorted(dims)) if isinstance(dims, list) else None
+
+
+@dataclass(frozen=True)
+class ProjectionContents:
+    """Which (method, layer) entries a projection file holds, and under which settings.
+
+    The one rule for "done", used by the plan, `raypipe status`, the projection writer and
+    --from-activations: a requested (method, layer) is held when the file carries an entry for
+    it under the run's settings (component, centered, position) and, when the run removes
+    massive dims, with scores cleaned of exactly those dims.
+    """
+
+    settings: ProjectionSettings | None
+    entries: tuple[tuple[str, int, tuple[int, ...] | None], ...]  # (method, layer, dims)
+
+    @classmethod
+    def of(cls, record: dict) -> ProjectionContents:
+        held = []
+        for e in record["projections"]:
+            key = _entry_key(e)
+            if key is not None:
+                held.append((*key, _cleaned_dims(e)))
+        return cls(ProjectionSettings.of(record["metadata"]), tuple(held))
+
+    def holds(
+        self,
+        settings: ProjectionSettings,
+        method: str,
+        layer: int,
+        dims: Sequence[int] | None = None,
+    ) -> bool:
+        if self.settings != settings:
+            return False
+        want = tuple(sorted(dims)) if dims else None
+        return any(
+            (m, lay) == (method, layer) and (want is None or d == want)
+            for m, lay, d in self.entries
+        )
+
+    def missing(
+        self,
+        settings: ProjectionSettings,
+        wanted: Iterable[tuple[str, int]],
+        dims: Sequence[int] | None = None,
+    ) -> list[tuple[str, int]]:
+        return [(m, lay) for m, lay in wanted if not self.holds(settings, m, lay, dims)]
+
+
+def projection_contents(path: Path) -> ProjectionContents | None:
+    """What the file at `path` holds; None when there is none or it cannot be read (either way
+    its entries are to be written)."""
+    try:
+        # The scores are not needed here: skipping their conversion reads a file 3x faster,
+        # and the plan and `raypipe status` read every file of the prompt set.
+        rec = json.loads(Path(path).read_bytes(), parse_float=lambda _: None)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("metadata"), dict):
+        return None
+    if not isinstance(rec.get("projections"), list):
+        return None
+    return ProjectionContents.of(rec)
+
+
+def _entry_order(entry: dict) -> tuple[int, str]:
+    method, layer = _entry_key(entry)
+    return layer, method
+
+
+def update_projection(path: Path, record: dict, force: bool = False, fresh: bool = False) -> bool:
+    """Write `record` (one run's entries for one prompt and trait) into the file at `path`;
+    True when anything was written.
+
+    The file's other entries stay: the run's entries the file does not hold yet (all of them
+    with `force`) are merged in by (method, layer), the run's winning, sorted by layer then
+    method. The run's record replaces the file instead when the response was regenerated
+    (`fresh`: old scores belong to another token sequence), when there is no readable file,
+    and when the file holds entries under other settings: its metadata states one component,
+    centered flag and position for all of them, so they cannot share it (the plan says so in
+    its notes, and counts such a file as to do).
+    """
+    old = None
+    if not fresh and path.is_file():
+        try:
+            old = read_projection(path)
+        except InputError:
+            old = None  # unreadable: written again
+    settings = ProjectionSettings.of(record["metadata"])
+    if old is None or ProjectionSettings.of(old["metadata"]) != settings:
+        write_projection(path, record)
+        return True
+    held = ProjectionContents.of(old)
+    new = {
+        _entry_key(e): e
+        for e in record["projections"]
+        if force or not held.holds(settings, *_entry_key(e), _cleaned_dims(e))
+    }
+    if not new:
+        return False
+    kept = {k: e for e in old["projections"] if (k := _entry_key(e)) is not None and k not in new}
+    merged = sorted([*kept.values(), *new.values()], key=_entry_order)
+    meta = {**record["metadata"], "n_vectors": len(merged)}
+    # Keys of the file's own beyond metadata and projections (a foreign writer's) stay too.
+    write_projection(path, {**old, **record, "metadata": meta, "projections": merged})
+    return True
