@@ -28,6 +28,7 @@ from raypipe.options import (
 )
 from raypipe.pipeline.job import run_infer
 from raypipe.pipeline.plan import plan_infer
+from raypipe.store.vectors import load_vectors
 
 REPO = Path(__file__).resolve().parents[1]
 TRAITS = ("behavior/refusal", "behavior/sycophancy", "emotion/optimism", "tone/formality")
@@ -92,9 +93,7 @@ def main() -> None:
     def loop(model, tok, plan) -> float:
         """The same engine objects, batch by batch: generate, then project."""
         responder = Responder(model, tok, gen, uses_chat_template(tok, None), plan.model.context)
-        projector = Projector(
-            model, [(v.layer, v.vector) for v in plan.vectors], pad_id=tok.pad_token_id or 0
-        )
+        projector = Projector(model, load_vectors(plan.vectors, None), pad_id=tok.pad_token_id or 0)
         marks = []
         t, tokens = time.perf_counter(), 0
         for i in range(0, len(texts), args.batch_size):

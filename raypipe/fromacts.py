@@ -22,6 +22,7 @@ from raypipe.store.outputs import (
     update_projection,
 )
 from raypipe.store.paths import ExperimentPaths
+from raypipe.store.vectors import load_vectors
 
 CHUNK_FILES = 32  # files per Ray task: enough work to amortise a task, small enough to spread
 
@@ -38,7 +39,7 @@ def _plain(v: Any) -> _Vector:
     info = VectorInfo(
         v.trait, v.method, v.position, int(v.layer), v.selection_source, float(v.baseline)
     )
-    vec = v.vector.tolist() if isinstance(v.vector, torch.Tensor) else list(v.vector)
+    [(_, vec)] = load_vectors([v], None)  # the plan checked its size against the model
     return _Vector(info, vec)
 
 

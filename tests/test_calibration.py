@@ -19,7 +19,7 @@ from raypipe.engine.projector import Projector
 from raypipe.options import ModelOptions
 from raypipe.store.paths import ExperimentPaths
 from tests.conftest import PROMPTS
-from tests.tiny import tiny_llama, tiny_tokenizer, write_prompt_set
+from tests.tiny import saved_vectors, tiny_llama, tiny_tokenizer, write_prompt_set
 
 DIM = 7  # the planted massive dim
 JUNK = 240  # a pad id whose embedding is huge in JUNK_DIM: padding must never be counted
@@ -291,7 +291,7 @@ def test_one_replica_collects_the_calibration(tiny_root, tiny_model_dir):
         source="test",
         budget=8,
     )
-    args = (spec, [(1, [1.0] * 64)], "residual", None, 1024)
+    args = (spec, saved_vectors([(1, [1.0] * 64)]), "residual", None, 1024)
     first = ProjectStage(*args, calibration=target)
     second = ProjectStage(*args, calibration=target)
     assert first.collector is not None and second.collector is None
@@ -378,7 +378,7 @@ def test_project_stage_goes_on_with_a_killed_collection(tiny_root, tiny_model_di
     seqs = [torch.randint(7, 200, (n,), generator=gen).tolist() for n in (9, 17, 4, 12, 6, 3)]
     ids = [str(i) for i in range(len(seqs))]
     b1, b2 = _batch(ids[:3], seqs[:3]), _batch(ids[3:], seqs[3:])
-    args = (spec, [(1, [1.0] * 64)], "residual", None, 1024)
+    args = (spec, saved_vectors([(1, [1.0] * 64)]), "residual", None, 1024)
 
     def collect(path, *batches):
         stage = ProjectStage(*args, calibration=_target(path, ids))

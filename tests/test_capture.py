@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,9 @@ from raypipe.pipeline.stages import ProjectionSink, write_projections
 from raypipe.store.captures import build_capture, read_capture, write_capture
 from raypipe.store.outputs import VectorInfo
 from raypipe.store.paths import ExperimentPaths
-from raypipe.store.vectors import VectorSpec, parse_layers, resolve_vectors
+from raypipe.store.vectors import VectorSpec, load_vectors, parse_layers, resolve_vectors
 from tests.conftest import PROMPTS, TRAITS
-from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny import saved_vectors, tiny_llama, tiny_tokenizer
 
 LENGTHS = (5, 17, 1, 30, 9, 12)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -37,22 +38,11 @@ def _model(dtype):
     return tiny_llama().to(dtype)
 
 
-def _specs(layers=(0, 2, 2, 3), seed=2) -> list[VectorSpec]:
+def _specs(layers=(0, 2, 2, 3), seed=2, size=64) -> list[VectorSpec]:
     gen = torch.Generator().manual_seed(seed)
     traits = ["behavior/alpha", "tone/beta", "behavior/alpha", "tone/beta"]
-    return [
-        VectorSpec(
-            trait=traits[i % 4],
-            method="probe",
-            position="response[:]",
-            component="residual",
-            layer=layer,
-            selection_source="layers_arg",
-            baseline=0.5 * i,
-            vector=torch.randn(64, generator=gen).tolist(),
-        )
-        for i, layer in enumerate(layers)
-    ]
+    pairs = [(layer, torch.randn(size, generator=gen).tolist()) for layer in layers]
+    return [replace(v, baseline=0.5 * i) for i, v in enumerate(saved_vectors(pairs, traits=traits))]
 
 
 def _record(seq, acts, component, end=None):
@@ -209,7 +199,7 @@ def test_round_trip_and_bad_files(tmp_path):
 @pytest.mark.parametrize("component", ["residual", "attn_contribution"])
 def test_project_capture_equals_projector(dtype, component):
     model, seqs, specs, dims = _model(dtype), _seqs(), _specs(), [3, 17]
-    proj = Projector(model, [(v.layer, v.vector) for v in specs], component, massive_dims=dims)
+    proj = Projector(model, load_vectors(specs, None), component, massive_dims=dims)
     expected = proj.project(seqs)
     acts = Capturer(model, sorted({v.layer for v in specs}), component).capture(seqs)
     for seq, acts_i, exp in zip(seqs, acts, expected):
@@ -268,9 +258,7 @@ def test_run_from_activations_matches_stream_through(ray_session, tiny_root, tin
     prompt_set = "tests/small"
 
     # Stream-through: Projector scores written by the pipeline's own writer, variant "stream".
-    res = Projector(model, [(v.layer, v.vector) for v in specs], massive_dims=list(dims)).project(
-        seqs
-    )
+    res = Projector(model, load_vectors(specs, None), massive_dims=list(dims)).project(seqs)
     batch = pd.DataFrame(
         {
             "prompt_set": [prompt_set] * len(seqs),
@@ -334,7 +322,6 @@ def test_uncaptured_layer_or_component_is_an_input_error(tmp_path):
         InputError, match=r"7\.pt: .*'attn_contribution' was not captured at layer 0"
     ):
         project_capture(rec, _specs(layers=(0,)), "attn_contribution", False, **kw)
-    short = _specs(layers=(1,))
-    short = [VectorSpec(**{**v.__dict__, "vector": v.vector[:32]}) for v in short]
+    short = _specs(layers=(1,), size=32)
     with pytest.raises(InputError, match="hidden size 64 but the vectors have 32"):
         project_capture(rec, short, "residual", False, **kw)

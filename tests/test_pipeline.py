@@ -12,7 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from raypipe.engine.hooks import cpp_compiler
+from raypipe.errors import InputError
 from tests.conftest import PROMPTS, TRAITS, infer
+from tests.tiny import saved_vectors
 
 RESPONSE_KEYS = {
     "prompt",
@@ -193,14 +195,14 @@ def test_stages_run_without_a_cluster(tiny_root, tiny_model_dir):
     )
     out = gen(batch)
     assert list(out["generated"]) == [True, True]
-    proj = ProjectStage(spec, [(1, [1.0] * 64)], "residual", None, 1024)
+    proj = ProjectStage(spec, saved_vectors([(1, [1.0] * 64)]), "residual", None, 1024)
     scored = proj(out)
     assert len(scored["scores"][0]) == len(out["token_ids"][0])
     with pytest.raises(Exception, match="missing columns"):
         proj(batch.drop(columns=["project"]))
     if cpp_compiler():  # torch.compile on the CPU needs one (covered elsewhere without)
         compiled = ProjectStage(
-            spec, [(1, [1.0] * 64)], "residual", None, 1024, compile_prefill=True
+            spec, saved_vectors([(1, [1.0] * 64)]), "residual", None, 1024, compile_prefill=True
         )
         again = compiled(out)
         assert hasattr(compiled.projector.model, "_raypipe_compiled_blocks")
@@ -230,7 +232,7 @@ def test_fused_stage_projects_all_but_the_failed_row(tiny_root, tiny_model_dir):
         "project",
         dict(
             spec=spec,
-            vectors=[(1, [1.0] * 64)],
+            vectors=saved_vectors([(1, [1.0] * 64)]),
             component="residual",
             massive_dims=None,
             max_batch_tokens=1024,
@@ -305,3 +307,52 @@ def test_which_ray_a_run_uses(monkeypatch, address, env, backend, started, expec
         monkeypatch.setenv("RAY_ADDRESS", env)
     assert job.start_ray(RunOptions(address=address, backend=backend, quiet=True)) is True
     assert len(calls) == 1 and calls[0][: len(expected)] == expected
+
+
+def test_model_actors_get_vector_files_not_floats(tmp_path):
+    """What Ray hands each model actor (and again to one it restarts) stays a few KB for a
+    model of real width: the actor loads the vectors from the files the plan checked, and a
+    file changed since then is refused, not mixed into the run."""
+    from ray import cloudpickle
+    from transformers import LlamaConfig
+
+    from raypipe.options import InferOptions, OutputOptions, ProjectionOptions
+    from raypipe.pipeline.job import model_stage
+    from raypipe.pipeline.plan import plan_infer
+    from raypipe.pipeline.stages import stage_vectors
+    from tests.tiny import write_prompt_set, write_vectors
+
+    hidden, layers = 4096, 6
+    model = tmp_path / "wide"
+    LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=32
+    ).save_pretrained(model)
+    exp = tmp_path / "experiments" / "wide"
+    exp.mkdir(parents=True)
+    (exp / "config.json").write_text(
+        json.dumps(
+            {
+                "defaults": {"extraction": "base", "application": "base"},
+                "model_variants": {"base": {"model": str(model)}},
+            }
+        )
+    )
+    traits = [f"behavior/t{i}" for i in range(6)]
+    write_vectors(exp, traits, n_layers=layers, hidden=hidden)
+    write_prompt_set(tmp_path, "tests/small", PROMPTS)
+    opts = InferOptions(
+        output=OutputOptions(root=tmp_path, experiment="wide", prompt_set="tests/small"),
+        projection=ProjectionOptions(layers="1,4"),
+    )
+    plan = plan_infer(opts)
+    assert len(plan.vectors) == 12
+    kind, kwargs = model_stage(plan, True, "stream")
+    floats = 12 * hidden * 4
+    assert kind == "project" and len(cloudpickle.dumps(kwargs)) < floats / 10
+    loaded = stage_vectors(plan.model.spec, kwargs["vectors"])
+    assert [layer for layer, _ in loaded] == [v.layer for v in plan.vectors]
+    assert all(len(values) == hidden for _, values in loaded)
+    changed = plan.vectors[3].file
+    torch.save(torch.ones(hidden), changed)
+    with pytest.raises(InputError, match="changed since this run was planned"):
+        stage_vectors(plan.model.spec, kwargs["vectors"])

@@ -16,6 +16,7 @@ from raypipe.pipeline import server
 from raypipe.pipeline.plan import plan_serve
 from tests import conftest
 from tests.conftest import TRAITS
+from tests.tiny import saved_vectors
 
 
 def infer(root, *extra):
@@ -107,7 +108,7 @@ def test_forwarder_reopens_a_stage_the_server_dropped(ray_session, tiny_root):
             "project",
             dict(
                 spec=info.spec,
-                vectors=[(1, [1.0] * 64), (2, [0.5] * 64)],
+                vectors=saved_vectors([(1, [1.0] * 64), (2, [0.5] * 64)]),
                 component="residual",
                 massive_dims=None,
                 max_batch_tokens=1024,

@@ -33,9 +33,11 @@ from raypipe.store.prompts import MAX_PROMPT_CHARS, load_prompt_set
 from raypipe.store.vectors import (
     LayerSpec,
     best_layer,
+    file_digest,
     find_vector_set,
     load_steering,
     load_vector,
+    load_vectors,
     parse_layers,
     resolve_vectors,
 )
@@ -512,7 +514,8 @@ def test_resolve_vectors_clamps_best_plus_n(tiny_root):
     assert "tone/beta: best layer 1" in text
     for s in specs:  # the vectors are the files' values and baselines are the metadata's
         f = paths.vector_file(s.trait, "base", RUN, "residual", "probe", s.layer)
-        assert s.vector == torch.load(f, weights_only=True).tolist()
+        assert s.file == f and s.digest == file_digest(f)
+        assert load_vectors([s], 64) == [(s.layer, torch.load(f, weights_only=True).tolist())]
         assert s.baseline == 0.25 * s.layer
         assert s.position == RUN
 

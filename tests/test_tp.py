@@ -17,6 +17,7 @@ from raypipe.engine.models import ModelSpec, load_model
 from raypipe.engine.projector import Projector
 from raypipe.engine.tp import check_tp, free_port
 from raypipe.errors import InputError
+from tests.tiny import saved_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [0, 1, 2]
@@ -138,7 +139,7 @@ def test_tp_stage_matches_project_stage(ray_session, tiny_model_dir, tmp_path):
             "error": [None] * (len(seqs) + 1),
         }
     )
-    args = (spec, vectors, "attn_contribution", (3, 10), 1024)
+    args = (spec, saved_vectors(vectors), "attn_contribution", (3, 10), 1024)
     want = ProjectStage(*args)(batch)
     stage = TPProjectStage(*args, tp=2, threads=1)
     try:
@@ -193,7 +194,7 @@ def test_tp_stage_calibration_is_partial_until_done_and_goes_on(
         )
 
     first, rest = batch([0, 1]), batch([2, 3, 4])
-    args = (spec, vectors, "residual", None, 1024)
+    args = (spec, saved_vectors(vectors), "residual", None, 1024)
     ref = ProjectStage(*args, calibration=target("ref"))
     ref(first)
     ref(rest)

@@ -137,3 +137,39 @@ def write_prompt_set(root: Path, name: str, texts: list[str]) -> None:
             }
         )
     )
+
+
+def saved_vectors(pairs, traits=None, method="probe", position="response[:]", folder=None):
+    """VectorSpecs (what stages take) for (layer, values) pairs, each saved as a `.pt` file.
+    Without `folder`, files go to a content-addressed folder under the temp dir."""
+    import hashlib
+    import tempfile
+
+    from raypipe.store.vectors import VectorSpec, file_digest
+
+    folder = Path(folder or Path(tempfile.gettempdir()) / "raypipe-test-vectors")
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i, (layer, values) in enumerate(pairs):
+        t = torch.as_tensor(values, dtype=torch.float32)
+        name = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:20]
+        path = folder / f"{name}.pt"
+        if not path.is_file():
+            tmp = path.with_suffix(f".{i}.tmp")
+            torch.save(t.clone(), tmp)
+            tmp.replace(path)
+        trait = traits[i % len(traits)] if traits else "behavior/alpha"
+        specs.append(
+            VectorSpec(
+                trait,
+                method,
+                position,
+                "residual",
+                layer,
+                "layers_arg",
+                0.0,
+                path,
+                file_digest(path),
+            )
+        )
+    return tuple(specs)

@@ -263,13 +263,49 @@ def _map_stage(ds, cls, kind: str, kwargs: dict, served: str | None, replicas: i
     )
 
 
+def model_stage(plan: InferPlan, project: bool, mode: str) -> tuple[str, dict] | None:
+    """(kind in MODEL_STAGES, constructor kwargs) of the model stage after generation, or
+    None. The kwargs are what Ray gives each actor (and again to one it restarts): options and
+    file paths, a few KB whatever the model size; vectors are loaded in the actor."""
+    opts, run = plan.opts, plan.opts.run
+    if project and mode == "capture":
+        return (
+            "capture",
+            dict(
+                spec=plan.model.spec,
+                layers=sorted({v.layer for v in plan.vectors}),
+                max_batch_tokens=opts.projection.max_batch_tokens,
+                compile_prefill=opts.projection.compile_prefill,
+                sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
+                threads=run.threads,
+            ),
+        )
+    if not project:
+        return None
+    # SPEC 8: the first run of a variant collects calibration passively; the plan decided
+    # whether this one does, and which prompts it sends through for it.
+    return (
+        "project",
+        dict(
+            spec=plan.model.spec,
+            vectors=plan.vectors,
+            component=opts.projection.component,
+            massive_dims=plan.massive_dims,
+            max_batch_tokens=opts.projection.max_batch_tokens,
+            early_stop=opts.projection.early_stop,
+            threads=run.threads,
+            calibration=plan.calibration,
+            compile_prefill=opts.projection.compile_prefill,
+        ),
+    )
+
+
 def _execute(
     plan: InferPlan, rows: list[dict], project: bool, summary: Summary, mode: str = "stream"
 ) -> None:
     import ray
 
     opts, run = plan.opts, plan.opts.run
-    calibration = None
     gpu = run.gpus_per_replica if run.gpus_per_replica is not None else (1 if _has_gpus() else 0)
     cpus = 1 if gpu else 0.5  # fractional on CPU nodes: both pools fit on a 2-core machine
     # Ray Data's actor pools already restart dead actors and retry their tasks
@@ -288,37 +324,8 @@ def _execute(
         backend=run.backend if run.backend == "vllm" else "local",
         tensor_parallel_size=run.tensor_parallel_size,
     )
-    then = None  # (kind in MODEL_STAGES, kwargs) of the model stage after generation
-    if project and mode == "capture":
-        then = (
-            "capture",
-            dict(
-                spec=plan.model.spec,
-                layers=sorted({v.layer for v in plan.vectors}),
-                max_batch_tokens=opts.projection.max_batch_tokens,
-                compile_prefill=opts.projection.compile_prefill,
-                sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
-                threads=run.threads,
-            ),
-        )
-    elif project:
-        # SPEC 8: the first run of a variant collects calibration passively; the plan decided
-        # whether this one does, and which prompts it sends through for it.
-        calibration = plan.calibration
-        then = (
-            "project",
-            dict(
-                spec=plan.model.spec,
-                vectors=[(v.layer, v.vector) for v in plan.vectors],
-                component=opts.projection.component,
-                massive_dims=plan.massive_dims,
-                max_batch_tokens=opts.projection.max_batch_tokens,
-                early_stop=opts.projection.early_stop,
-                threads=run.threads,
-                calibration=calibration,
-                compile_prefill=opts.projection.compile_prefill,
-            ),
-        )
+    then = model_stage(plan, project, mode)
+    calibration = plan.calibration if then is not None and then[0] == "project" else None
     ds = ray.data.from_items(rows)
     if then is not None and served is None and run.backend != "vllm" and run.tp == 1:
         # HF generation and the prefill on one model in one actor per replica: the prefill

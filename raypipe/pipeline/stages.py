@@ -21,6 +21,7 @@ from raypipe.store.outputs import (
     write_response,
 )
 from raypipe.store.paths import ExperimentPaths
+from raypipe.store.vectors import VectorSpec, load_vectors
 
 RESPONSE_COLUMNS = ("prompt_text", "response_text", "token_ids", "prompt_end", "tokens")
 
@@ -265,6 +266,15 @@ class PassiveCalibration:
         return complete
 
 
+def stage_vectors(spec: ModelSpec, vectors) -> list[tuple[int, list[float]]]:
+    """(layer, floats) for the projector, loaded here in the actor from the files the plan
+    chose (small constructor arguments; a restarted actor reads the same checked bytes)."""
+    from raypipe.engine.models import load_config, text_config
+
+    hidden = int(text_config(load_config(spec.model, spec.cache_dir)).hidden_size)
+    return load_vectors(vectors, hidden)
+
+
 class ProjectStage:
     """One hooked prefill per batch over the exact ids; emits flat score arrays per row."""
 
@@ -274,7 +284,7 @@ class ProjectStage:
     def __init__(
         self,
         spec: ModelSpec,
-        vectors: list[tuple[int, list[float]]],
+        vectors: tuple[VectorSpec, ...],
         component: str,
         massive_dims: tuple[int, ...] | None,
         max_batch_tokens: int,
@@ -293,7 +303,7 @@ class ProjectStage:
         model, tok = loaded
         self.projector = Projector(
             model,
-            vectors,
+            stage_vectors(spec, vectors),
             component=component,
             massive_dims=list(massive_dims) if massive_dims else None,
             early_stop=early_stop,

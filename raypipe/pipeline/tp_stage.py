@@ -15,7 +15,9 @@ from raypipe.pipeline.stages import (
     claim_calibration,
     put_scores,
     require,
+    stage_vectors,
 )
+from raypipe.store.vectors import VectorSpec
 
 
 class _Rank:
@@ -83,7 +85,7 @@ class TPProjectStage:
     def __init__(
         self,
         spec: ModelSpec,
-        vectors: list[tuple[int, list[float]]],
+        vectors: tuple[VectorSpec, ...],
         component: str,
         massive_dims: tuple[int, ...] | None,
         max_batch_tokens: int,
@@ -105,7 +107,7 @@ class TPProjectStage:
         self.setup_args = dict(
             world=tp,
             spec=spec,
-            vectors=vectors,
+            vectors=stage_vectors(spec, vectors),  # to the ranks by a method call
             component=component,
             massive_dims=massive_dims,
             max_batch_tokens=max_batch_tokens,

@@ -66,5 +66,10 @@ def run_lock(paths: ExperimentPaths, variant: str, prompt_set: str) -> Iterator[
         except OSError as e:
             raise RaypipeError(f"{path}: cannot write outputs here: {e.strerror}") from None
         yield path
+        try:
+            fh.seek(0)
+            fh.truncate()  # nobody holds it now (a killed holder's line stays, and is overwritten)
+        except OSError:
+            pass
     finally:
         fh.close()  # releases the flock

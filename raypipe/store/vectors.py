@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import stat
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from raypipe.errors import InputError
@@ -113,7 +114,13 @@ class VectorSet:
 
 @dataclass(frozen=True)
 class VectorSpec:
-    """One vector chosen for projection: a trait at a layer, ready to stack."""
+    """One vector chosen for projection: a trait at a layer, by its file.
+
+    Stages get this, not the floats, and load the vector where they run (load_vectors): their
+    constructor arguments stay a few hundred bytes whatever the hidden size, and an actor that
+    Ray restarts rebuilds from the very bytes the plan checked (`digest`), or fails naming the
+    file if it changed since.
+    """
 
     trait: str
     method: str
@@ -122,7 +129,8 @@ class VectorSpec:
     layer: int
     selection_source: str
     baseline: float
-    vector: list[float] = field(repr=False)  # plain floats: picklable to Ray workers
+    file: Path
+    digest: str  # sha256 of the file when the plan validated it
 
 
 def list_traits(paths: ExperimentPaths, variant: str) -> list[str]:
@@ -268,11 +276,15 @@ def _tensor_problem(t, hidden_size: int) -> str | None:
     return None
 
 
-def load_vector(path: Path, hidden_size: int) -> list[float]:
+def load_vector(path: Path, hidden_size: int | None) -> list[float]:
+    """The vector in `path` as float32 values, checked; `hidden_size` None: any size (the
+    plan checked it against the model already)."""
     import torch
 
     t = _open_vector(path)
-    if problem := _tensor_problem(t, hidden_size):
+    if hidden_size is None and isinstance(t, torch.Tensor) and t.dim() == 1:
+        hidden_size = t.shape[0]
+    if problem := _tensor_problem(t, hidden_size or 0):
         raise InputError(path, "vector", problem)
     t = t.detach()
     if not torch.isfinite(t).all():
@@ -291,6 +303,27 @@ def load_vector(path: Path, hidden_size: int) -> list[float]:
             path, "vector", f"its norm is {norm} in float32; rescale it (only its direction counts)"
         )
     return v.tolist()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_vectors(specs, hidden_size: int | None) -> list[tuple[int, list[float]]]:
+    """(layer, floats) of each VectorSpec, read from its file and checked against the digest
+    the plan took (a file replaced mid-run would mix two vectors in one run's outputs)."""
+    out = []
+    for spec in specs:
+        try:
+            digest = file_digest(spec.file)
+        except OSError as e:
+            raise InputError(spec.file, "vector", f"cannot read: {e.strerror}") from None
+        if digest != spec.digest:
+            raise InputError(
+                spec.file, "vector", "changed since this run was planned; run again to use it"
+            )
+        out.append((spec.layer, load_vector(spec.file, hidden_size)))
+    return out
 
 
 # ---------------------------------------------------------------- steering and best layer
@@ -473,7 +506,9 @@ def resolve_vectors(
                     f"trait {trait!r} has no vector at layer {layer} "
                     f"(has {min(vset.layer_files)}-{max(vset.layer_files)})",
                 )
-            vector = load_vector(vset.layer_files[layer], hidden_size)
+            path = vset.layer_files[layer]
+            digest = file_digest(path)
+            load_vector(path, hidden_size)  # validated here, before anything starts
             specs.append(
                 VectorSpec(
                     trait=trait,
@@ -483,7 +518,8 @@ def resolve_vectors(
                     layer=layer,
                     selection_source=source,
                     baseline=float(vset.layer_meta(layer).get("baseline", 0.0)),
-                    vector=vector,
+                    file=path,
+                    digest=digest,
                 )
             )
     return specs, notes
