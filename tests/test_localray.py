@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from raypipe.pipeline.localray import LOOPBACK_ENV, OWNER_FILE
-from tests.test_resume import ARGS, REPO, Run, n_json, session_procs
+from tests.conftest import PROMPTS
+from tests.test_resume import ARGS, REPO, Run, n_json, out_dir, session_procs
+from tests.tiny import write_prompt_set
 
 # strace's rendering of an IPv4 / IPv6 socket address in connect, bind, sendto, sendmsg.
 _INET = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"')
@@ -239,10 +241,40 @@ def test_head_serve_backend_auto_and_clear_join_errors(tiny_root):
         assert "backend auto: using model server" in job.stderr
         assert n_json(tiny_root, "projections") == 20
         assert _cli("serve", *root, "--dtype", "float32", "--stop", env=env).returncode == 0
+        # The head stops under a running job: one line, not Ray's 60 s of retries and exit.
+        write_prompt_set(tiny_root, "tests/small", [f"{t} {i}" for i in range(8) for t in PROMPTS])
+        long = [*args, "--backend", "auto", "--regenerate", "--batch-size", "1"]
+        started = time.time()
+        job = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "raypipe.cli",
+                "infer",
+                "--root",
+                str(tiny_root),
+                *long,
+                "--max-new-tokens",
+                "40",
+            ],
+            cwd=REPO,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        done = out_dir(tiny_root) / "responses" / "tests" / "small"
+        while time.monotonic() < deadline and job.poll() is None:
+            if sum(p.stat().st_mtime > started for p in done.glob("*.json")) >= 2:
+                break
+            time.sleep(0.2)
     finally:
         status = json.loads((temp / f"raypipe-head-{os.getuid()}.json").read_text())
         stop = _cli("head", "--stop", env=env)
         left = session_procs(status["sid"])
-        shutil.rmtree(temp, ignore_errors=True)
     assert stop.returncode == 0 and "stopped the Ray head" in stop.stdout, stop.stderr
     assert not left, left
+    _, err = job.communicate(timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+    assert job.returncode == 1, err[-3000:]
+    assert "raypipe: error: the Ray cluster at 127.0.0.1:" in err and "went away" in err

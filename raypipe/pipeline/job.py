@@ -73,6 +73,7 @@ def start_ray(run: RunOptions) -> bool:
     if joined is not None:
         address, source = joined
         localray.join(address, source, **kwargs)
+        localray.watch_cluster(address)
         if not run.address:
             log(f"joined the Ray cluster at {address} ({source})", run.quiet)
     else:

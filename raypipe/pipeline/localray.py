@@ -348,3 +348,33 @@ def stop_head() -> dict | None:
             pass
     record.unlink(missing_ok=True)
     return status
+
+
+def watch_cluster(address: str, interval_s: float = 2.0, misses: int = 10) -> None:
+    """While this driver runs on a cluster it joined, check that its head still answers; once
+    it has not for `misses` checks in a row, say so in one line and end the run. (Ray would
+    otherwise retry for 60 s, then end the process with code 1 and a C++ log line.)"""
+    import threading
+
+    host, port = _host_port(address)
+    if host is None:
+        return
+
+    def watch() -> None:
+        missed = 0
+        while True:
+            time.sleep(interval_s)
+            try:
+                socket.create_connection((host, port), timeout=interval_s).close()
+                missed = 0
+            except OSError:
+                missed += 1
+            if missed >= misses:
+                sys.stderr.write(
+                    f"raypipe: error: the Ray cluster at {address} went away during the run "
+                    "(its head stopped); finished prompts are on disk: run again to do the rest\n"
+                )
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="raypipe-cluster-watch", daemon=True).start()
