@@ -116,13 +116,15 @@ def variants(tree: Tree, q: Query) -> dict[str, Any]:
     for name in names:
         spec = declared.get(name) if isinstance(declared.get(name), dict) else {}
         calibration = tree.calibration(experiment, name)
+        usable = calibration is not None and calibration.usable
         out.append(
             {
                 "name": name,
                 "model": spec.get("model"),
                 "lora": spec.get("lora"),
-                "has_calibration": calibration is not None,
-                "massive_dims": calibration["massive_dims"] if calibration else [],
+                "has_calibration": usable,
+                "massive_dims": list(calibration.massive_dims) if usable else [],
+                "calibration_warning": calibration.problem if calibration else None,
             }
         )
     return {"experiment": experiment, "defaults": _defaults(config, names), "variants": out}
@@ -219,6 +221,8 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
     tokens, end = _check_response(response, f"prompt {prompt_id}")
     calibration = tree.calibration(experiment, variant)
     out_traits, missing, skipped, warnings = [], [], [], []
+    if calibration is not None and not calibration.usable:
+        warnings.append(f"{calibration.problem} (massive-dim cleaning is off for {variant})")
     for trait in tree.traits(experiment, variant, prompt_set):
         data = tree.projection(experiment, variant, trait, prompt_set, prompt_id)
         if data is None:
@@ -270,7 +274,12 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
         "mode": mode,
         "centered": centered,
         "cleaned": cleaned,
-        "calibration": calibration,
+        "calibration": (
+            {"massive_dims": list(calibration.massive_dims)}
+            if calibration is not None and calibration.usable
+            else None
+        ),
+        "calibration_warning": calibration.problem if calibration else None,
         "response": {
             "tokens": tokens,
             "prompt_end": end,

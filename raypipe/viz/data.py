@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raypipe.errors import InputError
+from raypipe.store.atomic import read_json as read_json_file
+
 SCORE_MODES = ("raw", "normalized", "cosine")
 SEGMENTS = ("prompt", "response")
+MAX_HIDDEN_DIM = 2**31  # any real hidden-state index is far below; beyond is not a dimension
 
 
 class ApiError(Exception):
@@ -22,6 +28,78 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def file_error(status: int, where: str, field: str, message: str) -> ApiError:
+    """An ApiError worded as the CLI words bad input: `WHERE: FIELD: message`."""
+    return ApiError(status, str(InputError(where, field, message)))
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about the wrong shape."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
+
+
+def _shown(value: Any) -> str:
+    text = json_kind(value) if isinstance(value, list | dict) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A variant's massive-activation calibration as the dashboard uses it (SPEC section 8).
+
+    `problem` (`FILE: FIELD: message`) is set when the file is there but unusable: the
+    dashboard then offers no cleaning and says why, and the variant's other views still work.
+    """
+
+    massive_dims: tuple[int, ...] = ()
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        if not all(type(d) is int and 0 <= d < MAX_HIDDEN_DIM for d in self.massive_dims):
+            raise ValueError(f"massive dims must be hidden-state indices: {self.massive_dims}")
+        if self.problem is not None and self.massive_dims:
+            raise ValueError("an unusable calibration has no massive dims")
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+
+def parse_calibration(where: str, data: Any) -> Calibration:
+    """The massive dims of a parsed calibration.json, or what makes it unusable."""
+
+    def unusable(field: str, message: str) -> Calibration:
+        return Calibration(problem=str(InputError(where, field, message)))
+
+    if not isinstance(data, dict):
+        return unusable("calibration", f"must be a JSON object, not {json_kind(data)}")
+    if "aggregate" not in data:
+        return unusable("aggregate", "missing")
+    aggregate = data["aggregate"]
+    if not isinstance(aggregate, dict):
+        return unusable("aggregate", f"must be an object, not {json_kind(aggregate)}")
+    if "massive_dims" not in aggregate:
+        # trait-interp writes none: usable, with no flagged dims to list.
+        return Calibration()
+    dims = aggregate["massive_dims"]
+    if not isinstance(dims, list):
+        kind = json_kind(dims)
+        return unusable("aggregate.massive_dims", f"must be a list of integers, not {kind}")
+    for i, d in enumerate(dims):
+        if type(d) is not int or not 0 <= d < MAX_HIDDEN_DIM:
+            return unusable(
+                f"aggregate.massive_dims[{i}]",
+                f"must be a hidden-state index (an integer from 0), got {_shown(d)}",
+            )
+    return Calibration(tuple(dims))
 
 
 def natural_key(name: str) -> tuple[int, int, str]:
@@ -104,14 +182,28 @@ class Tree:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else path.name
 
     def read_json(self, path: Path) -> Any:
-        path = self.inside(path)
+        """A parsed JSON file of the tree; 404 when absent, 422 naming file and field if broken."""
+        where = self.rel(path)
         try:
-            with path.open("rb") as fh:
-                return json.load(fh)
+            path = self.inside(path)
+        except ApiError:
+            raise file_error(
+                422, where, "file", "links outside the experiments tree, or in a loop"
+            ) from None
+        try:
+            mode = os.stat(path).st_mode
         except FileNotFoundError:
-            raise ApiError(404, f"missing file {self.rel(path)}") from None
-        except (OSError, ValueError) as err:
-            raise ApiError(422, f"cannot read {self.rel(path)}: {err}") from None
+            raise file_error(404, where, "file", "missing") from None
+        except OSError as err:
+            raise file_error(422, where, "file", f"cannot read: {err.strerror}") from None
+        if not stat.S_ISREG(mode):
+            # A named pipe would block the request forever; a folder cannot be parsed.
+            raise file_error(422, where, "file", "not a regular file")
+        try:
+            return read_json_file(path)
+        except InputError as err:
+            status = 404 if err.message == "file not found" else 422
+            raise file_error(status, where, err.field, err.message) from None
 
     def _subdirs(self, path: Path) -> list[str]:
         try:
@@ -163,13 +255,16 @@ class Tree:
             raise ApiError(404, f"unknown variant {variant!r} in experiment {experiment!r}")
         return self.inside(self.experiment_dir(experiment) / "inference" / variant)
 
-    def calibration(self, experiment: str, variant: str) -> dict[str, Any] | None:
+    def calibration(self, experiment: str, variant: str) -> Calibration | None:
+        """The variant's calibration: None when it has none, unusable when the file is broken."""
         path = self.variant_dir(experiment, variant) / "massive_activations" / "calibration.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        data = self.read_json(path)
-        dims = (data.get("aggregate") or {}).get("massive_dims") if isinstance(data, dict) else None
-        return {"massive_dims": [int(d) for d in dims or []]}
+        try:
+            data = self.read_json(path)
+        except ApiError as err:
+            return Calibration(problem=err.message)
+        return parse_calibration(self.rel(path), data)
 
     # -- prompt sets and prompts -------------------------------------------------------------
 

@@ -215,7 +215,11 @@ export class DynamicsView {
     this.cleaned.input.checked = s.cleaned;
     this.cleaned.input.disabled = !cleanable;
     const dims = d.calibration ? d.calibration.massive_dims : [];
-    this.cleaned.querySelector('span').textContent = cleanable ? `clean massive dims [${dims.join(', ')}]` : 'clean massive dims (no calibration)';
+    // A broken calibration file is named in the notes below; the label says where to look.
+    const broken = d.calibration_warning;
+    const why = broken ? 'calibration unusable, see the note below' : 'no calibration';
+    this.cleaned.querySelector('span').textContent = cleanable ? `clean massive dims [${dims.join(', ')}]` : `clean massive dims (${why})`;
+    this.cleaned.title = broken || '';
     this.showPrompt.input.checked = s.showPrompt;
     this.clip.input.checked = s.clip;
 

@@ -44,6 +44,7 @@ export class ModelsView {
     this.textHost = el('div', { id: 'cmp-text' });
     this.tableHost = el('div', { class: 'table-wrap', id: 'cmp-table' });
     this.tableNote = el('p', { class: 'hint' });
+    this.calibrationNotes = el('div', { class: 'notes', id: 'cmp-calibration' });
 
     root.append(
       el('div', { class: 'card controls' },
@@ -54,7 +55,8 @@ export class ModelsView {
           field('Prompt set', this.sel.prompt_set),
           field('Trait', this.sel.trait),
           field('Layer', this.sel.layer)),
-        el('div', { class: 'row' }, field('Score', this.modes), this.centered, this.cleaned, this.clip)),
+        el('div', { class: 'row' }, field('Score', this.modes), this.centered, this.cleaned, this.clip),
+        this.calibrationNotes),
       el('div', { class: 'card' }, this.head, this.chartHost, this.legend, this.diffHost, this.textHost),
       el('div', { class: 'card' },
         el('h3', { text: 'Per-prompt summary (response tokens)' }), this.tableNote, this.tableHost),
@@ -130,6 +132,7 @@ export class ModelsView {
       const va = this.variants.find((v) => v.name === s.variant_a);
       const vb = this.variants.find((v) => v.name === s.variant_b);
       this.cleanable = Boolean(va && vb && va.has_calibration && vb.has_calibration);
+      this.calibrationProblems = [va, vb].filter((v) => v && v.calibration_warning).map((v) => v.calibration_warning);
       if (!this.cleanable) s.cleaned = false;
       const query = {
         experiment: s.experiment, prompt_set: s.prompt_set, variant_a: s.variant_a, variant_b: s.variant_b,
@@ -172,7 +175,11 @@ export class ModelsView {
     this.cleaned.input.checked = s.cleaned;
     this.clip.input.checked = s.clip;
     this.cleaned.input.disabled = !this.cleanable;
-    this.cleaned.querySelector('span').textContent = this.cleanable ? 'clean massive dims' : 'clean massive dims (needs calibration in both)';
+    const broken = this.calibrationProblems || [];
+    const why = broken.length ? 'a calibration file is unusable' : 'needs calibration in both';
+    this.cleaned.querySelector('span').textContent = this.cleanable ? 'clean massive dims' : `clean massive dims (${why})`;
+    this.cleaned.title = broken.join('\n');
+    setChildren(this.calibrationNotes, broken.map((text) => el('p', { text })));
   }
 
   sortedRows() {
