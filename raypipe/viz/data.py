@@ -112,6 +112,38 @@ def finite_list(values: np.ndarray) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in values.tolist()]
 
 
+def _member(obj: Any, key: str, field: str) -> Any:
+    """`obj[key]` of a projection entry, or a ValueError naming `field` (the key's path)."""
+    if not isinstance(obj, dict):
+        owner = field.rsplit(".", 1)[0] if "." in field else "entry"
+        raise ValueError(f"{owner}: must be an object, not {json_kind(obj)}")
+    if key not in obj:
+        raise ValueError(f"{field}: missing")
+    return obj[key]
+
+
+def _numbers(value: Any, field: str) -> np.ndarray:
+    """A JSON list of numbers as float64, null items as NaN; anything else is a ValueError."""
+    try:
+        out = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        out = None
+    if out is None or out.ndim != 1:
+        raise ValueError(f"{field}: must be a list of numbers, not {_shape(value)}")
+    return out
+
+
+def _shape(value: Any) -> str:
+    return "a list holding other things" if isinstance(value, list) else json_kind(value)
+
+
+def _baseline(entry: dict[str, Any]) -> float:
+    value = _member(entry, "baseline", "baseline")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"baseline: must be a number, not {json_kind(value)}")
+    return float(value)
+
+
 def segment_scores(
     entry: dict[str, Any],
     segment: str,
@@ -124,28 +156,66 @@ def segment_scores(
 
     Centering subtracts the vector's baseline from the raw scores before any division, since
     the baseline is in raw units. Cleaned modes use the massive-dim-cleaned scores and norms.
+    Data of the wrong shape is a ValueError that starts with the field's path in the entry.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown score mode {mode!r}")
-    source = entry["cleaned"] if cleaned else entry
-    raw = np.asarray(source[segment], dtype=np.float64)
+    at = "cleaned." if cleaned else ""
+    source = _member(entry, "cleaned", "cleaned") if cleaned else entry
+    raw = _numbers(_member(source, segment, at + segment), at + segment)
     shift = centered and not already_centered
     if shift:
-        raw = raw - float(entry["baseline"])
+        raw = raw - _baseline(entry)
     if mode == "raw" or raw.size == 0:
         return raw
-    norms = np.asarray(source["token_norms"][segment], dtype=np.float64)
+    norms = _member(source, "token_norms", f"{at}token_norms")
+    field = f"{at}token_norms.{segment}"
+    norms = _numbers(_member(norms, segment, field), field)
     if norms.shape != raw.shape:
-        raise ApiError(
-            422, f"{segment} scores and norms differ in length ({raw.size} vs {norms.size})"
+        raise ValueError(
+            f"{field}: {norms.size} norms for {raw.size} {segment} scores; they must match"
         )
     with np.errstate(divide="ignore", invalid="ignore"):
         if mode == "normalized":
             stored = entry.get(f"normalized_{segment}")
             if stored is not None and not shift and not cleaned:
-                return np.asarray(stored, dtype=np.float64)
+                return _numbers(stored, f"normalized_{segment}")
             return raw / norms.mean()
         return np.where(norms > 0, raw / np.where(norms > 0, norms, 1.0), np.nan)
+
+
+def tokens_and_end(
+    tokens: Any, end: Any, where: str, row: str | None = None
+) -> tuple[list[str], int]:
+    """A response's tokens and prompt_end, checked to fit each other (SPEC section 7).
+
+    `where` is the file; `row` names the prompt when the file is a table of many.
+    """
+    of = f" (prompt {row})" if row is not None else ""
+    if not isinstance(tokens, list):
+        kind = json_kind(tokens)
+        raise file_error(422, where, "tokens", f"must be a list of strings, not {kind}{of}")
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            kind = json_kind(token)
+            raise file_error(422, where, f"tokens[{i}]", f"must be a string, not {kind}{of}")
+    if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= len(tokens):
+        shown = _shown(end)
+        message = f"must be an integer from 0 to {len(tokens)}, got {shown}{of}"
+        raise file_error(422, where, "prompt_end", message)
+    return tokens, end
+
+
+@dataclass(frozen=True)
+class Table:
+    """A Parquet table of the tree: its path, and the name messages give it (under the root)."""
+
+    path: Path
+    where: str
+
+    def __post_init__(self) -> None:
+        if not self.path.is_absolute():
+            raise ValueError(f"a table path must be absolute: {self.path}")
 
 
 class Tree:
@@ -318,6 +388,7 @@ class Tree:
         return self.inside(folder / f"{prompt_id}.json")
 
     def response(self, experiment: str, variant: str, prompt_set: str, prompt_id: str) -> dict:
+        """A response JSON whose tokens and prompt_end are checked to fit."""
         folder = self.responses_dir(experiment, variant, prompt_set)
         path = self._prompt_file(folder, prompt_id)
         if not path.is_file():
@@ -325,8 +396,9 @@ class Tree:
                 404, f"no response for prompt {prompt_id!r} in {prompt_set!r} ({variant!r})"
             )
         data = self.read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
-            raise ApiError(422, f"{self.rel(path)} has no token list")
+        if not isinstance(data, dict):
+            raise file_error(422, self.rel(path), "response", "must be a JSON object")
+        tokens_and_end(data.get("tokens"), data.get("prompt_end"), self.rel(path))
         return data
 
     # -- traits and projections --------------------------------------------------------------
@@ -356,20 +428,26 @@ class Tree:
             )
         return trait
 
+    def projection_file(
+        self, experiment: str, variant: str, trait: str, prompt_set: str, prompt_id: str
+    ) -> Path:
+        """Where the projection JSON of one prompt for one trait is (or would be)."""
+        self.check_trait(experiment, variant, prompt_set, trait)
+        folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
+        return self._prompt_file(folder, prompt_id)
+
     def projection(
         self, experiment: str, variant: str, trait: str, prompt_set: str, prompt_id: str
     ) -> dict | None:
         """The projection JSON of one prompt for one trait, or None when it was not written."""
-        self.check_trait(experiment, variant, prompt_set, trait)
-        folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
-        path = self._prompt_file(folder, prompt_id)
+        path = self.projection_file(experiment, variant, trait, prompt_set, prompt_id)
         return self._read_projection(path) if path.is_file() else None
 
     def _read_projection(self, path: Path) -> dict:
         data = self.read_json(path)
         entries = data.get("projections") if isinstance(data, dict) else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ApiError(422, f"{self.rel(path)} has no projections list")
+            raise file_error(422, self.rel(path), "projections", "must be a list of objects")
         return data
 
     def first_projection(
@@ -386,14 +464,16 @@ class Tree:
             )
         except FileNotFoundError:
             return None
-        return self._read_projection(folder / names[0]) if names else None
+        # As for one prompt's projection, only a regular file counts as written.
+        first = next((n for n in names if (folder / n).is_file()), None)
+        return self._read_projection(folder / first) if first else None
 
     # -- Parquet -----------------------------------------------------------------------------
 
-    def parquet(self, experiment: str, variant: str, table: str, prompt_set: str) -> Path | None:
+    def parquet(self, experiment: str, variant: str, table: str, prompt_set: str) -> Table | None:
         """`parquet/{projections|responses}/{prompt_set}.parquet`, or None when absent."""
         self.check_prompt_set(experiment, variant, prompt_set)
         path = self.variant_dir(experiment, variant) / "parquet" / table / f"{prompt_set}.parquet"
         if not path.is_file():
             return None
-        return self.inside(path)
+        return Table(self.inside(path), self.rel(path))

@@ -226,7 +226,7 @@ def test_front_end_names_the_broken_calibration(site, calibration: Path) -> None
             page.goto(f"{base}/#/models?{PAIR}")
             page.wait_for_selector("#cmp-chart svg.chart")
             assert page.is_disabled("#cmp-cleaned")
-            assert page.locator("#cmp-calibration p").all_inner_texts() == [want]
+            assert page.locator("#cmp-notes p").all_inner_texts() == [want]
             assert errors == []
         finally:
             browser.close()
