@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -9,7 +10,15 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from raypipe.viz import tables
-from raypipe.viz.data import SCORE_MODES, ApiError, Tree, finite_list, natural_key, segment_scores
+from raypipe.viz.data import (
+    SCORE_MODES,
+    ApiError,
+    Tree,
+    finite_list,
+    natural_key,
+    segment_scores,
+    tokens_and_end,
+)
 
 MAX_PARAM_LEN = 512
 PREVIEW_JSON_LIMIT = 1000  # above this many prompts, previews only come from Parquet
@@ -79,6 +88,31 @@ class Query:
         return number
 
 
+# -- values read from files, as the page may show them ------------------------------------------
+
+
+def _text(value: Any) -> str | None:
+    """A field the page shows as text; a file may hold anything there (NaN, objects...)."""
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    # JSON has no NaN or infinity, and browsers' JSON.parse rejects them.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _texts(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _int_list(value: Any) -> list[int] | None:
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        return None
+    return value
+
+
 # -- discovery -------------------------------------------------------------------------------
 
 
@@ -116,13 +150,15 @@ def variants(tree: Tree, q: Query) -> dict[str, Any]:
     for name in names:
         spec = declared.get(name) if isinstance(declared.get(name), dict) else {}
         calibration = tree.calibration(experiment, name)
+        usable = calibration is not None and calibration.usable
         out.append(
             {
                 "name": name,
-                "model": spec.get("model"),
-                "lora": spec.get("lora"),
-                "has_calibration": calibration is not None,
-                "massive_dims": calibration["massive_dims"] if calibration else [],
+                "model": _text(spec.get("model")),
+                "lora": _text(spec.get("lora")),
+                "has_calibration": usable,
+                "massive_dims": list(calibration.massive_dims) if usable else [],
+                "calibration_warning": calibration.problem if calibration else None,
             }
         )
     return {"experiment": experiment, "defaults": _defaults(config, names), "variants": out}
@@ -146,34 +182,47 @@ def prompts(tree: Tree, q: Query) -> dict[str, Any]:
     experiment, variant, prompt_set = q.text("experiment"), q.text("variant"), q.text("prompt_set")
     ids = tree.prompt_ids(experiment, variant, prompt_set)
     table = tree.parquet(experiment, variant, "responses", prompt_set)
-    previews: dict[str, str] = {}
+    previews: dict[str, str] | None = None
+    warnings: list[str] = []
     if table is not None:
-        previews = tables.previews(table)
-    elif len(ids) <= PREVIEW_JSON_LIMIT:
+        try:
+            previews = tables.previews(table)
+        except ApiError as err:
+            # Previews only label the prompt list: a broken table must not hide the prompts.
+            warnings.append(err.message)
+    if previews is None and len(ids) <= PREVIEW_JSON_LIMIT:
+        previews = {}
         for pid in ids:
             try:
                 text = tree.response(experiment, variant, prompt_set, pid).get("response")
             except ApiError:
                 continue
-            previews[pid] = str(text or "")[:90]
-    return {"prompts": [{"id": pid, "preview": previews.get(pid, "")} for pid in ids]}
+            previews[pid] = (_text(text) or "")[:90]
+    return {
+        "prompts": [{"id": pid, "preview": (previews or {}).get(pid, "")} for pid in ids],
+        "warnings": warnings,
+    }
 
 
 def traits(tree: Tree, q: Query) -> dict[str, Any]:
     experiment, variant, prompt_set = q.text("experiment"), q.text("variant"), q.text("prompt_set")
     out = []
     for trait in tree.traits(experiment, variant, prompt_set):
-        sample = tree.first_projection(experiment, variant, trait, prompt_set) or {}
+        item: dict[str, Any] = {"trait": trait}
+        try:
+            sample = tree.first_projection(experiment, variant, trait, prompt_set) or {}
+        except ApiError as err:
+            # One broken file must not hide the other traits; this one has nothing to offer.
+            sample = {}
+            item["error"] = err.message
         entries = sample.get("projections") or []
-        out.append(
-            {
-                "trait": trait,
-                "layers": sorted({L for e in entries if (L := _layer(e)) is not None}),
-                "methods": sorted({str(e.get("method")) for e in entries}),
-                "component": _meta(sample).get("component"),
-                "has_cleaned": any("cleaned" in e for e in entries),
-            }
+        item.update(
+            layers=sorted({L for e in entries if (L := _layer(e)) is not None}),
+            methods=sorted({str(e.get("method")) for e in entries}),
+            component=_text(_meta(sample).get("component")),
+            has_cleaned=any("cleaned" in e for e in entries),
         )
+        out.append(item)
     return {"traits": out}
 
 
@@ -190,23 +239,20 @@ def _layer(entry: dict[str, Any]) -> int | None:
 # -- Trait Dynamics --------------------------------------------------------------------------
 
 
-def _check_response(response: dict[str, Any], where: str) -> tuple[list[str], int]:
-    tokens = [str(t) for t in response["tokens"]]
-    end = response.get("prompt_end")
-    if not isinstance(end, int) or not 0 <= end <= len(tokens):
-        raise ApiError(422, f"{where}: prompt_end {end!r} does not fit {len(tokens)} tokens")
-    return tokens, end
-
-
 def _score_pair(
-    entry: dict[str, Any], mode: str, centered: bool, cleaned: bool, already: bool
+    entry: dict[str, Any], mode: str, centered: bool, cleaned: bool, already: bool, where: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and response scores of one entry; `where` ("FILE: projections[i]") names it."""
     try:
         p = segment_scores(entry, "prompt", mode, centered, cleaned, already)
         r = segment_scores(entry, "response", mode, centered, cleaned, already)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ApiError(422, f"projection entry is missing or has bad data: {err}") from None
+    except ValueError as err:
+        raise ApiError(422, f"{where}.{err}") from None
     return p, r
+
+
+def _centered_at_source(data: dict[str, Any]) -> bool:
+    return _meta(data).get("centered") is True
 
 
 def prompt(tree: Tree, q: Query) -> dict[str, Any]:
@@ -216,37 +262,43 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
     centered, cleaned = q.flag("centered"), q.flag("cleaned")
 
     response = tree.response(experiment, variant, prompt_set, prompt_id)
-    tokens, end = _check_response(response, f"prompt {prompt_id}")
+    tokens, end = response["tokens"], response["prompt_end"]
     calibration = tree.calibration(experiment, variant)
     out_traits, missing, skipped, warnings = [], [], [], []
+    if calibration is not None and not calibration.usable:
+        warnings.append(f"{calibration.problem} (massive-dim cleaning is off for {variant})")
     for trait in tree.traits(experiment, variant, prompt_set):
         data = tree.projection(experiment, variant, trait, prompt_set, prompt_id)
         if data is None:
             missing.append(trait)
             continue
         meta = _meta(data)
-        already = bool(meta.get("centered"))
+        already = _centered_at_source(data)
+        where = tree.rel(tree.projection_file(experiment, variant, trait, prompt_set, prompt_id))
         series = []
-        for entry in data["projections"]:
-            label = f"{trait} L{entry.get('layer')}"
+        for i, entry in enumerate(data["projections"]):
+            layer = _layer(entry)
+            label = f"{trait} L{layer}"
             if cleaned and "cleaned" not in entry:
-                skipped.append(
-                    {"trait": trait, "layer": entry.get("layer"), "reason": "no cleaned"}
-                )
+                skipped.append({"trait": trait, "layer": layer, "reason": "no cleaned"})
                 continue
-            p, r = _score_pair(entry, mode, centered, cleaned, already)
+            p, r = _score_pair(
+                entry, mode, centered, cleaned, already, f"{where}: projections[{i}]"
+            )
             if p.size != end or r.size != len(tokens) - end:
                 warnings.append(
                     f"{label}: {p.size}+{r.size} scores for {end}+{len(tokens) - end} tokens"
                 )
+            block = entry.get("cleaned")
+            dims = _int_list(block.get("dims")) if isinstance(block, dict) else None
             series.append(
                 {
-                    "layer": entry.get("layer"),
-                    "method": entry.get("method"),
-                    "selection_source": entry.get("selection_source"),
-                    "baseline": entry.get("baseline"),
+                    "layer": layer,
+                    "method": _text(entry.get("method")),
+                    "selection_source": _text(entry.get("selection_source")),
+                    "baseline": _number(entry.get("baseline")),
                     "has_cleaned": "cleaned" in entry,
-                    "cleaned_dims": (entry.get("cleaned") or {}).get("dims"),
+                    "cleaned_dims": dims,
                     "prompt": finite_list(p),
                     "response": finite_list(r),
                 }
@@ -254,8 +306,8 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
         out_traits.append(
             {
                 "trait": trait,
-                "component": meta.get("component"),
-                "position": meta.get("position"),
+                "component": _text(meta.get("component")),
+                "position": _text(meta.get("position")),
                 "centered_at_source": already,
                 "series": series,
             }
@@ -270,12 +322,17 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
         "mode": mode,
         "centered": centered,
         "cleaned": cleaned,
-        "calibration": calibration,
+        "calibration": (
+            {"massive_dims": list(calibration.massive_dims)}
+            if calibration is not None and calibration.usable
+            else None
+        ),
+        "calibration_warning": calibration.problem if calibration else None,
         "response": {
             "tokens": tokens,
             "prompt_end": end,
             **{
-                key: response.get(key)
+                key: _text(response.get(key))
                 for key in (
                     "prompt",
                     "response",
@@ -283,9 +340,9 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
                     "inference_model",
                     "prompt_note",
                     "capture_date",
-                    "tags",
                 )
             },
+            "tags": _texts(response.get("tags")),
         },
         "traits": out_traits,
         "missing_traits": missing,
@@ -295,6 +352,10 @@ def prompt(tree: Tree, q: Query) -> dict[str, Any]:
 
 
 # -- Model Analysis --------------------------------------------------------------------------
+
+
+# A projection entry, whether its scores were centered when projected, and where it is.
+Found = tuple[dict[str, Any], bool, str]
 
 
 class _Pair:
@@ -336,19 +397,20 @@ class _Pair:
             )
         return sorted(found[0] & found[1], key=lambda ml: (ml[1], ml[0]))
 
-    def entry(self, data: dict | None) -> tuple[dict, bool] | None:
+    def entry(self, data: dict | None, where: str) -> Found | None:
+        """The pair's entry in a projection JSON (`where` is its file), if it has one."""
         if data is None:
             return None
-        for e in data["projections"]:
-            if e.get("layer") == self.layer and str(e.get("method")) == self.method:
-                return e, bool(_meta(data).get("centered"))
+        for i, e in enumerate(data["projections"]):
+            if _layer(e) == self.layer and str(e.get("method")) == self.method:
+                return e, _centered_at_source(data), f"{where}: projections[{i}]"
         return None
 
-    def scores(self, found: tuple[dict, bool], variant: str) -> np.ndarray:
-        entry, already = found
+    def scores(self, found: Found, variant: str) -> np.ndarray:
+        entry, already, where = found
         if self.cleaned and "cleaned" not in entry:
             raise ApiError(400, f"no massive-dim-cleaned scores in variant {variant!r}")
-        p, r = _score_pair(entry, self.mode, self.centered, self.cleaned, already)
+        p, r = _score_pair(entry, self.mode, self.centered, self.cleaned, already, where)
         return np.concatenate([p, r])
 
     def describe(self) -> dict[str, Any]:
@@ -455,6 +517,9 @@ def _loaders(
             for v, (p, _) in paths.items()
         }
         toks = {v: tables.response_tokens(r) for v, (_, r) in paths.items()}
+        for v, (_, r) in paths.items():
+            for pid, (t, end) in toks[v].items():
+                tokens_and_end(t, end, r.where, row=pid)
         if all(entries.values()):
             return (
                 lambda v, pid: entries[v].get(pid),
@@ -462,12 +527,13 @@ def _loaders(
                 "parquet",
             )
 
-    def entry(v: str, pid: str) -> tuple[dict, bool] | None:
-        return pair.entry(tree.projection(exp, v, pair.trait, ps, pid))
+    def entry(v: str, pid: str) -> Found | None:
+        where = tree.rel(tree.projection_file(exp, v, pair.trait, ps, pid))
+        return pair.entry(tree.projection(exp, v, pair.trait, ps, pid), where)
 
     def tokens(v: str, pid: str) -> tuple[list[str], int]:
         response = tree.response(exp, v, ps, pid)
-        return _check_response(response, f"{v} prompt {pid}")
+        return response["tokens"], response["prompt_end"]
 
     return entry, tokens, "json"
 
@@ -478,13 +544,11 @@ def compare_prompt(tree: Tree, q: Query) -> dict[str, Any]:
     pid = q.text("prompt_id")
     exp, ps = pair.experiment, pair.prompt_set
     responses = [tree.response(exp, v, ps, pid) for v in (pair.a, pair.b)]
-    (ta, ea), (tb, eb) = (
-        _check_response(r, f"{v} prompt {pid}")
-        for r, v in zip(responses, (pair.a, pair.b), strict=True)
-    )
+    (ta, ea), (tb, eb) = ((r["tokens"], r["prompt_end"]) for r in responses)
     found = []
     for v in (pair.a, pair.b):
-        hit = pair.entry(tree.projection(exp, v, pair.trait, ps, pid))
+        where = tree.rel(tree.projection_file(exp, v, pair.trait, ps, pid))
+        hit = pair.entry(tree.projection(exp, v, pair.trait, ps, pid), where)
         if hit is None:
             raise ApiError(
                 404, f"prompt {pid!r} has no {pair.trait} L{pair.layer} projection in {v!r}"
@@ -504,8 +568,8 @@ def compare_prompt(tree: Tree, q: Query) -> dict[str, Any]:
         "a": finite_list(sa),
         "b": finite_list(sb),
         "diff": finite_list(d["diff"]),
-        "response_a": responses[0].get("response"),
-        "response_b": responses[1].get("response"),
+        "response_a": _text(responses[0].get("response")),
+        "response_b": _text(responses[1].get("response")),
     }
 
 

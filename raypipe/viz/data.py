@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raypipe.errors import InputError
+from raypipe.store.atomic import read_json as read_json_file
+
 SCORE_MODES = ("raw", "normalized", "cosine")
 SEGMENTS = ("prompt", "response")
+MAX_HIDDEN_DIM = 2**31  # any real hidden-state index is far below; beyond is not a dimension
 
 
 class ApiError(Exception):
@@ -24,6 +30,78 @@ class ApiError(Exception):
         self.message = message
 
 
+def file_error(status: int, where: str, field: str, message: str) -> ApiError:
+    """An ApiError worded as the CLI words bad input: `WHERE: FIELD: message`."""
+    return ApiError(status, str(InputError(where, field, message)))
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about the wrong shape."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
+
+
+def _shown(value: Any) -> str:
+    text = json_kind(value) if isinstance(value, list | dict) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A variant's massive-activation calibration as the dashboard uses it (SPEC section 8).
+
+    `problem` (`FILE: FIELD: message`) is set when the file is there but unusable: the
+    dashboard then offers no cleaning and says why, and the variant's other views still work.
+    """
+
+    massive_dims: tuple[int, ...] = ()
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        if not all(type(d) is int and 0 <= d < MAX_HIDDEN_DIM for d in self.massive_dims):
+            raise ValueError(f"massive dims must be hidden-state indices: {self.massive_dims}")
+        if self.problem is not None and self.massive_dims:
+            raise ValueError("an unusable calibration has no massive dims")
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+
+def parse_calibration(where: str, data: Any) -> Calibration:
+    """The massive dims of a parsed calibration.json, or what makes it unusable."""
+
+    def unusable(field: str, message: str) -> Calibration:
+        return Calibration(problem=str(InputError(where, field, message)))
+
+    if not isinstance(data, dict):
+        return unusable("calibration", f"must be a JSON object, not {json_kind(data)}")
+    if "aggregate" not in data:
+        return unusable("aggregate", "missing")
+    aggregate = data["aggregate"]
+    if not isinstance(aggregate, dict):
+        return unusable("aggregate", f"must be an object, not {json_kind(aggregate)}")
+    if "massive_dims" not in aggregate:
+        # trait-interp writes none: usable, with no flagged dims to list.
+        return Calibration()
+    dims = aggregate["massive_dims"]
+    if not isinstance(dims, list):
+        kind = json_kind(dims)
+        return unusable("aggregate.massive_dims", f"must be a list of integers, not {kind}")
+    for i, d in enumerate(dims):
+        if type(d) is not int or not 0 <= d < MAX_HIDDEN_DIM:
+            return unusable(
+                f"aggregate.massive_dims[{i}]",
+                f"must be a hidden-state index (an integer from 0), got {_shown(d)}",
+            )
+    return Calibration(tuple(dims))
+
+
 def natural_key(name: str) -> tuple[int, int, str]:
     # Prompt ids are usually integers stored as strings: "10" must sort after "9".
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
@@ -32,6 +110,38 @@ def natural_key(name: str) -> tuple[int, int, str]:
 def finite_list(values: np.ndarray) -> list[float | None]:
     """Floats for JSON; NaN and inf become null because browsers' JSON.parse rejects them."""
     return [float(v) if math.isfinite(v) else None for v in values.tolist()]
+
+
+def _member(obj: Any, key: str, field: str) -> Any:
+    """`obj[key]` of a projection entry, or a ValueError naming `field` (the key's path)."""
+    if not isinstance(obj, dict):
+        owner = field.rsplit(".", 1)[0] if "." in field else "entry"
+        raise ValueError(f"{owner}: must be an object, not {json_kind(obj)}")
+    if key not in obj:
+        raise ValueError(f"{field}: missing")
+    return obj[key]
+
+
+def _numbers(value: Any, field: str) -> np.ndarray:
+    """A JSON list of numbers as float64, null items as NaN; anything else is a ValueError."""
+    try:
+        out = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        out = None
+    if out is None or out.ndim != 1:
+        raise ValueError(f"{field}: must be a list of numbers, not {_shape(value)}")
+    return out
+
+
+def _shape(value: Any) -> str:
+    return "a list holding other things" if isinstance(value, list) else json_kind(value)
+
+
+def _baseline(entry: dict[str, Any]) -> float:
+    value = _member(entry, "baseline", "baseline")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"baseline: must be a number, not {json_kind(value)}")
+    return float(value)
 
 
 def segment_scores(
@@ -46,28 +156,66 @@ def segment_scores(
 
     Centering subtracts the vector's baseline from the raw scores before any division, since
     the baseline is in raw units. Cleaned modes use the massive-dim-cleaned scores and norms.
+    Data of the wrong shape is a ValueError that starts with the field's path in the entry.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown score mode {mode!r}")
-    source = entry["cleaned"] if cleaned else entry
-    raw = np.asarray(source[segment], dtype=np.float64)
+    at = "cleaned." if cleaned else ""
+    source = _member(entry, "cleaned", "cleaned") if cleaned else entry
+    raw = _numbers(_member(source, segment, at + segment), at + segment)
     shift = centered and not already_centered
     if shift:
-        raw = raw - float(entry["baseline"])
+        raw = raw - _baseline(entry)
     if mode == "raw" or raw.size == 0:
         return raw
-    norms = np.asarray(source["token_norms"][segment], dtype=np.float64)
+    norms = _member(source, "token_norms", f"{at}token_norms")
+    field = f"{at}token_norms.{segment}"
+    norms = _numbers(_member(norms, segment, field), field)
     if norms.shape != raw.shape:
-        raise ApiError(
-            422, f"{segment} scores and norms differ in length ({raw.size} vs {norms.size})"
+        raise ValueError(
+            f"{field}: {norms.size} norms for {raw.size} {segment} scores; they must match"
         )
     with np.errstate(divide="ignore", invalid="ignore"):
         if mode == "normalized":
             stored = entry.get(f"normalized_{segment}")
             if stored is not None and not shift and not cleaned:
-                return np.asarray(stored, dtype=np.float64)
+                return _numbers(stored, f"normalized_{segment}")
             return raw / norms.mean()
         return np.where(norms > 0, raw / np.where(norms > 0, norms, 1.0), np.nan)
+
+
+def tokens_and_end(
+    tokens: Any, end: Any, where: str, row: str | None = None
+) -> tuple[list[str], int]:
+    """A response's tokens and prompt_end, checked to fit each other (SPEC section 7).
+
+    `where` is the file; `row` names the prompt when the file is a table of many.
+    """
+    of = f" (prompt {row})" if row is not None else ""
+    if not isinstance(tokens, list):
+        kind = json_kind(tokens)
+        raise file_error(422, where, "tokens", f"must be a list of strings, not {kind}{of}")
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str):
+            kind = json_kind(token)
+            raise file_error(422, where, f"tokens[{i}]", f"must be a string, not {kind}{of}")
+    if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= len(tokens):
+        shown = _shown(end)
+        message = f"must be an integer from 0 to {len(tokens)}, got {shown}{of}"
+        raise file_error(422, where, "prompt_end", message)
+    return tokens, end
+
+
+@dataclass(frozen=True)
+class Table:
+    """A Parquet table of the tree: its path, and the name messages give it (under the root)."""
+
+    path: Path
+    where: str
+
+    def __post_init__(self) -> None:
+        if not self.path.is_absolute():
+            raise ValueError(f"a table path must be absolute: {self.path}")
 
 
 class Tree:
@@ -104,14 +252,28 @@ class Tree:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else path.name
 
     def read_json(self, path: Path) -> Any:
-        path = self.inside(path)
+        """A parsed JSON file of the tree; 404 when absent, 422 naming file and field if broken."""
+        where = self.rel(path)
         try:
-            with path.open("rb") as fh:
-                return json.load(fh)
+            path = self.inside(path)
+        except ApiError:
+            raise file_error(
+                422, where, "file", "links outside the experiments tree, or in a loop"
+            ) from None
+        try:
+            mode = os.stat(path).st_mode
         except FileNotFoundError:
-            raise ApiError(404, f"missing file {self.rel(path)}") from None
-        except (OSError, ValueError) as err:
-            raise ApiError(422, f"cannot read {self.rel(path)}: {err}") from None
+            raise file_error(404, where, "file", "missing") from None
+        except OSError as err:
+            raise file_error(422, where, "file", f"cannot read: {err.strerror}") from None
+        if not stat.S_ISREG(mode):
+            # A named pipe would block the request forever; a folder cannot be parsed.
+            raise file_error(422, where, "file", "not a regular file")
+        try:
+            return read_json_file(path)
+        except InputError as err:
+            status = 404 if err.message == "file not found" else 422
+            raise file_error(status, where, err.field, err.message) from None
 
     def _subdirs(self, path: Path) -> list[str]:
         try:
@@ -163,13 +325,16 @@ class Tree:
             raise ApiError(404, f"unknown variant {variant!r} in experiment {experiment!r}")
         return self.inside(self.experiment_dir(experiment) / "inference" / variant)
 
-    def calibration(self, experiment: str, variant: str) -> dict[str, Any] | None:
+    def calibration(self, experiment: str, variant: str) -> Calibration | None:
+        """The variant's calibration: None when it has none, unusable when the file is broken."""
         path = self.variant_dir(experiment, variant) / "massive_activations" / "calibration.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
-        data = self.read_json(path)
-        dims = (data.get("aggregate") or {}).get("massive_dims") if isinstance(data, dict) else None
-        return {"massive_dims": [int(d) for d in dims or []]}
+        try:
+            data = self.read_json(path)
+        except ApiError as err:
+            return Calibration(problem=err.message)
+        return parse_calibration(self.rel(path), data)
 
     # -- prompt sets and prompts -------------------------------------------------------------
 
@@ -223,6 +388,7 @@ class Tree:
         return self.inside(folder / f"{prompt_id}.json")
 
     def response(self, experiment: str, variant: str, prompt_set: str, prompt_id: str) -> dict:
+        """A response JSON whose tokens and prompt_end are checked to fit."""
         folder = self.responses_dir(experiment, variant, prompt_set)
         path = self._prompt_file(folder, prompt_id)
         if not path.is_file():
@@ -230,8 +396,9 @@ class Tree:
                 404, f"no response for prompt {prompt_id!r} in {prompt_set!r} ({variant!r})"
             )
         data = self.read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("tokens"), list):
-            raise ApiError(422, f"{self.rel(path)} has no token list")
+        if not isinstance(data, dict):
+            raise file_error(422, self.rel(path), "response", "must be a JSON object")
+        tokens_and_end(data.get("tokens"), data.get("prompt_end"), self.rel(path))
         return data
 
     # -- traits and projections --------------------------------------------------------------
@@ -261,20 +428,26 @@ class Tree:
             )
         return trait
 
+    def projection_file(
+        self, experiment: str, variant: str, trait: str, prompt_set: str, prompt_id: str
+    ) -> Path:
+        """Where the projection JSON of one prompt for one trait is (or would be)."""
+        self.check_trait(experiment, variant, prompt_set, trait)
+        folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
+        return self._prompt_file(folder, prompt_id)
+
     def projection(
         self, experiment: str, variant: str, trait: str, prompt_set: str, prompt_id: str
     ) -> dict | None:
         """The projection JSON of one prompt for one trait, or None when it was not written."""
-        self.check_trait(experiment, variant, prompt_set, trait)
-        folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
-        path = self._prompt_file(folder, prompt_id)
+        path = self.projection_file(experiment, variant, trait, prompt_set, prompt_id)
         return self._read_projection(path) if path.is_file() else None
 
     def _read_projection(self, path: Path) -> dict:
         data = self.read_json(path)
         entries = data.get("projections") if isinstance(data, dict) else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ApiError(422, f"{self.rel(path)} has no projections list")
+            raise file_error(422, self.rel(path), "projections", "must be a list of objects")
         return data
 
     def first_projection(
@@ -291,14 +464,16 @@ class Tree:
             )
         except FileNotFoundError:
             return None
-        return self._read_projection(folder / names[0]) if names else None
+        # As for one prompt's projection, only a regular file counts as written.
+        first = next((n for n in names if (folder / n).is_file()), None)
+        return self._read_projection(folder / first) if first else None
 
     # -- Parquet -----------------------------------------------------------------------------
 
-    def parquet(self, experiment: str, variant: str, table: str, prompt_set: str) -> Path | None:
+    def parquet(self, experiment: str, variant: str, table: str, prompt_set: str) -> Table | None:
         """`parquet/{projections|responses}/{prompt_set}.parquet`, or None when absent."""
         self.check_prompt_set(experiment, variant, prompt_set)
         path = self.variant_dir(experiment, variant) / "parquet" / table / f"{prompt_set}.parquet"
         if not path.is_file():
             return None
-        return self.inside(path)
+        return Table(self.inside(path), self.rel(path))

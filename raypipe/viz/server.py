@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import mimetypes
 import os
 import socket
 import sys
@@ -13,7 +12,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from raypipe.viz.api import ROUTES, Query
 from raypipe.viz.data import ApiError, Tree
@@ -28,14 +27,37 @@ _TYPES = {
     ".svg": "image/svg+xml",
     ".png": "image/png",
     ".ico": "image/x-icon",
-    ".parquet": "application/vnd.apache.parquet",
 }
+# Raw experiment files may have been planted by anyone who could write to the tree, so only
+# types a browser shows as inert data are served as themselves; everything else (HTML, SVG,
+# XML, JS, CSS, PDF, unknown names...) is an opaque download. `inline` ones open in the tab.
+_RAW_TYPES = {
+    ".json": ("application/json", True),
+    ".jsonl": ("text/plain; charset=utf-8", True),
+    ".txt": ("text/plain; charset=utf-8", True),
+    ".log": ("text/plain; charset=utf-8", True),
+    ".md": ("text/plain; charset=utf-8", True),
+    ".csv": ("text/plain; charset=utf-8", True),
+    ".yaml": ("text/plain; charset=utf-8", True),
+    ".yml": ("text/plain; charset=utf-8", True),
+    ".png": ("image/png", True),
+    ".jpg": ("image/jpeg", True),
+    ".jpeg": ("image/jpeg", True),
+    ".gif": ("image/gif", True),
+    ".webp": ("image/webp", True),
+    ".parquet": ("application/vnd.apache.parquet", False),
+}
+_OPAQUE = ("application/octet-stream", False)
 # The page only ever talks to this server: a CSP that forbids other origins keeps it offline
 # by construction and blunts script injection through token text.
 _CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+# Even an inert type may be sniffed or misread by some browser: a bare sandbox turns off
+# scripts, plugins and forms and gives the document an opaque origin, so nothing it runs
+# could read the API.
+_RAW_CSP = "sandbox; default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -136,9 +158,10 @@ class Handler(BaseHTTPRequestHandler):
         return tree.inside(_safe_join(tree.base, rel))
 
     def _send_file(self, path: Path, head: bool, raw: bool) -> None:
-        ctype = _TYPES.get(path.suffix.lower()) or (
-            mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        )
+        if raw:
+            ctype, inline = _RAW_TYPES.get(path.suffix.lower(), _OPAQUE)
+        else:
+            ctype, inline = _TYPES.get(path.suffix.lower(), "application/octet-stream"), True
         try:
             size = path.stat().st_size
             fh = path.open("rb")
@@ -148,9 +171,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(size))
-            self._common_headers(cache=not raw)
+            self._common_headers(cache=not raw, csp=_RAW_CSP if raw else _CSP)
             if raw:
-                self.send_header("Content-Disposition", "inline")
+                self.send_header("Content-Disposition", _disposition(path.name, inline))
             self.end_headers()
             if not head:
                 while chunk := fh.read(1 << 16):
@@ -166,15 +189,24 @@ class Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def _common_headers(self, cache: bool) -> None:
+    def _common_headers(self, cache: bool, csp: str = _CSP) -> None:
         self.send_header("Cache-Control", "no-cache" if cache else "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", _CSP)
+        self.send_header("Content-Security-Policy", csp)
         self.send_header("Referrer-Policy", "no-referrer")
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
             super().log_message(format, *args)
+
+
+def _disposition(name: str, inline: bool) -> str:
+    """`Content-Disposition` with the file's name, safe for any bytes the name holds."""
+    # The quoted ASCII fallback keeps only harmless characters; `filename*` carries the rest
+    # percent-encoded, so no quote, semicolon or line break in a name reaches the header.
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in " .-_") else "_" for c in name)
+    kind = "inline" if inline else "attachment"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _safe_join(base: Path, rel: str) -> Path:

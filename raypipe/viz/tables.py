@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypipe.viz.data import ApiError
+from raypipe.viz.data import ApiError, Table, file_error
 
 if TYPE_CHECKING:
     import duckdb
@@ -23,6 +25,66 @@ _MEAN_EXPR = {
         "list_avg(list_transform(s, lambda x, i: CASE WHEN n[i] > 0 THEN (x - shift) / n[i] END))"
     ),
 }
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_list_of(t: pa.DataType, item: Callable[[pa.DataType], bool]) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and item(t.value_type)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+# What a reader needs of a column: a predicate on its Arrow type and how to say it. The
+# pipeline writes these types (store/parquet.py); a table from elsewhere may not.
+_KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "text": (_is_text, "strings"),
+    "id": (lambda t: _is_text(t) or pa.types.is_integer(t), "strings or integers"),
+    "integer": (pa.types.is_integer, "integers"),
+    "number": (_is_number, "numbers"),
+    "boolean": (pa.types.is_boolean, "booleans"),
+    "numbers": (lambda t: _is_list_of(t, _is_number), "lists of numbers"),
+    "texts": (lambda t: _is_list_of(t, _is_text), "lists of strings"),
+}
+_PROJECTION_KEYS = {
+    "trait": "text",
+    "method": "text",
+    "layer": "integer",
+    "component": "text",
+    "prompt_id": "id",
+}
+
+
+def check_columns(table: Table, needs: dict[str, str]) -> None:
+    """422 naming the table and column unless it has each needed column with a usable type."""
+    try:
+        schema = pq.read_schema(table.path)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise file_error(
+            422, table.where, "file", f"not a readable Parquet table ({err})"
+        ) from None
+    for column, kind in needs.items():
+        if column not in schema.names:
+            raise file_error(422, table.where, column, "missing column")
+        ok, what = _KINDS[kind]
+        found = schema.field(column).type
+        if not ok(found):
+            raise file_error(422, table.where, column, f"must be {what}, not {found}")
+
+
+def _read(table: Table, columns: list[str], filters: list | None = None) -> pa.Table:
+    try:
+        return pq.read_table(table.path, columns=columns, filters=filters)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise file_error(
+            422, table.where, "file", f"not a readable Parquet table ({err})"
+        ) from None
 
 
 def connect() -> duckdb.DuckDBPyConnection:
@@ -42,24 +104,42 @@ def connect() -> duckdb.DuckDBPyConnection:
     )
 
 
-def _query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], path: Path) -> dict:
+def _query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], table: Table) -> dict:
     import duckdb
 
     try:
         return con.execute(sql, params).fetchnumpy()
     except duckdb.Error as err:
-        raise ApiError(422, f"cannot read Parquet table {path.name}: {err}") from None
+        raise file_error(422, table.where, "file", f"DuckDB cannot read it: {err}") from None
 
 
 def overview(
-    path: Path,
-    responses: Path | None,
+    table: Table,
+    responses: Table | None,
     mode: str,
     centered: bool,
     bins: int | None,
     top: int,
 ) -> dict[str, Any]:
     """Histogram and top prompts of mean response scores, per (trait, method, layer, component)."""
+    check_columns(
+        table,
+        {
+            **_PROJECTION_KEYS,
+            "centered": "boolean",
+            "baseline": "number",
+            "response_scores": "numbers",
+            "response_norms": "numbers",
+        },
+    )
+    warnings = []
+    if responses is not None:
+        try:
+            check_columns(responses, {"prompt_id": "id", "response": "text"})
+        except ApiError as err:
+            # Previews only label the top prompts: go without them rather than fail.
+            warnings.append(err.message)
+            responses = None
     sql = f"""
         WITH rows AS (
             SELECT trait, method, layer, component, prompt_id,
@@ -73,7 +153,8 @@ def overview(
     """
     con = connect()
     try:
-        cols = _query(con, sql, [centered, str(path)], path)
+        cols = _query(con, sql, [centered, str(table.path)], table)
+        cols, dropped = _without_null_keys(cols)
         groups = _groups(cols, bins, top)
         wanted = sorted({p["prompt_id"] for g in groups for p in g["top"]})
         previews = _previews(con, responses, wanted) if responses and wanted else {}
@@ -83,7 +164,26 @@ def overview(
         for item in group["top"]:
             item["preview"] = previews.get(item["prompt_id"], "")
     n_prompts = len(set(np.asarray(cols["prompt_id"]).tolist())) if len(cols["prompt_id"]) else 0
-    return {"n_prompts": n_prompts, "groups": groups}
+    if dropped:
+        keys = ", ".join(list(_PROJECTION_KEYS)[:-1]) + f" or {list(_PROJECTION_KEYS)[-1]}"
+        rows = "row" if dropped == 1 else "rows"
+        warnings.append(f"{table.where}: {dropped} {rows} without {keys} left out")
+    return {"n_prompts": n_prompts, "groups": groups, "warnings": warnings}
+
+
+def _without_null_keys(cols: dict) -> tuple[dict, int]:
+    """The rows whose grouping keys are all set, and how many were not."""
+    n = len(cols["trait"])
+    null = np.zeros(n, dtype=bool)
+    for key in _PROJECTION_KEYS:
+        col = cols[key]
+        null |= np.ma.getmaskarray(col)
+        if np.asarray(col).dtype == object:
+            null |= np.array([v is None for v in np.asarray(col)], dtype=bool)
+    if not null.any():
+        return cols, 0
+    keep = ~null
+    return {k: v[keep] for k, v in cols.items()}, int(null.sum())
 
 
 def _groups(cols: dict, bins: int | None, top: int) -> list[dict[str, Any]]:
@@ -131,23 +231,21 @@ def _groups(cols: dict, bins: int | None, top: int) -> list[dict[str, Any]]:
     return out
 
 
-def _previews(con: duckdb.DuckDBPyConnection, path: Path, ids: list[str]) -> dict[str, str]:
+def _previews(con: duckdb.DuckDBPyConnection, table: Table, ids: list[str]) -> dict[str, str]:
     sql = """
         SELECT prompt_id, left(response, 160) AS preview FROM read_parquet(?)
-        WHERE prompt_id IN (SELECT unnest(?::VARCHAR[]))
+        WHERE CAST(prompt_id AS VARCHAR) IN (SELECT unnest(?::VARCHAR[]))
     """
-    cols = _query(con, sql, [str(path), ids], path)
+    cols = _query(con, sql, [str(table.path), ids], table)
     return dict(zip(map(str, cols["prompt_id"]), map(str, cols["preview"]), strict=True))
 
 
-def previews(path: Path) -> dict[str, str]:
+def previews(table: Table) -> dict[str, str]:
     """First characters of every response in a responses table, for the prompt picker."""
-    try:
-        table = pq.read_table(path, columns=["prompt_id", "response"])
-    except (OSError, ValueError, KeyError) as err:
-        raise ApiError(422, f"cannot read Parquet table {path.name}: {err}") from None
-    ids = table.column("prompt_id").to_pylist()
-    texts = table.column("response").to_pylist()
+    check_columns(table, {"prompt_id": "id", "response": "text"})
+    rows = _read(table, ["prompt_id", "response"])
+    ids = rows.column("prompt_id").to_pylist()
+    texts = rows.column("response").to_pylist()
     return {str(i): (t or "")[:90] for i, t in zip(ids, texts, strict=True)}
 
 
@@ -167,19 +265,30 @@ _ENTRY_COLUMNS = [
 ]
 
 
+_ENTRY_KINDS = {
+    **_PROJECTION_KEYS,
+    "baseline": "number",
+    "centered": "boolean",
+    "prompt_scores": "numbers",
+    "response_scores": "numbers",
+    "prompt_norms": "numbers",
+    "response_norms": "numbers",
+    "normalized_prompt": "numbers",
+    "normalized_response": "numbers",
+}
+
+
 def projection_entries(
-    path: Path, trait: str, method: str, layer: int
-) -> dict[str, tuple[dict[str, Any], bool]]:
+    table: Table, trait: str, method: str, layer: int
+) -> dict[str, tuple[dict[str, Any], bool, str]]:
     """Rows of one trait/method/layer as projection-JSON-shaped entries, keyed by prompt id.
 
-    Each value is `(entry, centered_at_source)` so the JSON and Parquet paths share one
-    scoring function.
+    Each value is `(entry, centered_at_source, where)` so the JSON and Parquet paths share
+    one scoring function.
     """
+    check_columns(table, {k: v for k, v in _ENTRY_KINDS.items() if k != "component"})
     filters = [("trait", "=", trait), ("method", "=", method), ("layer", "=", layer)]
-    try:
-        rows = pq.read_table(path, columns=_ENTRY_COLUMNS, filters=filters).to_pylist()
-    except (OSError, ValueError, KeyError) as err:
-        raise ApiError(422, f"cannot read Parquet table {path.name}: {err}") from None
+    rows = _read(table, _ENTRY_COLUMNS, filters).to_pylist()
     out = {}
     for row in rows:
         entry = {
@@ -195,14 +304,13 @@ def projection_entries(
             "layer": row["layer"],
             "method": row["method"],
         }
-        out[str(row["prompt_id"])] = (entry, bool(row["centered"]))
+        pid = str(row["prompt_id"])
+        out[pid] = (entry, row["centered"] is True, f"{table.where}: prompt {pid}")
     return out
 
 
-def response_tokens(path: Path) -> dict[str, tuple[list[str], int]]:
+def response_tokens(table: Table) -> dict[str, tuple[list[str], int]]:
     """`prompt_id -> (tokens, prompt_end)` from a responses table."""
-    try:
-        rows = pq.read_table(path, columns=["prompt_id", "tokens", "prompt_end"]).to_pylist()
-    except (OSError, ValueError, KeyError) as err:
-        raise ApiError(422, f"cannot read Parquet table {path.name}: {err}") from None
-    return {str(r["prompt_id"]): (r["tokens"] or [], int(r["prompt_end"] or 0)) for r in rows}
+    check_columns(table, {"prompt_id": "id", "tokens": "texts", "prompt_end": "integer"})
+    rows = _read(table, ["prompt_id", "tokens", "prompt_end"]).to_pylist()
+    return {str(r["prompt_id"]): (r["tokens"] or [], r["prompt_end"] or 0) for r in rows}

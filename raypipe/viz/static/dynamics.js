@@ -106,8 +106,9 @@ export class DynamicsView {
         s.prompt_set = fillSelect(this.sel.prompt_set, withPrompts.map((p) => ({ value: p.name, label: `${p.name} (${p.n_prompts})` })), s.prompt_set);
       }
       if (start <= 3) {
-        const { prompts } = await api('prompts', { experiment: s.experiment, variant: s.variant, prompt_set: s.prompt_set });
+        const { prompts, warnings } = await api('prompts', { experiment: s.experiment, variant: s.variant, prompt_set: s.prompt_set });
         if (ticket !== this.ticket) return;
+        this.listWarnings = warnings || [];
         this.promptIds = prompts.map((p) => p.id);
         s.prompt_id = fillSelect(this.sel.prompt_id, prompts.map((p) => ({
           value: p.id, label: p.preview ? `${p.id} — ${p.preview}` : p.id,
@@ -215,7 +216,11 @@ export class DynamicsView {
     this.cleaned.input.checked = s.cleaned;
     this.cleaned.input.disabled = !cleanable;
     const dims = d.calibration ? d.calibration.massive_dims : [];
-    this.cleaned.querySelector('span').textContent = cleanable ? `clean massive dims [${dims.join(', ')}]` : 'clean massive dims (no calibration)';
+    // A broken calibration file is named in the notes below; the label says where to look.
+    const broken = d.calibration_warning;
+    const why = broken ? 'calibration unusable, see the note below' : 'no calibration';
+    this.cleaned.querySelector('span').textContent = cleanable ? `clean massive dims [${dims.join(', ')}]` : `clean massive dims (${why})`;
+    this.cleaned.title = broken || '';
     this.showPrompt.input.checked = s.showPrompt;
     this.clip.input.checked = s.clip;
 
@@ -229,7 +234,7 @@ export class DynamicsView {
     const notes = [];
     if (d.missing_traits.length) notes.push(`No projection for this prompt: ${d.missing_traits.join(', ')}.`);
     if (d.skipped.length) notes.push(`Not cleaned, hidden: ${d.skipped.map((x) => `${x.trait} L${x.layer}`).join(', ')}.`);
-    notes.push(...d.warnings);
+    notes.push(...d.warnings, ...(this.listWarnings || []));
     this.notes.replaceChildren(...notes.map((n) => el('p', { text: n })));
   }
 

@@ -44,6 +44,7 @@ export class ModelsView {
     this.textHost = el('div', { id: 'cmp-text' });
     this.tableHost = el('div', { class: 'table-wrap', id: 'cmp-table' });
     this.tableNote = el('p', { class: 'hint' });
+    this.fileNotes = el('div', { class: 'notes', id: 'cmp-notes' });
 
     root.append(
       el('div', { class: 'card controls' },
@@ -54,7 +55,8 @@ export class ModelsView {
           field('Prompt set', this.sel.prompt_set),
           field('Trait', this.sel.trait),
           field('Layer', this.sel.layer)),
-        el('div', { class: 'row' }, field('Score', this.modes), this.centered, this.cleaned, this.clip)),
+        el('div', { class: 'row' }, field('Score', this.modes), this.centered, this.cleaned, this.clip),
+        this.fileNotes),
       el('div', { class: 'card' }, this.head, this.chartHost, this.legend, this.diffHost, this.textHost),
       el('div', { class: 'card' },
         el('h3', { text: 'Per-prompt summary (response tokens)' }), this.tableNote, this.tableHost),
@@ -121,8 +123,10 @@ export class ModelsView {
       if (start <= 4) {
         const [a, b] = await Promise.all([s.variant_a, s.variant_b].map((v) => api('traits', { experiment: s.experiment, variant: v, prompt_set: s.prompt_set })));
         if (stale()) return;
-        const inB = new Set(b.traits.map((t) => t.trait));
-        const both = a.traits.map((t) => t.trait).filter((t) => inB.has(t));
+        // A trait whose projection files cannot be read has nothing to compare; say why.
+        this.traitProblems = [...a.traits, ...b.traits].filter((t) => t.error).map((t) => t.error);
+        const inB = new Set(b.traits.filter((t) => !t.error).map((t) => t.trait));
+        const both = a.traits.filter((t) => !t.error).map((t) => t.trait).filter((t) => inB.has(t));
         s.trait = fillSelect(this.sel.trait, both, s.trait);
         if (!both.length) throw new Error('no trait is projected in both variants for this prompt set');
       }
@@ -130,6 +134,7 @@ export class ModelsView {
       const va = this.variants.find((v) => v.name === s.variant_a);
       const vb = this.variants.find((v) => v.name === s.variant_b);
       this.cleanable = Boolean(va && vb && va.has_calibration && vb.has_calibration);
+      this.calibrationProblems = [va, vb].filter((v) => v && v.calibration_warning).map((v) => v.calibration_warning);
       if (!this.cleanable) s.cleaned = false;
       const query = {
         experiment: s.experiment, prompt_set: s.prompt_set, variant_a: s.variant_a, variant_b: s.variant_b,
@@ -172,7 +177,11 @@ export class ModelsView {
     this.cleaned.input.checked = s.cleaned;
     this.clip.input.checked = s.clip;
     this.cleaned.input.disabled = !this.cleanable;
-    this.cleaned.querySelector('span').textContent = this.cleanable ? 'clean massive dims' : 'clean massive dims (needs calibration in both)';
+    const broken = this.calibrationProblems || [];
+    const why = broken.length ? 'a calibration file is unusable' : 'needs calibration in both';
+    this.cleaned.querySelector('span').textContent = this.cleanable ? 'clean massive dims' : `clean massive dims (${why})`;
+    this.cleaned.title = broken.join('\n');
+    setChildren(this.fileNotes, [...broken, ...(this.traitProblems || [])].map((text) => el('p', { text })));
   }
 
   sortedRows() {

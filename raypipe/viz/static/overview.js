@@ -2,7 +2,7 @@
 
 import {
   MODE_LABELS, PALETTE, api, checkbox, clearError, el, field, fillSelect, fmt, hideTooltip,
-  segmented, showError, showTooltip,
+  segmented, setChildren, showError, showTooltip,
 } from './common.js';
 import { histogram } from './charts.js';
 
@@ -22,6 +22,7 @@ export class OverviewView {
     });
     this.centered = checkbox('centered (− baseline)', (v) => { this.state.centered = v; this.change('scores'); }, { id: 'ov-centered' });
     this.summary = el('div', { class: 'meta', id: 'ov-summary' });
+    this.notes = el('div', { class: 'notes', id: 'ov-notes' });
     this.grid = el('div', { class: 'cards', id: 'ov-cards' });
     root.append(
       el('div', { class: 'card controls' },
@@ -31,6 +32,7 @@ export class OverviewView {
           field('Prompt set', this.sel.prompt_set)),
         el('div', { class: 'row' }, field('Score', this.modes), this.centered)),
       this.summary,
+      this.notes,
       this.grid,
     );
     window.addEventListener('resize', () => { if (this.data) this.render(); });
@@ -113,6 +115,7 @@ export class OverviewView {
       el('h2', { text: `${d.prompt_set} · ${d.variant}` }),
       el('span', { text: `${d.n_prompts.toLocaleString()} prompts · ${byTrait.size} traits · mean ${MODE_LABELS[s.mode]} over response tokens${s.centered ? ', centered' : ''} · answered in ${Math.round(this.elapsed)} ms` }),
     );
+    setChildren(this.notes, (d.warnings || []).map((text) => el('p', { text })));
     const cards = [];
     [...byTrait.entries()].forEach(([trait, groups], ti) => {
       const keyOf = (g) => `${g.layer}:${g.method}:${g.component}`;
