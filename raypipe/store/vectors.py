@@ -507,8 +507,8 @@ def resolve_vectors(
                     f"(has {min(vset.layer_files)}-{max(vset.layer_files)})",
                 )
             path = vset.layer_files[layer]
-            digest = file_digest(path)
             load_vector(path, hidden_size)  # validated here, before anything starts
+            digest = file_digest(path)
             specs.append(
                 VectorSpec(
                     trait=trait,
