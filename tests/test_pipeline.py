@@ -300,6 +300,7 @@ def test_which_ray_a_run_uses(monkeypatch, address, env, backend, started, expec
     monkeypatch.setattr(localray, "init_local", lambda **kw: calls.append(("local",)) or [])
     monkeypatch.setattr(localray, "join", lambda a, src, **kw: calls.append(("join", a, src)))
     monkeypatch.setattr(localray, "started_cluster", lambda: started)
+    monkeypatch.setattr(localray, "watch_cluster", lambda address: None)
     monkeypatch.setattr(job, "_configure_data", lambda run: None)
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
