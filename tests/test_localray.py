@@ -196,6 +196,10 @@ def test_backend_auto_never_joins_another_drivers_ray(ray_session, tiny_root):
     assert n_json(tiny_root, "projections") == 20
 
 
+def _head_sid(temp: Path) -> int:
+    return json.loads((temp / f"raypipe-head-{os.getuid()}.json").read_text())["sid"]
+
+
 @pytest.mark.slow
 def test_head_serve_backend_auto_and_clear_join_errors(tiny_root):
     """`raypipe head` starts a loopback head (token auth with a token of its own); `serve` and
@@ -241,7 +245,9 @@ def test_head_serve_backend_auto_and_clear_join_errors(tiny_root):
         assert "backend auto: using model server" in job.stderr
         assert n_json(tiny_root, "projections") == 20
         assert _cli("serve", *root, "--dtype", "float32", "--stop", env=env).returncode == 0
-        # The head stops under a running job: one line, not Ray's 60 s of retries and exit.
+        # The head's GCS dies under a running job: one line, not Ray's 60 s of retries and a
+        # bare exit. (Were the raylet this driver uses to die too, Ray would end the process
+        # at once, before anything could say why.)
         write_prompt_set(tiny_root, "tests/small", [f"{t} {i}" for i in range(8) for t in PROMPTS])
         long = [*args, "--backend", "auto", "--regenerate", "--batch-size", "1"]
         started = time.time()
@@ -268,13 +274,16 @@ def test_head_serve_backend_auto_and_clear_join_errors(tiny_root):
             if sum(p.stat().st_mtime > started for p in done.glob("*.json")) >= 2:
                 break
             time.sleep(0.2)
+        gcs = [p for p, cmd in session_procs(_head_sid(temp)).items() if "gcs_server" in cmd]
+        assert len(gcs) == 1, gcs
+        os.kill(gcs[0], signal.SIGKILL)
+        _, err = job.communicate(timeout=120)
     finally:
-        status = json.loads((temp / f"raypipe-head-{os.getuid()}.json").read_text())
+        sid = _head_sid(temp)
         stop = _cli("head", "--stop", env=env)
-        left = session_procs(status["sid"])
+        left = session_procs(sid)
     assert stop.returncode == 0 and "stopped the Ray head" in stop.stdout, stop.stderr
     assert not left, left
-    _, err = job.communicate(timeout=120)
     shutil.rmtree(temp, ignore_errors=True)
-    assert job.returncode == 1, err[-3000:]
+    assert job.returncode == 2, err[-3000:]
     assert "raypipe: error: the Ray cluster at 127.0.0.1:" in err and "went away" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pandas as pd
@@ -300,13 +301,15 @@ def test_which_ray_a_run_uses(monkeypatch, address, env, backend, started, expec
     monkeypatch.setattr(localray, "init_local", lambda **kw: calls.append(("local",)) or [])
     monkeypatch.setattr(localray, "join", lambda a, src, **kw: calls.append(("join", a, src)))
     monkeypatch.setattr(localray, "started_cluster", lambda: started)
-    monkeypatch.setattr(localray, "watch_cluster", lambda address: None)
+    monkeypatch.setattr(localray, "watch_cluster", lambda address: threading.Event())
     monkeypatch.setattr(job, "_configure_data", lambda run: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the shared session stays up
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
-    assert job.start_ray(RunOptions(address=address, backend=backend, quiet=True)) is True
+    with job.ray_session(RunOptions(address=address, backend=backend, quiet=True)):
+        pass
     assert len(calls) == 1 and calls[0][: len(expected)] == expected
 
 
@@ -318,7 +321,7 @@ def test_model_actors_get_vector_files_not_floats(tmp_path):
     from transformers import LlamaConfig
 
     from raypipe.options import InferOptions, OutputOptions, ProjectionOptions
-    from raypipe.pipeline.job import model_stage
+    from raypipe.pipeline.backends import Job
     from raypipe.pipeline.plan import plan_infer
     from raypipe.pipeline.stages import stage_vectors
     from tests.tiny import write_prompt_set, write_vectors
@@ -347,9 +350,9 @@ def test_model_actors_get_vector_files_not_floats(tmp_path):
     )
     plan = plan_infer(opts)
     assert len(plan.vectors) == 12
-    kind, kwargs = model_stage(plan, True, "stream")
+    kwargs = Job(plan, mode="stream", gpus=0, generates=True).then_args()
     floats = 12 * hidden * 4
-    assert kind == "project" and len(cloudpickle.dumps(kwargs)) < floats / 10
+    assert len(cloudpickle.dumps(kwargs)) < floats / 10
     loaded = stage_vectors(plan.model.spec, kwargs["vectors"])
     assert [layer for layer, _ in loaded] == [v.layer for v in plan.vectors]
     assert all(len(values) == hidden for _, values in loaded)

@@ -6,26 +6,19 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from raypipe.engine.models import resolve_model_path
 from raypipe.errors import user_error
 from raypipe.options import RunOptions
 from raypipe.pipeline import localray
+from raypipe.pipeline.backends import Job, backend_for
 from raypipe.pipeline.plan import InferPlan
-from raypipe.pipeline.stages import (
-    MODEL_STAGES,
-    CaptureSink,
-    FusedStage,
-    GenerateStage,
-    ProjectionSink,
-    ResponseSource,
-    write_projections,
-    write_responses,
-)
+from raypipe.pipeline.spine import BACKENDS, check_chain, run_stages
 from raypipe.store.atomic import sweep_temp_files
 from raypipe.store.calibration import mark_complete
-from raypipe.store.outputs import VectorInfo
 from raypipe.store.parquet import build_parquet, projection_traits
 from raypipe.store.runlock import run_lock
 from raypipe.store.text import printable
@@ -50,13 +43,17 @@ class Summary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def start_ray(run: RunOptions) -> bool:
-    """Connects to (or starts) Ray; True when this call started it, so the caller stops it."""
+@contextmanager
+def ray_session(run: RunOptions) -> Iterator[None]:
+    """Ray for one run: this process's own on loopback, or a cluster it is told to join.
+    Afterwards the watch on a joined cluster stops, and the connection is shut down unless
+    it was given with --address (or Ray was up before the run)."""
     import ray
 
     if ray.is_initialized():
         _configure_data(run)
-        return False
+        yield
+        return
     kwargs = dict(log_to_driver=True, logging_level="WARNING")
     joined = None
     env_address = os.environ.get("RAY_ADDRESS", "")
@@ -70,10 +67,11 @@ def start_ray(run: RunOptions) -> bool:
         address = localray.started_cluster()
         if address is not None:
             joined = (address, "the `ray start` cluster on this machine")
+    over = None
     if joined is not None:
         address, source = joined
         localray.join(address, source, **kwargs)
-        localray.watch_cluster(address)
+        over = localray.watch_cluster(address)
         if not run.address:
             log(f"joined the Ray cluster at {address} ({source})", run.quiet)
     else:
@@ -81,8 +79,18 @@ def start_ray(run: RunOptions) -> bool:
         reaped = localray.init_local(**kwargs)
         if reaped:
             log(f"stopped {len(reaped)} Ray process(es) left by a killed run", run.quiet)
-    _configure_data(run)
-    return True
+    try:
+        _configure_data(run)
+        yield
+    except KeyboardInterrupt:
+        if over is not None and over.gone:
+            raise localray.gone_error(joined[0]) from None
+        raise
+    finally:
+        if over is not None:
+            over.set()
+        if not run.address:
+            ray.shutdown()
 
 
 def _configure_data(run: RunOptions) -> None:
@@ -115,10 +123,12 @@ class _UserErrorFilter(logging.Filter):
         return exc is None or user_error(exc) is None
 
 
-def _has_gpus() -> bool:
+def _cluster_gpus() -> float:
+    """GPUs per model actor when --gpus-per-replica is not given: one if the cluster shows any
+    GPU now (an autoscaling cluster with none started yet shows none: hence the flag)."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def log(msg: str, quiet: bool = False) -> None:
@@ -134,7 +144,6 @@ def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Su
 
 
 def _run_infer(plan: InferPlan, project: bool, mode: str) -> Summary:
-    import ray
 
     opts = plan.opts
     run = opts.run
@@ -145,12 +154,8 @@ def _run_infer(plan: InferPlan, project: bool, mode: str) -> Summary:
         log(f"removed {len(removed)} temp file(s) left by an interrupted run", run.quiet)
     if mode == "from_activations":
         summary = Summary(total=len(plan.rows))
-        started = start_ray(run)  # no model anywhere: plain Ray tasks read the .pt files
-        try:
+        with ray_session(run):  # no model anywhere: plain Ray tasks read the .pt files
             _from_activations(plan, summary)
-        finally:
-            if started and not run.address:
-                ray.shutdown()
         rows = []
     else:
         todo = _capture_rows(plan) if mode == "capture" else plan.rows
@@ -159,12 +164,8 @@ def _run_infer(plan: InferPlan, project: bool, mode: str) -> Summary:
     if rows:
         # Convert an alias once, here, rather than racing in every worker.
         resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
-        started = start_ray(run)
-        try:
+        with ray_session(run):
             _execute(plan, rows, project, summary, mode)
-        finally:
-            if started and not run.address:
-                ray.shutdown()
     unreadable: list[str] = []
     tables = build_parquet(plan.paths, plan.variant, plan.prompts.name, unreadable)
     for err in unreadable:
@@ -245,158 +246,25 @@ def _served_by(plan: InferPlan) -> str | None:
     return name
 
 
-def _map_stage(ds, cls, kind: str, kwargs: dict, served: str | None, replicas: int, **res):
-    """One model stage: an actor pool of `cls`, or, with a model server, thin forwarders."""
-    import ray
-
-    if served is not None:
-        from raypipe.pipeline.server import ServedStage
-
-        # The server holds the model and the device; a forwarder needs neither.
-        cls, kwargs = ServedStage, dict(server=served, kind=kind, stage_kwargs=kwargs)
-        res = dict(res, num_cpus=0.1, num_gpus=0)
-    return ds.map_batches(
-        cls,
-        fn_constructor_kwargs=kwargs,
-        compute=ray.data.ActorPoolStrategy(size=replicas),
-        batch_format="pandas",
-        **res,
-    )
-
-
-def model_stage(plan: InferPlan, project: bool, mode: str) -> tuple[str, dict] | None:
-    """(kind in MODEL_STAGES, constructor kwargs) of the model stage after generation, or
-    None. The kwargs are what Ray gives each actor (and again to one it restarts): options and
-    file paths, a few KB whatever the model size; vectors are loaded in the actor."""
-    opts, run = plan.opts, plan.opts.run
-    if project and mode == "capture":
-        return (
-            "capture",
-            dict(
-                spec=plan.model.spec,
-                layers=sorted({v.layer for v in plan.vectors}),
-                max_batch_tokens=opts.projection.max_batch_tokens,
-                compile_prefill=opts.projection.compile_prefill,
-                sink=CaptureSink(plan.paths, plan.variant, opts.projection.component),
-                threads=run.threads,
-            ),
-        )
-    if not project:
-        return None
-    # SPEC 8: the first run of a variant collects calibration passively; the plan decided
-    # whether this one does, and which prompts it sends through for it.
-    return (
-        "project",
-        dict(
-            spec=plan.model.spec,
-            vectors=plan.vectors,
-            component=opts.projection.component,
-            massive_dims=plan.massive_dims,
-            max_batch_tokens=opts.projection.max_batch_tokens,
-            early_stop=opts.projection.early_stop,
-            threads=run.threads,
-            calibration=plan.calibration,
-            compile_prefill=opts.projection.compile_prefill,
-        ),
-    )
-
-
 def _execute(
     plan: InferPlan, rows: list[dict], project: bool, summary: Summary, mode: str = "stream"
 ) -> None:
     import ray
 
-    opts, run = plan.opts, plan.opts.run
-    gpu = run.gpus_per_replica if run.gpus_per_replica is not None else (1 if _has_gpus() else 0)
-    cpus = 1 if gpu else 0.5  # fractional on CPU nodes: both pools fit on a 2-core machine
-    # Ray Data's actor pools already restart dead actors and retry their tasks
-    # (max_restarts=-1, max_task_retries=-1 by default), so a killed worker costs no rows.
-    source = ResponseSource(plan.paths, plan.variant, plan.model.spec.model)
-    need_gen = any(r["generate"] for r in rows)
-    served = _served_by(plan) if run.backend == "auto" else None
-    gen_kwargs = dict(
-        spec=plan.model.spec,
-        opts=opts.generation,
-        chat_config=plan.config.use_chat_template,
-        context=plan.model.context,
-        truncate=opts.output.truncate,
-        source=source,
-        threads=run.threads,
-        backend=run.backend if run.backend == "vllm" else "local",
-        tensor_parallel_size=run.tensor_parallel_size,
+    run = plan.opts.run
+    job = Job(
+        plan=plan,
+        mode="generate" if not project else ("capture" if mode == "capture" else "stream"),
+        gpus=run.gpus_per_replica if run.gpus_per_replica is not None else _cluster_gpus(),
+        generates=any(r["generate"] for r in rows),
+        served=_served_by(plan) if run.backend == "auto" else None,
     )
-    then = model_stage(plan, project, mode)
-    calibration = plan.calibration if then is not None and then[0] == "project" else None
-    ds = ray.data.from_items(rows)
-    if then is not None and served is None and run.backend != "vllm" and run.tp == 1:
-        # HF generation and the prefill on one model in one actor per replica: the prefill
-        # costs a few percent of generation, so a second actor would only contend for the same
-        # device (or ask for a second GPU) and hold a second copy of the model.
-        kind, then_kwargs = then
-        ds = _map_stage(
-            ds,
-            FusedStage,
-            "fused",
-            dict(generate=gen_kwargs, then=kind, then_kwargs=then_kwargs, threads=run.threads),
-            None,
-            replicas=run.generate_replicas,
-            batch_size=run.batch_size,
-            num_cpus=cpus,
-            num_gpus=gpu,
-        )
-    else:
-        gen_gpus = gpu * run.tensor_parallel_size if run.backend == "vllm" else gpu
-        ds = _map_stage(
-            ds,
-            GenerateStage,
-            "generate",
-            gen_kwargs,
-            served,
-            replicas=run.generate_replicas if need_gen else 1,
-            batch_size=run.batch_size,
-            num_cpus=cpus,
-            num_gpus=gen_gpus if need_gen else 0,
-        )
-        ds = ds.map_batches(
-            write_responses, fn_kwargs={"source": source}, batch_format="pandas", num_cpus=0.1
-        )
-        if then is not None:
-            kind, stage_kwargs = then
-            stage, stage_cpus, stage_gpus = MODEL_STAGES[kind], cpus, gpu
-            if kind == "project" and run.tp > 1:
-                from raypipe.pipeline.tp_stage import TPProjectStage
-
-                # The stage only coordinates; its gang of `tp` rank actors holds the devices.
-                stage = TPProjectStage
-                stage_kwargs = dict(stage_kwargs, tp=run.tp, gpus_per_rank=1 if gpu else 0)
-                stage_cpus, stage_gpus = 0.1, 0
-            ds = _map_stage(
-                ds,
-                stage,
-                kind,
-                stage_kwargs,
-                served,
-                replicas=run.project_replicas,
-                batch_size=run.batch_size,
-                num_cpus=stage_cpus,
-                num_gpus=stage_gpus,
-            )
-    if then is not None and then[0] == "project":
-        sink = ProjectionSink(
-            paths=plan.paths,
-            variant=plan.variant,
-            vectors=tuple(
-                VectorInfo(v.trait, v.method, v.position, v.layer, v.selection_source, v.baseline)
-                for v in plan.vectors
-            ),
-            component=opts.projection.component,
-            centered=opts.projection.centered,
-            force=opts.output.force,
-            massive_dims=plan.massive_dims,
-        )
-        ds = ds.map_batches(
-            write_projections, fn_kwargs={"sink": sink}, batch_format="pandas", num_cpus=0.1
-        )
+    stages = BACKENDS[backend_for(job)](job)
+    check_chain(stages, tuple(rows[0]))
+    # Ray Data's actor pools restart dead actors and retry their tasks (max_restarts=-1,
+    # max_task_retries=-1 by default), so a killed worker costs no rows.
+    ds = run_stages(ray.data.from_items(rows), stages)
+    calibration = plan.calibration if job.then == "project" else None
     start = time.perf_counter()
     seen = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):

@@ -350,31 +350,43 @@ def stop_head() -> dict | None:
     return status
 
 
-def watch_cluster(address: str, interval_s: float = 2.0, misses: int = 10) -> None:
-    """While this driver runs on a cluster it joined, check that its head still answers; once
-    it has not for `misses` checks in a row, say so in one line and end the run. (Ray would
-    otherwise retry for 60 s, then end the process with code 1 and a C++ log line.)"""
+class ClusterGone(RaypipeError):
+    """The cluster a run joined went away under it."""
+
+
+def watch_cluster(address: str, interval_s: float = 0.5, misses: int = 3):
+    """While this driver's run uses a cluster it joined, check that the head still answers;
+    once it has not for `misses` checks in a row, interrupt the run (Ray would retry for 60 s,
+    then end the process with code 1 and a C++ log line). Returns a threading.Event: set it
+    when the run is over, and the watch stops; `gone(event)` tells whether it interrupted."""
+    import _thread
     import threading
 
+    over = threading.Event()
+    over.gone = False
     host, port = _host_port(address)
     if host is None:
-        return
+        return over
 
     def watch() -> None:
         missed = 0
-        while True:
-            time.sleep(interval_s)
+        while not over.wait(interval_s):
             try:
                 socket.create_connection((host, port), timeout=interval_s).close()
                 missed = 0
             except OSError:
                 missed += 1
-            if missed >= misses:
-                sys.stderr.write(
-                    f"raypipe: error: the Ray cluster at {address} went away during the run "
-                    "(its head stopped); finished prompts are on disk: run again to do the rest\n"
-                )
-                sys.stderr.flush()
-                os._exit(1)
+            if missed >= misses and not over.is_set():
+                over.gone = True
+                _thread.interrupt_main()  # a KeyboardInterrupt in the run's thread
+                return
 
     threading.Thread(target=watch, name="raypipe-cluster-watch", daemon=True).start()
+    return over
+
+
+def gone_error(address: str) -> ClusterGone:
+    return ClusterGone(
+        f"the Ray cluster at {address} went away during the run (its head stopped); "
+        "finished prompts are on disk: run again to do the rest"
+    )
