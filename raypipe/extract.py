@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from raypipe.engine.models import resolve_model_path
-from raypipe.errors import InputError
+from raypipe.errors import InputError, OptionError
 from raypipe.options import ModelOptions
 from raypipe.store.atomic import write_json, write_tensor
 from raypipe.store.experiment import load_experiment
@@ -36,13 +36,13 @@ class ExtractOptions:
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1:
-            raise InputError("--val-fraction", "val_fraction", "must be between 0 and 1")
+            raise OptionError("val_fraction", "must be between 0 and 1")
         from raypipe.engine.activations import position_range
 
         try:
             position_range(self.position, 1, 2)
         except ValueError as e:
-            raise InputError("--position", "position", str(e)) from None
+            raise OptionError("position", str(e)) from None
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

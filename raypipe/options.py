@@ -9,10 +9,20 @@ from pathlib import Path
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.hooks import COMPONENTS
 from raypipe.engine.models import ModelSpec
-from raypipe.errors import InputError
+from raypipe.errors import OPTIONS, OptionError
 from raypipe.store.paths import check_name, check_relpath
 
 BACKENDS = ("local", "auto", "vllm")
+
+
+def split_traits(text: str | None) -> tuple[str, ...] | None:
+    """A comma list of traits, blanks dropped and duplicates collapsed; None: every trait."""
+    if text is None:
+        return None
+    traits = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not traits:
+        raise OptionError("traits", "names no trait")
+    return traits
 
 
 @dataclass(frozen=True)
@@ -52,19 +62,17 @@ class ProjectionOptions:
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
-            raise InputError("--component", "component", f"must be one of {COMPONENTS}")
+            raise OptionError("component", f"must be one of {COMPONENTS}")
         if self.compile_prefill and self.component != "residual":
             # The attention-output hook would sit inside the compiled block.
-            raise InputError(
-                "--compile-prefill", "compile_prefill", "works with --component residual only"
-            )
+            raise OptionError("compile_prefill", "works with `component` residual only")
         if self.traits is not None:
             for t in self.traits:
-                check_relpath(t, "--traits", "traits", parts=2)
+                check_relpath(t, OPTIONS, "traits", parts=2)
         if self.method is not None and self.method not in ("probe", "mean_diff"):
-            raise InputError("--method", "method", "must be probe or mean_diff")
+            raise OptionError("method", "must be probe or mean_diff")
         if self.max_batch_tokens < 1:
-            raise InputError("--max-batch-tokens", "max_batch_tokens", "must be at least 1")
+            raise OptionError("max_batch_tokens", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,8 @@ class OutputOptions:
     truncate: bool = False
 
     def __post_init__(self):
-        check_name(self.experiment, "--experiment", "experiment")
-        check_relpath(self.prompt_set, "--prompt-set", "prompt_set")
+        check_name(self.experiment, OPTIONS, "experiment")
+        check_relpath(self.prompt_set, OPTIONS, "prompt_set")
 
 
 @dataclass(frozen=True)
@@ -97,23 +105,17 @@ class RunOptions:
     tensor_parallel_size: int = 1  # vLLM backend: GPUs per generation replica
 
     def __post_init__(self):
-        flags = {
-            "generate_replicas": ("--replicas", "replicas"),
-            "project_replicas": ("--replicas", "replicas"),
-            "batch_size": ("--batch-size", "batch_size"),
-            "tensor_parallel_size": ("--tensor-parallel-size", "tensor_parallel_size"),
-        }
-        for name, (flag, label) in flags.items():
+        for name in ("generate_replicas", "project_replicas", "batch_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
-                raise InputError(flag, label, "must be at least 1")
+                raise OptionError(name, "must be at least 1")
         if self.gpus_per_replica is not None and not 0 <= self.gpus_per_replica <= 64:
-            raise InputError("--gpus-per-replica", "gpus_per_replica", "must be in 0..64")
+            raise OptionError("gpus_per_replica", "must be in 0..64")
         if self.threads is not None and self.threads < 1:
-            raise InputError("--threads", "threads", "must be at least 1")
+            raise OptionError("threads", "must be at least 1")
         if not 1 <= self.tp <= 64:
-            raise InputError("--tp", "tp", "must be in 1..64")
+            raise OptionError("tp", "must be in 1..64")
         if self.backend not in BACKENDS:
-            raise InputError("--backend", "backend", f"must be one of {BACKENDS}")
+            raise OptionError("backend", f"must be one of {BACKENDS}")
 
 
 @dataclass(frozen=True)
@@ -126,4 +128,4 @@ class InferOptions:
 
     def __post_init__(self):
         if self.projection.compile_prefill and self.run.tp > 1:
-            raise InputError("--compile-prefill", "compile_prefill", "does not combine with --tp")
+            raise OptionError("compile_prefill", "does not combine with `tp`")

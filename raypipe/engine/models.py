@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raypipe.errors import InputError, MissingDependency, RaypipeError
+from raypipe.errors import InputError, MissingDependency, OptionError, RaypipeError
 
 # Aliases for models that ship inside a PyPI package (never downloaded at run time).
 ALIASES = {
@@ -35,23 +35,20 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise InputError("--dtype", "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+            raise OptionError("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError("--device", "device", f"unknown device {self.device!r}")
+            raise OptionError("device", f"unknown device {self.device!r}")
         if self.device_map is not None:
             if not isinstance(self.device_map, str) or self.device_map not in DEVICE_MAPS:
-                raise InputError(
-                    "--device-map",
-                    "device_map",
-                    f"must be one of {DEVICE_MAPS}, got {self.device_map!r}",
+                raise OptionError(
+                    "device_map", f"must be one of {DEVICE_MAPS}, got {self.device_map!r}"
                 )
             if self.device.startswith("cuda:"):
                 # A strategy spreads over every visible GPU; a pinned one would be ignored.
-                raise InputError(
-                    "--device-map",
+                raise OptionError(
                     "device_map",
                     f"{self.device_map!r} spreads over all visible GPUs; "
-                    f"it does not combine with --device {self.device}",
+                    f"it does not combine with `device` {self.device}",
                 )
 
 
@@ -197,7 +194,7 @@ def load_model(spec: ModelSpec, **kwargs):
     args = dict(dtype=pick_dtype(spec.dtype), **kwargs)
     if spec.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise MissingDependency("bitsandbytes", "--load-in-4bit", "quant")
+            raise MissingDependency("bitsandbytes", "`load_in_4bit`", "quant")
         from transformers import BitsAndBytesConfig
 
         compute = torch.float32 if spec.dtype == "float32" else torch.bfloat16
