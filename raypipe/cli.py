@@ -11,14 +11,16 @@ from pathlib import Path
 
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.models import DEVICE_MAPS
-from raypipe.errors import OPTIONS, InputError, OptionError, RaypipeError, user_error
+from raypipe.errors import OPTIONS, InputError, RaypipeError, user_error
 from raypipe.options import (
     BACKENDS,
+    HeadOptions,
     InferOptions,
     ModelOptions,
     OutputOptions,
     ProjectionOptions,
     RunOptions,
+    ServeOptions,
     split_traits,
 )
 from raypipe.store.text import printable
@@ -264,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mode(args) -> str:
+    if args.command == "generate":
+        return "generate"
+    if getattr(args, "capture", False):
+        return "capture"
+    return "from_activations" if getattr(args, "from_activations", False) else "stream"
+
+
 def infer_options(args) -> InferOptions:
     return InferOptions(
         output=OutputOptions(
@@ -303,43 +313,21 @@ def infer_options(args) -> InferOptions:
             tensor_parallel_size=args.tensor_parallel_size,
             tp=getattr(args, "tp", 1),
         ),
+        mode=_mode(args),
     )
 
 
-def cmd_infer(args, project: bool) -> int:
+def cmd_infer(args) -> int:
     from raypipe.pipeline.job import run_infer
     from raypipe.pipeline.plan import plan_infer
     from raypipe.pipeline.report import print_summary
 
-    opts = infer_options(args)
-    if opts.model.device_map and opts.run.tp > 1:
-        raise OptionError("device_map", "splits by layers; `tp` shards each layer")
-    if opts.run.backend == "auto" and opts.run.tp > 1:
-        raise OptionError("backend", "auto serves a whole model from one server; not with `tp`")
-    if opts.run.backend == "vllm":
-        from raypipe.engine.vllm_backend import available
-
-        if not available():
-            raise OptionError(
-                "backend",
-                "vllm is not installed (CPU: `make vllm`; GPU: pip install 'raypipe[vllm]')",
-            )
-    mode = "stream"
-    if getattr(args, "capture", False):
-        mode = "capture"
-    elif getattr(args, "from_activations", False):
-        mode = "from_activations"
-        if opts.output.regenerate:
-            raise OptionError("regenerate", "no model runs with `from_activations`")
-    if opts.run.tp > 1 and mode != "stream":
-        raise OptionError("tp", f"projects in stream mode only, not with `{mode}`")
-    plan = plan_infer(opts, need_vectors=project)
-    if opts.run.backend == "vllm" and mode != "from_activations":
-        from raypipe.engine.vllm_backend import check_spec
-
-        check_spec(plan.model.spec)  # 4-bit and friends: fail before Ray starts
+    opts = infer_options(args)  # every pair of flags is checked here
+    project = opts.mode != "generate"
+    plan = plan_infer(opts, need_vectors=project)  # and those that need the model variant
+    mode = opts.mode if project else "stream"
     summary = run_infer(plan, project=project, mode=mode)
-    print_summary(plan, summary, traits_table=project and mode != "capture")
+    print_summary(plan, summary, traits_table=opts.mode in ("stream", "from_activations"))
     return 1 if summary.failed else 0
 
 
@@ -383,19 +371,21 @@ def cmd_calibrate(args) -> int:
 def cmd_serve(args) -> int:
     import ray
 
-    from raypipe.engine.models import resolve_model_path
+    from raypipe.engine.models import check_packages, resolve_model_path
     from raypipe.pipeline import localray, server
     from raypipe.pipeline.plan import plan_serve
 
-    if args.gpus is not None and not 0 <= args.gpus <= 64:
-        raise OptionError("gpus", "must be in 0..64")
-    if args.threads is not None and args.threads < 1:
-        raise OptionError("threads", "must be at least 1")
-    if not args.timeout > 0:
-        raise OptionError("timeout", "must be more than 0 seconds")
-    _, info = plan_serve(_root(args), args.experiment, _model_options(args))
+    opts = ServeOptions(
+        model=_model_options(args),
+        gpus=args.gpus,
+        threads=args.threads,
+        timeout=args.timeout,
+        action="stop" if args.stop else "status" if args.status else "start",
+    )
+    _, info = plan_serve(_root(args), args.experiment, opts.model)
     spec, name = info.spec, server.server_name(info.spec)
-    if not (args.stop or args.status):
+    if opts.action == "start":
+        check_packages(spec.load_in_4bit, spec.lora)  # here, not in the server after Ray starts
         resolve_model_path(spec.model, spec.cache_dir)  # convert an alias here, once
     address, source = args.address, "--address"
     if not address and os.environ.get("RAY_ADDRESS"):
@@ -409,19 +399,19 @@ def cmd_serve(args) -> int:
         )
     localray.join(address, source, log_to_driver=False, logging_level="WARNING")
     try:
-        if args.stop:
+        if opts.action == "stop":
             stopped = server.stop_server(spec)
             print(f"{'stopped' if stopped else 'no'} model server {name} for {spec.model}")
             return 0
-        if args.status:
+        if opts.action == "status":
             handle, found = server.find_server(spec)
             print(server.describe(name, found) if handle is not None else found)
             return 0 if handle is not None else 1
-        gpus = args.gpus
+        gpus = opts.gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         _, found, started = server.start_server(
-            spec, gpus, threads=args.threads, timeout_s=args.timeout
+            spec, gpus, threads=opts.threads, timeout_s=opts.timeout
         )
         print(f"{'started' if started else 'already up:'} {server.describe(name, found)}")
         variant = f" --model-variant {args.model_variant}" if args.model_variant else ""
@@ -449,9 +439,8 @@ def cmd_head(args) -> int:
             else "no raypipe head runs"
         )
         return 0 if status else 1
-    if not 1024 <= args.port <= 65535:
-        raise OptionError("port", "must be in 1024..65535")
-    address = localray.start_head(args.port, args.num_cpus, args.num_gpus)
+    opts = HeadOptions(port=args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    address = localray.start_head(opts.port, opts.num_cpus, opts.num_gpus)
     print(
         f"started a Ray head at {address} (loopback only); `raypipe serve` and "
         "`--backend auto` jobs on this machine use it; stop it with: raypipe head --stop"
@@ -489,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
     try:
         if args.command in ("infer", "generate"):
-            return cmd_infer(args, project=args.command == "infer")
+            return cmd_infer(args)
         if args.command == "extract":
             return cmd_extract(args)
         if args.command == "calibrate":

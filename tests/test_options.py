@@ -1,5 +1,5 @@
-"""Option objects: errors that name option fields (never CLI flags), and the one table through
-which the CLI prints flags instead."""
+"""Option objects: every flag pair refused where the options are built, errors that name option
+fields (never CLI flags), and the one table through which the CLI prints flags instead."""
 
 from __future__ import annotations
 
@@ -7,21 +7,25 @@ import ast
 import dataclasses
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from raypipe import cli
+from raypipe.engine import vllm_backend
 from raypipe.engine.generate import GenerationOptions
-from raypipe.engine.models import ModelSpec
+from raypipe.engine.models import ModelSpec, check_packages
 from raypipe.errors import OPTIONS, InputError, MissingDependency, OptionError
 from raypipe.extract import ExtractOptions
 from raypipe.options import (
+    HeadOptions,
     InferOptions,
     ModelOptions,
     OutputOptions,
     ProjectionOptions,
     RunOptions,
+    ServeOptions,
     split_traits,
 )
 
@@ -32,6 +36,7 @@ NOT_OPTIONS = {"-h", "--help", "--json", "--stop", "--status", "--host"}
 # Option fields no flag sets: from the experiment config, fixed defaults, nested objects; the
 # mode comes from the command and the --capture / --from-activations switches.
 NO_FLAG = {
+    "action",  # serve's --stop / --status
     "model",
     "lora",
     "top_p",
@@ -52,8 +57,26 @@ OPTION_CLASSES = (
     OutputOptions,
     RunOptions,
     InferOptions,
+    ServeOptions,
+    HeadOptions,
     ExtractOptions,
 )
+
+
+def _infer(mode="stream", model=None, projection=None, run=None, **output) -> InferOptions:
+    return InferOptions(
+        output=dataclasses.replace(OUT, **output),
+        model=model or ModelOptions(),
+        projection=projection or ProjectionOptions(),
+        run=run or RunOptions(),
+        mode=mode,
+    )
+
+
+@pytest.fixture
+def vllm_installed(monkeypatch):
+    """The vLLM checks ask only whether it is installed; here it is (it is not on this CPU box)."""
+    monkeypatch.setattr(vllm_backend, "available", lambda: True)
 
 
 # ---------------------------------------------------------------- the flag table
@@ -98,17 +121,16 @@ def test_the_table_follows_the_flag_names():
 
 
 BAD_SINGLE = [
+    (lambda: ModelOptions(dtype="float8"), "dtype", "must be one of"),
+    (lambda: ModelOptions(device="tpu"), "device", "unknown device"),
+    (lambda: ModelOptions(device="cuda:x"), "device", "unknown device"),
+    (lambda: ModelOptions(device_map="gpu"), "device_map", "must be one of"),
+    (lambda: ModelOptions(device="cuda:1", device_map="auto"), "device_map", "`device` cuda:1"),
     (lambda: ModelSpec("m", Path("/c"), dtype="int8"), "dtype", "must be one of"),
-    (lambda: ModelSpec("m", Path("/c"), device="tpu"), "device", "unknown device"),
-    (lambda: ModelSpec("m", Path("/c"), device_map="gpu"), "device_map", "must be one of"),
-    (
-        lambda: ModelSpec("m", Path("/c"), device="cuda:1", device_map="auto"),
-        "device_map",
-        "`device` cuda:1",
-    ),
     (lambda: GenerationOptions(max_new_tokens=0), "max_new_tokens", "at least 1"),
     (lambda: GenerationOptions(temperature=float("nan")), "temperature", ">= 0"),
     (lambda: GenerationOptions(top_p=0), "top_p", "(0, 1]"),
+    (lambda: GenerationOptions(seed=2**64), "seed", "64 bits"),
     (lambda: GenerationOptions(max_batch_size=0), "max_batch_size", "at least 1"),
     (lambda: GenerationOptions(max_padding=2), "max_padding", "[0, 1]"),
     (lambda: ProjectionOptions(component="mlp"), "component", "must be one of"),
@@ -128,15 +150,16 @@ BAD_SINGLE = [
     (lambda: RunOptions(threads=0), "threads", "at least 1"),
     (lambda: RunOptions(tp=0), "tp", "1..64"),
     (lambda: RunOptions(backend="tpu"), "backend", "must be one of"),
-    (
-        lambda: InferOptions(
-            output=OUT, projection=ProjectionOptions(compile_prefill=True), run=RunOptions(tp=2)
-        ),
-        "compile_prefill",
-        "does not combine with `tp`",
-    ),
-    (lambda: ExtractOptions(Path("/r"), "e", val_fraction=1), "val_fraction", "between 0 and 1"),
-    (lambda: ExtractOptions(Path("/r"), "e", position="middle"), "position", "middle"),
+    (lambda: _infer(mode="project"), "mode", "must be one of"),
+    (lambda: ServeOptions(gpus=-1), "gpus", "0..64"),
+    (lambda: ServeOptions(timeout=float("nan")), "timeout", "more than 0"),
+    (lambda: ServeOptions(action="restart"), "action", "start, stop or status"),
+    (lambda: HeadOptions(port=80), "port", "1024..65535"),
+    (lambda: HeadOptions(num_gpus=-1), "num_gpus", "at least 0"),
+    (lambda: ExtractOptions(Path("/r"), "e", batch_size=0), "batch_size", "at least 1"),
+    (lambda: ExtractOptions(Path("/r"), "e", seed=-1), "seed", "at least 0"),
+    (lambda: ExtractOptions(Path("/r"), "e", trait_set="a/../b"), "trait_set", "safe name"),
+    (lambda: ExtractOptions(Path("/r"), "e", component="mlp"), "component", "must be one of"),
     (lambda: split_traits(" , "), "traits", "names no trait"),
 ]
 
@@ -148,6 +171,160 @@ def test_a_bad_value_is_an_option_error_naming_its_field(build, field, fragment)
     assert (err.value.where, err.value.field) == (OPTIONS, field)
     assert fragment in err.value.message
     assert "--" not in str(err.value)
+
+
+PAIRS = [
+    (
+        dict(projection=ProjectionOptions(compile_prefill=True), run=RunOptions(tp=2)),
+        "compile_prefill",
+        "does not combine with `tp`",
+    ),
+    (
+        dict(model=ModelOptions(device_map="auto"), run=RunOptions(tp=2)),
+        "device_map",
+        "`tp` shards each layer",
+    ),
+    (dict(run=RunOptions(backend="auto", tp=2)), "backend", "not with `tp`"),
+    (dict(run=RunOptions(backend="vllm")), "backend", "vllm is not installed"),
+    (
+        dict(mode="from_activations", regenerate=True),
+        "regenerate",
+        "no model runs with `from_activations`",
+    ),
+    (dict(mode="capture", run=RunOptions(tp=2)), "tp", "not with `capture`"),
+    (dict(mode="from_activations", run=RunOptions(tp=2)), "tp", "not with `from_activations`"),
+    (dict(mode="generate", run=RunOptions(tp=2)), "tp", "not with `generate`"),
+    (
+        dict(model=ModelOptions(load_in_4bit=True), run=RunOptions(tp=2)),
+        "tp",
+        "does not combine with `load_in_4bit`",
+    ),
+    (
+        dict(
+            projection=ProjectionOptions(compile_prefill=True), run=RunOptions(gpus_per_replica=2)
+        ),
+        "compile_prefill",
+        "`gpus_per_replica` 2 splits it",
+    ),
+    (
+        dict(
+            mode="capture",
+            model=ModelOptions(device_map="balanced"),
+            projection=ProjectionOptions(compile_prefill=True),
+            run=RunOptions(gpus_per_replica=4),
+        ),
+        "compile_prefill",
+        "splits it by layers",
+    ),
+]
+
+
+@pytest.mark.parametrize("kwargs, field, fragment", PAIRS, ids=[f"{p[1]}-{p[2]}" for p in PAIRS])
+def test_a_bad_pair_is_refused_by_infer_options(kwargs, field, fragment):
+    with pytest.raises(OptionError) as err:
+        _infer(**kwargs)
+    assert err.value.field == field and fragment in err.value.message
+
+
+def test_vllm_pairs_are_refused_by_infer_options(vllm_installed):
+    with pytest.raises(OptionError, match="load_in_4bit: bitsandbytes NF4 is not served"):
+        _infer(model=ModelOptions(load_in_4bit=True), run=RunOptions(backend="vllm"))
+    with pytest.raises(OptionError, match=r"seed: must be in 0\.\.4294967295 with `backend`"):
+        InferOptions(
+            output=OUT, generation=GenerationOptions(seed=2**32), run=RunOptions(backend="vllm")
+        )
+    _infer(run=RunOptions(backend="vllm"))  # the pair alone is fine
+    InferOptions(output=OUT, generation=GenerationOptions(seed=-1))  # and so is -1 for torch
+
+
+@pytest.mark.parametrize(
+    "device, gpus, seen",
+    [
+        ("cuda:1", None, "1 GPU(s) it is given (`gpus_per_replica` unset), as cuda:0"),
+        ("cuda:2", 2, "2 GPU(s) it is given (`gpus_per_replica` 2), as cuda:0 to cuda:1"),
+        ("cuda:1", 0.5, "1 GPU(s)"),
+    ],
+)
+def test_a_pinned_gpu_must_be_one_the_actor_sees(device, gpus, seen):
+    with pytest.raises(OptionError) as err:
+        _infer(model=ModelOptions(device=device), run=RunOptions(gpus_per_replica=gpus))
+    assert err.value.field == "device" and seen in err.value.message
+    with pytest.raises(OptionError, match="`gpus` 1"):
+        ServeOptions(model=ModelOptions(device=device), gpus=1)
+    ServeOptions(model=ModelOptions(device=device), gpus=1, action="stop")  # names the model
+
+
+def test_a_pinned_gpu_the_actor_sees_passes():
+    _infer(model=ModelOptions(device="cuda:1"), run=RunOptions(gpus_per_replica=2))
+    _infer(model=ModelOptions(device="cuda:0"))
+    # an actor given no GPU sees the node's; TP ranks, vLLM and a server place it themselves
+    _infer(model=ModelOptions(device="cuda:3"), run=RunOptions(gpus_per_replica=0))
+    _infer(model=ModelOptions(device="cuda:1"), run=RunOptions(tp=2))
+    _infer(model=ModelOptions(device="cuda:1"), run=RunOptions(backend="auto"))
+    ServeOptions(model=ModelOptions(device="cuda:1"), gpus=2)
+
+
+def test_pairs_that_hold_pass():
+    _infer(run=RunOptions(tp=2))
+    _infer(model=ModelOptions(load_in_4bit=True, device_map="auto"))
+    _infer(projection=ProjectionOptions(compile_prefill=True), run=RunOptions(gpus_per_replica=1))
+    # one device however many GPUs: a CPU run, or a pinned GPU
+    _infer(
+        model=ModelOptions(device="cpu"),
+        projection=ProjectionOptions(compile_prefill=True),
+        run=RunOptions(gpus_per_replica=2),
+    )
+    _infer(mode="generate", projection=ProjectionOptions(compile_prefill=True))
+
+
+def test_from_activations_loads_no_model_so_load_options_are_not_checked(vllm_installed):
+    _infer(
+        mode="from_activations",
+        model=ModelOptions(load_in_4bit=True),
+        projection=ProjectionOptions(compile_prefill=True),
+        run=RunOptions(backend="vllm", gpus_per_replica=2),
+    )
+
+
+def test_a_missing_quantization_package_is_refused_with_the_options(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(MissingDependency, match="`load_in_4bit` needs the 'bitsandbytes'"):
+        _infer(model=ModelOptions(load_in_4bit=True))
+    _infer(mode="from_activations", model=ModelOptions(load_in_4bit=True))
+
+
+# ---------------------------------------------------------------- pairs with the variant
+
+
+def test_check_variant_reads_the_model_config_for_tp(tiny_model_dir):
+    spec = ModelOptions().spec(str(tiny_model_dir), None)
+    _infer(run=RunOptions(tp=2)).check_variant(spec)
+    with pytest.raises(OptionError, match="tp: num_attention_heads=4 does not divide by 3"):
+        _infer(run=RunOptions(tp=3)).check_variant(spec)
+    with pytest.raises(OptionError, match="tp: num_key_value_heads=2 does not divide by 4"):
+        _infer(run=RunOptions(tp=4)).check_variant(spec)
+
+
+def test_check_variant_refuses_lora_with_tp_and_a_hub_lora_with_vllm(tmp_path, vllm_installed):
+    lora = ModelOptions().spec("m", "someone/adapter")
+    with pytest.raises(OptionError, match="tp: tensor parallelism does not support LoRA"):
+        _infer(run=RunOptions(tp=2)).check_variant(lora)
+    with pytest.raises(InputError) as err:
+        _infer(run=RunOptions(backend="vllm")).check_variant(lora)
+    assert (err.value.where, err.value.field) == ("someone/adapter", "lora")
+    assert "`backend` vllm needs a local PEFT folder" in err.value.message
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    _infer(run=RunOptions(backend="vllm")).check_variant(ModelOptions().spec("m", str(folder)))
+    _infer(mode="from_activations", run=RunOptions(backend="vllm")).check_variant(lora)
+
+
+def test_check_variant_refuses_a_lora_without_peft(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(MissingDependency, match="LoRA variants needs the 'peft' package"):
+        _infer().check_variant(ModelOptions().spec("m", "/some/adapter"))
+    _infer().check_variant(ModelOptions().spec("m", None))
 
 
 # ---------------------------------------------------------------- the CLI prints flags
@@ -181,6 +358,14 @@ def test_the_cli_prints_the_flag_for_a_field(error, line):
     assert cli._one_line(error).startswith(line)
 
 
+def test_the_cli_prints_a_dependency_by_its_flag(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(MissingDependency) as err:
+        check_packages(True, None)
+    line = cli._one_line(err.value)
+    assert line == "--load-in-4bit needs the 'bitsandbytes' package: pip install 'raypipe[quant]'"
+
+
 def test_an_option_error_from_a_ray_worker_arrives_whole():
     err = OptionError("tp", "does not combine with `load_in_4bit`")
     back = pickle.loads(pickle.dumps(err))
@@ -191,6 +376,22 @@ def test_an_option_error_from_a_ray_worker_arrives_whole():
         err.message,
         str(err),
     )
+
+
+@pytest.mark.parametrize(
+    "extra, mode",
+    [
+        ([], "stream"),
+        (["--capture"], "capture"),
+        (["--from-activations"], "from_activations"),
+    ],
+)
+def test_infer_options_take_the_mode_from_the_command(extra, mode):
+    base = ["--experiment", "e", "--prompt-set", "p"]
+    args = cli.build_parser().parse_args(["infer", *base, *extra])
+    assert cli.infer_options(args).mode == mode
+    args = cli.build_parser().parse_args(["generate", *base])
+    assert cli.infer_options(args).mode == "generate"
 
 
 # ---------------------------------------------------------------- no flags below the CLI

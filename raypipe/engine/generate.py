@@ -32,6 +32,8 @@ class GenerationOptions:
             raise OptionError("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             raise OptionError("top_p", "must be in (0, 1]")
+        if not -(2**63) <= self.seed < 2**64:
+            raise OptionError("seed", "must fit in 64 bits (torch.manual_seed takes no more)")
         if self.max_batch_size < 1:
             raise OptionError("max_batch_size", "must be at least 1")
         if self.max_batch_tokens < 1:

@@ -96,6 +96,14 @@ def check_tp(config, world: int) -> None:
             raise OptionError("tp", f"{field}={heads} does not divide by {world}")
 
 
+def check_tp_load(load_in_4bit: bool, lora: str | None) -> None:
+    """What a sharded load cannot do: checked before Ray starts, and again by load_tp_model."""
+    if load_in_4bit:
+        raise OptionError("tp", "tensor parallelism does not combine with `load_in_4bit`")
+    if lora:
+        raise OptionError("tp", "tensor parallelism does not support LoRA variants yet")
+
+
 def load_tp_model(spec: ModelSpec):
     """(model, tokenizer) sharded over the initialized process group by the model's TP plan.
 
@@ -112,10 +120,7 @@ def load_tp_model(spec: ModelSpec):
     world = dist.get_world_size()
     if world == 1:
         return load_model(spec)
-    if spec.load_in_4bit:
-        raise OptionError("tp", "tensor parallelism does not combine with `load_in_4bit`")
-    if spec.lora:
-        raise OptionError("tp", "tensor parallelism does not support LoRA variants yet")
+    check_tp_load(spec.load_in_4bit, spec.lora)
     wanted = pick_device(spec.device).split(":")[0]
     found = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted != found:

@@ -30,13 +30,19 @@ def resolve_backend(backend: str) -> str:
 
 def check_spec(spec: ModelSpec) -> None:
     """Options this backend cannot serve, rejected before Ray starts or a model loads."""
-    if spec.load_in_4bit:
+    check_load(spec.load_in_4bit, spec.lora)
+
+
+def check_load(load_in_4bit: bool, lora: str | None) -> None:
+    """check_spec on the parts of a spec: the options check the flags before the variant is
+    known, then its LoRA."""
+    if load_in_4bit:
         raise OptionError(
             "load_in_4bit", "bitsandbytes NF4 is not served by `backend` vllm; use `backend` local"
         )
-    if spec.lora is not None and not (Path(spec.lora) / "adapter_config.json").is_file():
+    if lora is not None and not (Path(lora) / "adapter_config.json").is_file():
         raise InputError(
-            spec.lora, "lora", "`backend` vllm needs a local PEFT folder with adapter_config.json"
+            lora, "lora", "`backend` vllm needs a local PEFT folder with adapter_config.json"
         )
 
 
