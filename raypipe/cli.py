@@ -318,6 +318,7 @@ def infer_options(args) -> InferOptions:
 
 
 def cmd_infer(args) -> int:
+    from raypipe.engine.models import check_packages
     from raypipe.pipeline.job import run_infer
     from raypipe.pipeline.plan import plan_infer
     from raypipe.pipeline.report import print_summary
@@ -325,6 +326,8 @@ def cmd_infer(args) -> int:
     opts = infer_options(args)  # every pair of flags is checked here
     project = opts.mode != "generate"
     plan = plan_infer(opts, need_vectors=project)  # and those that need the model variant
+    if opts.mode != "from_activations":  # what the workers will import (peft for a LoRA)
+        check_packages(plan.model.spec.load_in_4bit, plan.model.spec.lora)
     mode = opts.mode if project else "stream"
     summary = run_infer(plan, project=project, mode=mode)
     print_summary(plan, summary, traits_table=opts.mode in ("stream", "from_activations"))

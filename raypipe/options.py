@@ -202,7 +202,9 @@ class InferOptions:
 
     def check_variant(self, spec: ModelSpec) -> None:
         """The pairs of these options with the model variant that runs (its LoRA, its config):
-        plan_infer calls this once it has picked the variant, still before Ray starts."""
+        plan_infer calls this once it has picked the variant, still before Ray starts. (The
+        packages a LoRA needs are the job's to check: `raypipe status` plans too, loading
+        nothing.)"""
         if self.mode == "from_activations":
             return
         if self.run.backend == "vllm":
@@ -210,7 +212,6 @@ class InferOptions:
         if self.run.tp > 1:
             check_tp_load(spec.load_in_4bit, spec.lora)
             check_tp(load_config(spec.model, spec.cache_dir), self.run.tp)
-        check_packages(spec.load_in_4bit, spec.lora)
 
 
 @dataclass(frozen=True)
