@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raypipe.errors import InputError
+from raypipe.errors import OptionError
 from raypipe.options import ModelOptions
 from raypipe.store.calibration import (
     calibration_record,
@@ -82,11 +82,11 @@ def run_calibrate(
     out = out or sys.stdout
     model = model or ModelOptions()
     if max_tokens < 1:
-        raise InputError("--max-tokens", "max_tokens", "must be at least 1")
+        raise OptionError("max_tokens", "must be at least 1")
     if batch_size < 1:
-        raise InputError("--batch-size", "batch_size", "must be at least 1")
+        raise OptionError("batch_size", "must be at least 1")
     if not ratio > 0:
-        raise InputError("--ratio", "ratio", "must be above 0")
+        raise OptionError("ratio", "must be above 0")
     paths = ExperimentPaths(Path(root), experiment)
     config = load_experiment(paths)
     variant = config.variant(model.variant, "application")

@@ -5,21 +5,78 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.models import DEVICE_MAPS
-from raypipe.errors import InputError, RaypipeError, user_error
+from raypipe.errors import OPTIONS, InputError, RaypipeError, user_error
 from raypipe.options import (
     BACKENDS,
+    HeadOptions,
     InferOptions,
     ModelOptions,
     OutputOptions,
     ProjectionOptions,
     RunOptions,
+    ServeOptions,
+    split_traits,
 )
 from raypipe.store.text import printable
+
+# Option field -> the flag that sets it. Errors below the CLI name option fields (an
+# OptionError's field, `field` in a message); printing one, the CLI names the flag instead.
+# The modes `capture` and `from_activations` are switches of their own.
+FLAGS = {
+    "address": "--address",
+    "backend": "--backend",
+    "batch_size": "--batch-size",
+    "cache_dir": "--cache-dir",
+    "capture": "--capture",
+    "centered": "--centered",
+    "compile_prefill": "--compile-prefill",
+    "component": "--component",
+    "device": "--device",
+    "device_map": "--device-map",
+    "dtype": "--dtype",
+    "experiment": "--experiment",
+    "force": "--force",
+    "from_activations": "--from-activations",
+    "generate_replicas": "--replicas",
+    "gpus": "--gpus",
+    "gpus_per_replica": "--gpus-per-replica",
+    "layers": "--layers",
+    "load_in_4bit": "--load-in-4bit",
+    "max_batch_size": "--batch-size",
+    "max_batch_tokens": "--max-batch-tokens",
+    "max_new_tokens": "--max-new-tokens",
+    "max_tokens": "--max-tokens",
+    "method": "--method",
+    "model_variant": "--model-variant",
+    "num_cpus": "--num-cpus",
+    "num_gpus": "--num-gpus",
+    "port": "--port",
+    "position": "--position",
+    "project_replicas": "--replicas",
+    "prompt_set": "--prompt-set",
+    "quiet": "--quiet",
+    "regenerate": "--regenerate",
+    "remove_massive_dims": "--remove-massive-dims",
+    "root": "--root",
+    "seed": "--seed",
+    "temperature": "--temperature",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "threads": "--threads",
+    "timeout": "--timeout",
+    "tp": "--tp",
+    "trait_set": "--trait-set",
+    "traits": "--traits",
+    "truncate": "--truncate",
+    "val_fraction": "--val-fraction",
+    "variant": "--model-variant",
+}
+_NAMED = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
 def _root(args) -> Path:
@@ -209,13 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _traits(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    traits = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not traits:
-        raise InputError("--traits", "traits", "names no trait")
-    return traits
+def _mode(args) -> str:
+    if args.command == "generate":
+        return "generate"
+    if getattr(args, "capture", False):
+        return "capture"
+    return "from_activations" if getattr(args, "from_activations", False) else "stream"
 
 
 def infer_options(args) -> InferOptions:
@@ -238,7 +294,7 @@ def infer_options(args) -> InferOptions:
         projection=ProjectionOptions(
             component=getattr(args, "component", "residual"),
             layers=getattr(args, "layers", "best"),
-            traits=_traits(getattr(args, "traits", None)),
+            traits=split_traits(getattr(args, "traits", None)),
             method=getattr(args, "method", None),
             centered=getattr(args, "centered", False),
             remove_massive_dims=getattr(args, "remove_massive_dims", False),
@@ -257,55 +313,31 @@ def infer_options(args) -> InferOptions:
             tensor_parallel_size=args.tensor_parallel_size,
             tp=getattr(args, "tp", 1),
         ),
+        mode=_mode(args),
     )
 
 
-def cmd_infer(args, project: bool) -> int:
+def cmd_infer(args) -> int:
+    from raypipe.engine.models import check_packages
     from raypipe.pipeline.job import run_infer
     from raypipe.pipeline.plan import plan_infer
     from raypipe.pipeline.report import print_summary
 
-    opts = infer_options(args)
-    if opts.model.device_map and opts.run.tp > 1:
-        raise InputError("--device-map", "device_map", "splits by layers; --tp shards each layer")
-    if opts.run.backend == "auto" and opts.run.tp > 1:
-        raise InputError(
-            "--backend", "backend", "auto serves a whole model from one server; not with --tp"
-        )
-    if opts.run.backend == "vllm":
-        from raypipe.engine.vllm_backend import available
-
-        if not available():
-            raise InputError(
-                "--backend",
-                "backend",
-                "vllm is not installed (CPU: `make vllm`; GPU: pip install 'raypipe[vllm]')",
-            )
-    mode = "stream"
-    if getattr(args, "capture", False):
-        mode = "capture"
-    elif getattr(args, "from_activations", False):
-        mode = "from_activations"
-        if opts.output.regenerate:
-            raise InputError("--regenerate", "regenerate", "no model runs with --from-activations")
-    if opts.run.tp > 1 and mode != "stream":
-        raise InputError(
-            "--tp", "tp", f"projects in stream mode only, not with --{mode.replace('_', '-')}"
-        )
-    plan = plan_infer(opts, need_vectors=project)
-    if opts.run.backend == "vllm" and mode != "from_activations":
-        from raypipe.engine.vllm_backend import check_spec
-
-        check_spec(plan.model.spec)  # --load-in-4bit and friends: fail before Ray starts
+    opts = infer_options(args)  # every pair of flags is checked here
+    project = opts.mode != "generate"
+    plan = plan_infer(opts, need_vectors=project)  # and those that need the model variant
+    if opts.mode != "from_activations":  # what the workers will import (peft for a LoRA)
+        check_packages(plan.model.spec.load_in_4bit, plan.model.spec.lora)
+    mode = opts.mode if project else "stream"
     summary = run_infer(plan, project=project, mode=mode)
-    print_summary(plan, summary, traits_table=project and mode != "capture")
+    print_summary(plan, summary, traits_table=opts.mode in ("stream", "from_activations"))
     return 1 if summary.failed else 0
 
 
 def cmd_extract(args) -> int:
     from raypipe.extract import ExtractOptions, run_extract
 
-    traits = _traits(args.traits)
+    traits = split_traits(args.traits)
     opts = ExtractOptions(
         root=_root(args),
         experiment=args.experiment,
@@ -342,19 +374,21 @@ def cmd_calibrate(args) -> int:
 def cmd_serve(args) -> int:
     import ray
 
-    from raypipe.engine.models import resolve_model_path
+    from raypipe.engine.models import check_packages, resolve_model_path
     from raypipe.pipeline import localray, server
     from raypipe.pipeline.plan import plan_serve
 
-    if args.gpus is not None and not 0 <= args.gpus <= 64:
-        raise InputError("--gpus", "gpus", "must be in 0..64")
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads", "threads", "must be at least 1")
-    if not args.timeout > 0:
-        raise InputError("--timeout", "timeout", "must be more than 0 seconds")
-    _, info = plan_serve(_root(args), args.experiment, _model_options(args))
+    opts = ServeOptions(
+        model=_model_options(args),
+        gpus=args.gpus,
+        threads=args.threads,
+        timeout=args.timeout,
+        action="stop" if args.stop else "status" if args.status else "start",
+    )
+    _, info = plan_serve(_root(args), args.experiment, opts.model)
     spec, name = info.spec, server.server_name(info.spec)
-    if not (args.stop or args.status):
+    if opts.action == "start":
+        check_packages(spec.load_in_4bit, spec.lora)  # here, not in the server after Ray starts
         resolve_model_path(spec.model, spec.cache_dir)  # convert an alias here, once
     address, source = args.address, "--address"
     if not address and os.environ.get("RAY_ADDRESS"):
@@ -368,19 +402,19 @@ def cmd_serve(args) -> int:
         )
     localray.join(address, source, log_to_driver=False, logging_level="WARNING")
     try:
-        if args.stop:
+        if opts.action == "stop":
             stopped = server.stop_server(spec)
             print(f"{'stopped' if stopped else 'no'} model server {name} for {spec.model}")
             return 0
-        if args.status:
+        if opts.action == "status":
             handle, found = server.find_server(spec)
             print(server.describe(name, found) if handle is not None else found)
             return 0 if handle is not None else 1
-        gpus = args.gpus
+        gpus = opts.gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         _, found, started = server.start_server(
-            spec, gpus, threads=args.threads, timeout_s=args.timeout
+            spec, gpus, threads=opts.threads, timeout_s=opts.timeout
         )
         print(f"{'started' if started else 'already up:'} {server.describe(name, found)}")
         variant = f" --model-variant {args.model_variant}" if args.model_variant else ""
@@ -408,14 +442,18 @@ def cmd_head(args) -> int:
             else "no raypipe head runs"
         )
         return 0 if status else 1
-    if not 1024 <= args.port <= 65535:
-        raise InputError("--port", "port", "must be in 1024..65535")
-    address = localray.start_head(args.port, args.num_cpus, args.num_gpus)
+    opts = HeadOptions(port=args.port, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    address = localray.start_head(opts.port, opts.num_cpus, opts.num_gpus)
     print(
         f"started a Ray head at {address} (loopback only); `raypipe serve` and "
         "`--backend auto` jobs on this machine use it; stop it with: raypipe head --stop"
     )
     return 0
+
+
+def _flags_in(text: str) -> str:
+    """`field` in a message -> that field's flag (names that are no option keep their quotes)."""
+    return _NAMED.sub(lambda m: FLAGS.get(m.group(1), m.group(0)), text)
 
 
 def _one_line(e: BaseException) -> str:
@@ -424,7 +462,18 @@ def _one_line(e: BaseException) -> str:
         where = f"{e.filename}: " if e.filename else ""
         # strerror may carry Ray's retry annotations; errno is the cause itself.
         return f"{where}{os.strerror(e.errno) if e.errno else e.strerror or e}"
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, InputError):
+        where, field = e.where, e.field
+        if where == OPTIONS and field in FLAGS:
+            # An option's error names the flag that set it, then the flag's own name:
+            # `--replicas: replicas:` for generate_replicas, as the user typed it.
+            where = FLAGS[field]
+            field = where.removeprefix("--").replace("-", "_")
+        text = f"{where}: {field}: {_flags_in(e.message)}"
+    else:
+        text = _flags_in(str(e))
+    text = text.strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # raypipe never downloads weights
     try:
         if args.command in ("infer", "generate"):
-            return cmd_infer(args, project=args.command == "infer")
+            return cmd_infer(args)
         if args.command == "extract":
             return cmd_extract(args)
         if args.command == "calibrate":

@@ -24,6 +24,22 @@ class InputError(RaypipeError):
         return (type(self), (self.where, self.field, self.message))
 
 
+# `where` of an error about an option value rather than a file: the CLI prints the flag there.
+OPTIONS = "options"
+
+
+class OptionError(InputError):
+    """A bad option value or pair of values, named by its field (`dtype`, `tp`), never by a CLI
+    flag: the CLI maps fields to its flags when it prints one. The message names any other
+    option it involves in backticks (`tp`), which the CLI prints as that option's flag."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(OPTIONS, field, message)
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.message))
+
+
 class OutputError(RaypipeError):
     """A file could not be written: a read-only tree, a full disk, a folder that vanished."""
 

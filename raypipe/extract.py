@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from raypipe.engine.hooks import COMPONENTS
 from raypipe.engine.models import resolve_model_path
-from raypipe.errors import InputError
+from raypipe.errors import OPTIONS, InputError, OptionError
 from raypipe.options import ModelOptions
 from raypipe.store.atomic import write_json, write_tensor
 from raypipe.store.experiment import load_experiment
 from raypipe.store.outputs import now_iso
 from raypipe.store.pairs import list_trait_data, load_trait_data
-from raypipe.store.paths import ExperimentPaths
+from raypipe.store.paths import ExperimentPaths, check_name, check_relpath
 
 METHODS = ("mean_diff", "probe")
 
@@ -35,14 +36,25 @@ class ExtractOptions:
     model: ModelOptions = ModelOptions()
 
     def __post_init__(self):
+        check_name(self.experiment, OPTIONS, "experiment")
+        check_relpath(self.trait_set, OPTIONS, "trait_set")
+        if self.traits is not None:
+            for t in self.traits:
+                check_relpath(t, OPTIONS, "traits", parts=2)
+        if self.component not in COMPONENTS:
+            raise OptionError("component", f"must be one of {COMPONENTS}")
         if not 0 < self.val_fraction < 1:
-            raise InputError("--val-fraction", "val_fraction", "must be between 0 and 1")
+            raise OptionError("val_fraction", "must be between 0 and 1")
+        if self.seed < 0:
+            raise OptionError("seed", "must be at least 0 (numpy seeds the split with it)")
+        if self.batch_size < 1:
+            raise OptionError("batch_size", "must be at least 1")
         from raypipe.engine.activations import position_range
 
         try:
             position_range(self.position, 1, 2)
         except ValueError as e:
-            raise InputError("--position", "position", str(e)) from None
+            raise OptionError("position", str(e)) from None
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raypipe.engine import vllm_backend
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.hooks import COMPONENTS
-from raypipe.engine.models import ModelSpec
-from raypipe.errors import InputError
+from raypipe.engine.models import ModelSpec, check_packages, check_placement, load_config
+from raypipe.engine.tp import check_tp, check_tp_load
+from raypipe.errors import OPTIONS, OptionError
 from raypipe.store.paths import check_name, check_relpath
 
 BACKENDS = ("local", "auto", "vllm")
+# stream: generate, then project; capture: save raw activations instead of projecting;
+# from_activations: project saved activations (no model); generate: responses only.
+MODES = ("stream", "capture", "from_activations", "generate")
+# vLLM seeds numpy with it, which takes 0..2**32-1 only.
+VLLM_SEEDS = 2**32
+
+
+def split_traits(text: str | None) -> tuple[str, ...] | None:
+    """A comma list of traits, blanks dropped and duplicates collapsed; None: every trait."""
+    if text is None:
+        return None
+    traits = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not traits:
+        raise OptionError("traits", "names no trait")
+    return traits
+
+
+def check_pinned_gpu(device: str, gpus: float | None, gpus_name: str) -> None:
+    """A pinned `cuda:N` must be one of the GPUs Ray shows the actor that loads the model:
+    only those it is given (one when `gpus` is unset), numbered from 0. An actor given none
+    sees every GPU of its node."""
+    if not device.startswith("cuda:") or gpus == 0:
+        return
+    index, seen = int(device.split(":")[1]), 1 if gpus is None else math.ceil(gpus)
+    if index >= seen:
+        given = "unset" if gpus is None else f"{gpus:g}"
+        names = "cuda:0" if seen == 1 else f"cuda:0 to cuda:{seen - 1}"
+        raise OptionError(
+            "device",
+            f"{device!r} is not there: Ray shows the actor only the {seen} GPU(s) it is given "
+            f"(`{gpus_name}` {given}), as {names}",
+        )
 
 
 @dataclass(frozen=True)
@@ -23,6 +58,9 @@ class ModelOptions:
     cache_dir: Path = Path(os.path.expanduser("~/.cache/raypipe"))
     variant: str | None = None  # None: the config's default for the role
     device_map: str | None = None  # None: one device, or split over several visible GPUs
+
+    def __post_init__(self):
+        check_placement(self.dtype, self.device, self.device_map)
 
     def spec(self, model: str, lora: str | None) -> ModelSpec:
         """The load recipe for one model variant (validated there)."""
@@ -52,19 +90,17 @@ class ProjectionOptions:
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
-            raise InputError("--component", "component", f"must be one of {COMPONENTS}")
+            raise OptionError("component", f"must be one of {COMPONENTS}")
         if self.compile_prefill and self.component != "residual":
             # The attention-output hook would sit inside the compiled block.
-            raise InputError(
-                "--compile-prefill", "compile_prefill", "works with --component residual only"
-            )
+            raise OptionError("compile_prefill", "works with `component` residual only")
         if self.traits is not None:
             for t in self.traits:
-                check_relpath(t, "--traits", "traits", parts=2)
+                check_relpath(t, OPTIONS, "traits", parts=2)
         if self.method is not None and self.method not in ("probe", "mean_diff"):
-            raise InputError("--method", "method", "must be probe or mean_diff")
+            raise OptionError("method", "must be probe or mean_diff")
         if self.max_batch_tokens < 1:
-            raise InputError("--max-batch-tokens", "max_batch_tokens", "must be at least 1")
+            raise OptionError("max_batch_tokens", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -77,8 +113,8 @@ class OutputOptions:
     truncate: bool = False
 
     def __post_init__(self):
-        check_name(self.experiment, "--experiment", "experiment")
-        check_relpath(self.prompt_set, "--prompt-set", "prompt_set")
+        check_name(self.experiment, OPTIONS, "experiment")
+        check_relpath(self.prompt_set, OPTIONS, "prompt_set")
 
 
 @dataclass(frozen=True)
@@ -97,33 +133,121 @@ class RunOptions:
     tensor_parallel_size: int = 1  # vLLM backend: GPUs per generation replica
 
     def __post_init__(self):
-        flags = {
-            "generate_replicas": ("--replicas", "replicas"),
-            "project_replicas": ("--replicas", "replicas"),
-            "batch_size": ("--batch-size", "batch_size"),
-            "tensor_parallel_size": ("--tensor-parallel-size", "tensor_parallel_size"),
-        }
-        for name, (flag, label) in flags.items():
+        for name in ("generate_replicas", "project_replicas", "batch_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
-                raise InputError(flag, label, "must be at least 1")
+                raise OptionError(name, "must be at least 1")
         if self.gpus_per_replica is not None and not 0 <= self.gpus_per_replica <= 64:
-            raise InputError("--gpus-per-replica", "gpus_per_replica", "must be in 0..64")
+            raise OptionError("gpus_per_replica", "must be in 0..64")
         if self.threads is not None and self.threads < 1:
-            raise InputError("--threads", "threads", "must be at least 1")
+            raise OptionError("threads", "must be at least 1")
         if not 1 <= self.tp <= 64:
-            raise InputError("--tp", "tp", "must be in 1..64")
+            raise OptionError("tp", "must be in 1..64")
         if self.backend not in BACKENDS:
-            raise InputError("--backend", "backend", f"must be one of {BACKENDS}")
+            raise OptionError("backend", f"must be one of {BACKENDS}")
 
 
 @dataclass(frozen=True)
 class InferOptions:
+    """One run of `raypipe infer` / `generate`: every pair of options is checked here, before
+    Ray starts or a model loads (and those that need the model variant, by check_variant)."""
+
     output: OutputOptions
     model: ModelOptions = field(default_factory=ModelOptions)
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     projection: ProjectionOptions = field(default_factory=ProjectionOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    mode: str = "stream"  # one of MODES
 
     def __post_init__(self):
-        if self.projection.compile_prefill and self.run.tp > 1:
-            raise InputError("--compile-prefill", "compile_prefill", "does not combine with --tp")
+        if self.mode not in MODES:
+            raise OptionError("mode", f"must be one of {MODES}")
+        model, proj, run = self.model, self.projection, self.run
+        if proj.compile_prefill and run.tp > 1:
+            raise OptionError("compile_prefill", "does not combine with `tp`")
+        if model.device_map and run.tp > 1:
+            raise OptionError("device_map", "splits by layers; `tp` shards each layer")
+        if run.backend == "auto" and run.tp > 1:
+            raise OptionError("backend", "auto serves a whole model from one server; not with `tp`")
+        if run.backend == "vllm" and not vllm_backend.available():
+            raise OptionError(
+                "backend",
+                "vllm is not installed (CPU: `make vllm`; GPU: pip install 'raypipe[vllm]')",
+            )
+        if self.mode == "from_activations" and self.output.regenerate:
+            raise OptionError("regenerate", "no model runs with `from_activations`")
+        if run.tp > 1 and self.mode != "stream":
+            raise OptionError("tp", f"projects in stream mode only, not with `{self.mode}`")
+        if self.mode == "from_activations":
+            return  # no model loads: the load options are not used
+        gpus = run.gpus_per_replica or 0
+        splits = model.device_map is not None or model.device in ("auto", "cuda")
+        if proj.compile_prefill and self.mode != "generate" and gpus > 1 and splits:
+            # An actor given several GPUs splits the model by layers (engine.models
+            # pick_device_map): accelerate wraps the blocks, which torch.compile cannot take.
+            raise OptionError(
+                "compile_prefill",
+                f"needs the model on one device; `gpus_per_replica` {gpus:g} splits it by layers",
+            )
+        hf_loads = not (self.mode == "generate" and run.backend == "vllm")
+        if hf_loads and run.tp == 1 and run.backend != "auto":
+            # (vLLM, each `tp` rank and a model server place the model themselves.)
+            check_pinned_gpu(model.device, run.gpus_per_replica, "gpus_per_replica")
+        if run.backend == "vllm":
+            vllm_backend.check_load(model.load_in_4bit, None)
+            if not 0 <= self.generation.seed < VLLM_SEEDS:
+                raise OptionError("seed", f"must be in 0..{VLLM_SEEDS - 1} with `backend` vllm")
+        if run.tp > 1:
+            check_tp_load(model.load_in_4bit, None)
+        check_packages(model.load_in_4bit, None)
+
+    def check_variant(self, spec: ModelSpec) -> None:
+        """The pairs of these options with the model variant that runs (its LoRA, its config):
+        plan_infer calls this once it has picked the variant, still before Ray starts. (The
+        packages a LoRA needs are the job's to check: `raypipe status` plans too, loading
+        nothing.)"""
+        if self.mode == "from_activations":
+            return
+        if self.run.backend == "vllm":
+            vllm_backend.check_spec(spec)
+        if self.run.tp > 1:
+            check_tp_load(spec.load_in_4bit, spec.lora)
+            check_tp(load_config(spec.model, spec.cache_dir), self.run.tp)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`raypipe serve`: the model a server holds, its resources and patience."""
+
+    model: ModelOptions = field(default_factory=ModelOptions)
+    gpus: float | None = None  # None: 1 if the cluster has GPUs
+    threads: int | None = None  # torch threads in the server; None: all cores
+    timeout: float = 1800.0  # seconds to wait for the model to load
+    action: str = "start"  # start | stop | status (of the server for this model)
+
+    def __post_init__(self):
+        if self.action not in ("start", "stop", "status"):
+            raise OptionError("action", "must be start, stop or status")
+        if self.gpus is not None and not 0 <= self.gpus <= 64:
+            raise OptionError("gpus", "must be in 0..64")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError("threads", "must be at least 1")
+        if not self.timeout > 0:
+            raise OptionError("timeout", "must be more than 0 seconds")
+        if self.action == "start":  # stopping names the model only: its GPUs do not matter
+            check_pinned_gpu(self.model.device, self.gpus, "gpus")
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """`raypipe head`: the Ray head it starts on loopback."""
+
+    port: int = 6379
+    num_cpus: int | None = None  # None: all
+    num_gpus: int | None = None  # None: all visible
+
+    def __post_init__(self):
+        if not 1024 <= self.port <= 65535:
+            raise OptionError("port", "must be in 1024..65535")
+        for name in ("num_cpus", "num_gpus"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise OptionError(name, "must be at least 0")

@@ -6,8 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from raypipe.errors import InputError
-from raypipe.options import InferOptions, ModelOptions, OutputOptions, ProjectionOptions
+from raypipe.errors import InputError, OptionError
+from raypipe.options import (
+    InferOptions,
+    ModelOptions,
+    OutputOptions,
+    ProjectionOptions,
+    split_traits,
+)
 from raypipe.pipeline.plan import InferPlan, plan_infer
 from raypipe.store.atomic import TMP_MARK
 from raypipe.store.calibration import is_complete, read_calibration
@@ -19,18 +25,13 @@ MAX_LISTED = 10  # stray files and missing ids named in the text report
 
 def status_options(args, root: Path, cache_dir: Path, prompt_set: str) -> InferOptions:
     """The infer options that matter for deciding the work, from `raypipe status` flags."""
-    traits = None
-    if args.traits is not None:
-        traits = tuple(dict.fromkeys(t.strip() for t in args.traits.split(",") if t.strip()))
-        if not traits:
-            raise InputError("--traits", "traits", "names no trait")
     return InferOptions(
         output=OutputOptions(root=root, experiment=args.experiment, prompt_set=prompt_set),
         model=ModelOptions(cache_dir=cache_dir, variant=args.model_variant),
         projection=ProjectionOptions(
             component=args.component,
             layers=args.layers,
-            traits=traits,
+            traits=split_traits(args.traits),
             method=args.method,
             # Entries count under the settings infer would write them with; `status` has no
             # flag for these yet, so they take infer's defaults unless the parser grows one.
@@ -208,7 +209,7 @@ def main_status(args, root: Path, cache_dir: Path, out=None) -> int:
     out = out or sys.stdout
     sets = [s.strip() for s in args.prompt_set.split(",") if s.strip()]
     if not sets:
-        raise InputError("--prompt-set", "prompt_set", "names no prompt set")
+        raise OptionError("prompt_set", "names no prompt set")
     reports = []
     for prompt_set in sets:
         plan, note = plan_for_status(status_options(args, root, cache_dir, prompt_set))

@@ -1,8 +1,9 @@
 """Bad inputs through the real CLI: exit 2, one `raypipe: error:` line, outputs untouched.
 
 Every case runs `raypipe.cli.main([...])` against a fresh tiny experiment tree. Validation
-happens before Ray starts or a model loads, so `run_infer` and `ray.init` are replaced with
-stubs that fail the test: a case that gets past validation can never start a cluster.
+happens before Ray starts or a model loads, so `run_infer`, `ray.init`, `load_model` and
+`start_head` are replaced with stubs that fail the test: a case that gets past validation can
+never start a cluster or load a model.
 Corpus files live in tests/bad_inputs/{prompts,config,steering,metadata}/; inputs whose bytes
 are easier to make in code (tensors, non-UTF-8, huge files) are generated here.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import struct
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +54,8 @@ class Case:
     switches: tuple[str, ...] = ()
     message: str = ""  # a piece of the message
     command: str = "infer"
+    # Sets up what the machine has (is vLLM installed, the hub cache): (monkeypatch, root).
+    patch: Callable[[pytest.MonkeyPatch, Path], None] | None = None
 
 
 # ---------------------------------------------------------------- tree helpers
@@ -220,6 +225,28 @@ def _lora_at(lora: str, files: dict[str, str] | None = None) -> Callable[[Path],
 
 
 ADAPTER_FILES = {"adapter_config.json": '{"peft_type": "LORA", "r": 4}', "adapter_model.bin": "w"}
+
+
+def _vllm(installed: bool) -> Callable[[pytest.MonkeyPatch, Path], None]:
+    """As if vLLM were (or were not) installed: the check under test only asks whether it is."""
+
+    def patch(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+        from raypipe.engine import vllm_backend
+
+        monkeypatch.setattr(vllm_backend, "available", lambda: installed)
+
+    return patch
+
+
+def _vllm_with_hub_lora(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """vLLM installed, and the variant's LoRA a hub id in the local hub cache (found, valid)."""
+    import huggingface_hub
+
+    _vllm(True)(monkeypatch, root)
+    cache = _hub_cache(root, "someone/adapter", ADAPTER_FILES)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    _lora_at("someone/adapter")(root)
+
 
 # ---------------------------------------------------------------- corpus: file -> field
 
@@ -950,7 +977,243 @@ GENERATED_CASES = [
     ),
     Case("flags/dtype", "--dtype", "dtype", flags={"--dtype": "float8"}),
     Case("flags/device", "--device", "device", flags={"--device": "tpu"}),
-    Case("flags/backend_vllm", "--backend", "backend", flags={"--backend": "vllm"}),
+    Case(
+        "flags/backend_vllm",
+        "--backend",
+        "backend",
+        flags={"--backend": "vllm"},
+        message="vllm is not installed",
+        patch=_vllm(False),
+    ),
+    # flag pairs, checked by InferOptions (and, for the variant's LoRA and config, by its
+    # check_variant at plan time): before Ray starts, not in an actor
+    Case(
+        "pairs/device_map_with_tp",
+        "--device-map",
+        "device_map",
+        flags={"--device-map": "auto", "--tp": "2"},
+        message="splits by layers; --tp shards each layer",
+    ),
+    Case(
+        "pairs/backend_auto_with_tp",
+        "--backend",
+        "backend",
+        flags={"--backend": "auto", "--tp": "2"},
+        message="not with --tp",
+    ),
+    Case(
+        "pairs/regenerate_with_from_activations",
+        "--regenerate",
+        "regenerate",
+        switches=("--from-activations", "--regenerate"),
+        message="no model runs with --from-activations",
+    ),
+    Case(
+        "pairs/tp_with_capture",
+        "--tp",
+        "tp",
+        flags={"--tp": "2"},
+        switches=("--capture",),
+        message="not with --capture",
+    ),
+    Case(
+        "pairs/tp_with_from_activations",
+        "--tp",
+        "tp",
+        flags={"--tp": "2"},
+        switches=("--from-activations",),
+        message="not with --from-activations",
+    ),
+    Case(
+        "pairs/tp_with_load_in_4bit",  # was refused by each rank actor, after Ray started
+        "--tp",
+        "tp",
+        flags={"--tp": "2"},
+        switches=("--load-in-4bit",),
+        message="does not combine with --load-in-4bit",
+    ),
+    Case(
+        "pairs/tp_with_lora_variant",  # the same, for a variant with a LoRA adapter
+        "--tp",
+        "tp",
+        _lora_at(ADAPTER, ADAPTER_FILES),
+        {"--tp": "2"},
+        message="LoRA",
+    ),
+    Case(
+        "pairs/tp_uneven_heads",  # the tiny model has 4 attention heads, 2 KV heads
+        "--tp",
+        "tp",
+        flags={"--tp": "3"},
+        message="num_attention_heads=4 does not divide by 3",
+    ),
+    Case(
+        "pairs/tp_model_without_plan",
+        "--tp",
+        "tp",
+        _model_at(MODEL_DIR, '{"model_type": "gpt2", "n_layer": 4, "n_embd": 64}'),
+        {"--tp": "2"},
+        message="gpt2 has no tensor-parallel plan",
+    ),
+    Case(
+        "pairs/vllm_with_load_in_4bit",
+        "--load-in-4bit",
+        "load_in_4bit",
+        flags={"--backend": "vllm"},
+        switches=("--load-in-4bit",),
+        message="not served by --backend vllm; use --backend local",
+        patch=_vllm(True),
+    ),
+    Case(
+        "pairs/vllm_with_hub_lora",
+        "someone/adapter",
+        "lora",
+        flags={"--backend": "vllm"},
+        message="--backend vllm needs a local PEFT folder",
+        patch=_vllm_with_hub_lora,
+    ),
+    Case(
+        "pairs/vllm_with_negative_seed",  # vLLM seeds numpy, which takes 0..2**32-1
+        "--seed",
+        "seed",
+        flags={"--backend": "vllm", "--seed": "-1"},
+        message="with --backend vllm",
+        patch=_vllm(True),
+    ),
+    Case(
+        "pairs/compile_prefill_with_gpus_per_replica",  # several GPUs split the blocks
+        "--compile-prefill",
+        "compile_prefill",
+        flags={"--gpus-per-replica": "2"},
+        switches=("--compile-prefill",),
+        message="--gpus-per-replica 2 splits it by layers",
+    ),
+    Case(
+        "pairs/device_gpu_the_actor_does_not_see",  # torch's invalid device ordinal, in an actor
+        "--device",
+        "device",
+        flags={"--device": "cuda:1"},
+        message="Ray shows the actor only the 1 GPU(s) it is given (--gpus-per-replica unset)",
+    ),
+    Case("flags/device_index_not_a_number", "--device", "device", flags={"--device": "cuda:x"}),
+    Case(
+        "flags/seed_beyond_64_bits",  # torch.manual_seed refused it in the actor
+        "--seed",
+        "seed",
+        flags={"--seed": str(2**64), "--temperature": "0.7"},
+    ),
+    Case(
+        "pairs/generate_vllm_with_load_in_4bit",
+        "--load-in-4bit",
+        "load_in_4bit",
+        flags={"--backend": "vllm"},
+        switches=("--load-in-4bit",),
+        command="generate",
+        message="not served by --backend vllm",
+        patch=_vllm(True),
+    ),
+    # the other commands' options
+    Case(
+        "extract/batch_size_zero",
+        "--batch-size",
+        "batch_size",
+        flags={"--batch-size": "0"},
+        command="extract",
+    ),
+    Case(
+        "extract/seed_negative",  # numpy refused it after every activation was computed
+        "--seed",
+        "seed",
+        flags={"--seed": "-1"},
+        command="extract",
+    ),
+    Case(
+        "extract/trait_set_dotdot",
+        "--trait-set",
+        "trait_set",
+        flags={"--trait-set": "../x"},
+        command="extract",
+    ),
+    Case("extract/traits_empty", "--traits", "traits", flags={"--traits": ","}, command="extract"),
+    Case(
+        "extract/traits_one_part",
+        "--traits",
+        "traits",
+        flags={"--traits": "alpha"},
+        command="extract",
+    ),
+    Case(
+        "extract/val_fraction_one",
+        "--val-fraction",
+        "val_fraction",
+        flags={"--val-fraction": "1"},
+        command="extract",
+    ),
+    Case(
+        "extract/position_garbage",
+        "--position",
+        "position",
+        flags={"--position": "middle"},
+        command="extract",
+    ),
+    Case("extract/dtype", "--dtype", "dtype", flags={"--dtype": "int8"}, command="extract"),
+    Case(
+        "calibrate/max_tokens_zero",
+        "--max-tokens",
+        "max_tokens",
+        flags={"--max-tokens": "0"},
+        command="calibrate",
+    ),
+    Case(
+        "calibrate/batch_size_zero",
+        "--batch-size",
+        "batch_size",
+        flags={"--batch-size": "0"},
+        command="calibrate",
+    ),
+    Case("serve/gpus_over_64", "--gpus", "gpus", flags={"--gpus": "65"}, command="serve"),
+    Case("serve/threads_zero", "--threads", "threads", flags={"--threads": "0"}, command="serve"),
+    Case("serve/timeout_zero", "--timeout", "timeout", flags={"--timeout": "0"}, command="serve"),
+    Case("serve/device_unknown", "--device", "device", flags={"--device": "tpu"}, command="serve"),
+    Case(
+        "serve/device_gpu_the_server_does_not_see",
+        "--device",
+        "device",
+        flags={"--device": "cuda:2", "--gpus": "2"},
+        command="serve",
+        message="(--gpus 2), as cuda:0 to cuda:1",
+    ),
+    Case("head/port_below_1024", "--port", "port", flags={"--port": "80"}, command="head"),
+    Case(
+        "head/num_cpus_negative",
+        "--num-cpus",
+        "num_cpus",
+        flags={"--num-cpus": "-1"},
+        command="head",
+    ),
+    Case(
+        "head/num_gpus_negative",
+        "--num-gpus",
+        "num_gpus",
+        flags={"--num-gpus": "-2"},
+        command="head",
+    ),
+    Case("status/traits_empty", "--traits", "traits", flags={"--traits": " , "}, command="status"),
+    Case(
+        "status/prompt_sets_empty",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": " , "},
+        command="status",
+        message="names no prompt set",
+    ),
+    Case(
+        "status/prompt_set_dotdot",
+        "--prompt-set",
+        "prompt_set",
+        flags={"--prompt-set": "tests/small,../x"},
+        command="status",
+    ),
 ]
 
 # Bugs found by this corpus (all fixed): kept as regular cases below.
@@ -1010,13 +1273,17 @@ def no_ray(monkeypatch):
     """Validation must end every case: reaching the Ray job fails the test instead."""
     import ray
 
+    import raypipe.engine.models as models
     import raypipe.pipeline.job as job
+    import raypipe.pipeline.localray as localray
 
     def stop(*args, **kwargs):
         raise ValidationPassed("the bad input got past validation to the Ray job")
 
     monkeypatch.setattr(job, "run_infer", stop)
     monkeypatch.setattr(ray, "init", stop)
+    monkeypatch.setattr(models, "load_model", stop)  # extract and calibrate load in-process
+    monkeypatch.setattr(localray, "start_head", stop)
 
 
 @pytest.fixture
@@ -1048,13 +1315,25 @@ def snapshot(root: Path) -> dict[str, str]:
     }
 
 
+# The flags each command gets unless a case sets them; and whether it takes --quiet.
+BASE_FLAGS = {
+    "infer": ({"--root": "{root}", "--experiment": "tiny", "--prompt-set": "tests/small"}, True),
+    "generate": ({"--root": "{root}", "--experiment": "tiny", "--prompt-set": "tests/small"}, True),
+    "extract": ({"--root": "{root}", "--experiment": "tiny"}, True),
+    "calibrate": ({"--root": "{root}", "--experiment": "tiny"}, True),
+    "serve": ({"--root": "{root}", "--experiment": "tiny"}, True),
+    "status": ({"--root": "{root}", "--experiment": "tiny", "--prompt-set": "tests/small"}, False),
+    "head": ({}, False),
+}
+
+
 def argv(case: Case, root: Path) -> list[str]:
-    flags = {"--root": "{root}", "--experiment": "tiny", "--prompt-set": "tests/small"}
-    flags.update(case.flags)
+    base, quiet = BASE_FLAGS[case.command]
+    flags = {**base, **case.flags}
     out = [case.command]
     for flag, value in flags.items():
         out += [flag, value.format(root=root)]
-    return out + list(case.switches) + ["--quiet"]
+    return out + list(case.switches) + (["--quiet"] if quiet else [])
 
 
 def test_corpus_is_complete():
@@ -1075,7 +1354,9 @@ def test_enough_distinct_cases():
 
 
 @pytest.mark.parametrize("case", PARAMS)
-def test_bad_input(case: Case, root: Path, capfd):
+def test_bad_input(case: Case, root: Path, capfd, monkeypatch):
+    if case.patch is not None:
+        case.patch(monkeypatch, root)
     if case.prepare is not None:
         case.prepare(root)
     before = snapshot(root)
@@ -1092,6 +1373,76 @@ def test_bad_input(case: Case, root: Path, capfd):
     prefix = f"raypipe: error: {case.where.format(root=root)}: {case.field}: "
     assert lines[0].startswith(prefix), f"\n{lines[0]}\n{prefix}"
     assert case.message in lines[0][len(prefix) :]
+    assert snapshot(root) == before
+
+
+def _one_error_line(rc: int, capfd) -> str:
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert rc == 2 and out == "", err
+    assert len(err.splitlines()) == 1 and err.endswith("\n"), err
+    return err.rstrip("\n")
+
+
+DEPENDENCIES = [
+    ("bitsandbytes", "infer", ("--load-in-4bit",), None, "--load-in-4bit needs 'bitsandbytes'"),
+    ("bitsandbytes", "generate", ("--load-in-4bit",), None, "--load-in-4bit needs 'bitsandbytes'"),
+    ("bitsandbytes", "serve", ("--load-in-4bit",), None, "--load-in-4bit needs 'bitsandbytes'"),
+    ("peft", "infer", (), _lora_at(ADAPTER, ADAPTER_FILES), "LoRA variants needs 'peft'"),
+]
+
+
+@pytest.mark.parametrize(
+    "package, command, switches, prepare, what",
+    DEPENDENCIES,
+    ids=[f"{d[1]}-{d[0]}" for d in DEPENDENCIES],
+)
+def test_a_missing_package_stops_before_ray(
+    package, command, switches, prepare, what, root: Path, capfd, monkeypatch
+):
+    """An optional package a worker would import is looked for before Ray starts."""
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: import fails
+    if prepare is not None:
+        prepare(root)
+    before = snapshot(root)
+    capfd.readouterr()
+    rc = main(argv(Case("", "", "", switches=switches, command=command), root))
+    feature, _, name = what.partition(" needs ")
+    extra = {"bitsandbytes": "quant", "peft": "lora"}[package]
+    expected = f"raypipe: error: {feature} needs the {name} package: pip install 'raypipe[{extra}]'"
+    assert _one_error_line(rc, capfd) == expected
+    assert snapshot(root) == before
+
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize(
+    "script, extra, line",
+    [
+        ("run_inference_pipeline.py", ["--dtype", "float8"], "--dtype: dtype: must be one of"),
+        (
+            "run_inference_pipeline.py",
+            ["--tp", "2", "--load-in-4bit"],
+            "--tp: tp: tensor parallelism does not combine with --load-in-4bit",
+        ),
+        ("generate_responses.py", ["--replicas", "0"], "--replicas: replicas: must be at least 1"),
+        ("extract_vectors.py", ["--batch-size", "0"], "--batch-size: batch_size: must be at least"),
+    ],
+)
+def test_job_entrypoints_print_the_cli_line(script, extra, line, root: Path, capfd, monkeypatch):
+    """`ray job submit -- python jobs/...` goes through the same flag mapping as the CLI."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repo on it
+    spec = importlib.util.spec_from_file_location(f"job_{Path(script).stem}", JOBS / script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    flags = ["--root", str(root), "--experiment", "tiny"]
+    if script != "extract_vectors.py":
+        flags += ["--prompt-set", "tests/small"]
+    before = snapshot(root)
+    capfd.readouterr()
+    rc = job.main([*flags, *extra, "--quiet"])
+    assert _one_error_line(rc, capfd).startswith(f"raypipe: error: {line}")
     assert snapshot(root) == before
 
 

@@ -157,7 +157,7 @@ def test_compiled_prefill_refuses_wrapped_blocks(setup):
     block = decoder_layers(model)[0]
     block.forward = block.forward  # what accelerate's hooks do to a dispatched block
     try:
-        with pytest.raises(RaypipeError, match="compile-prefill"):
+        with pytest.raises(RaypipeError, match="compile_prefill: the decoder blocks are wrapped"):
             Projector(model, vectors, compile=True).project(seqs[:1])
     finally:
         del block.forward

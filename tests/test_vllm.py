@@ -119,9 +119,9 @@ def test_too_long_prompt_is_reported_not_generated(vllm_responder):
 def test_options_vllm_cannot_serve():
     from raypipe.engine.vllm_backend import VLLMResponder, check_spec
 
-    with pytest.raises(InputError, match="--load-in-4bit"):
+    with pytest.raises(InputError, match="load_in_4bit: bitsandbytes NF4"):
         check_spec(_spec(load_in_4bit=True))
-    with pytest.raises(InputError, match="--load-in-4bit"):
+    with pytest.raises(InputError, match="load_in_4bit: bitsandbytes NF4"):
         VLLMResponder(_spec(load_in_4bit=True), OPTS, None)
     with pytest.raises(InputError, match="adapter_config.json"):
         check_spec(_spec(lora=str(ROOT / "no-such-adapter")))

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from raypipe.engine.batching import plan_batches
-from raypipe.errors import InputError
+from raypipe.errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,19 @@ class GenerationOptions:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise InputError("--max-new-tokens", "max_new_tokens", "must be at least 1")
+            raise OptionError("max_new_tokens", "must be at least 1")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InputError("--temperature", "temperature", "must be >= 0")
+            raise OptionError("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise InputError("--top-p", "top_p", "must be in (0, 1]")
-        if self.max_batch_size < 1 or self.max_batch_tokens < 1:
-            raise InputError("--batch-size", "batch_size", "must be at least 1")
+            raise OptionError("top_p", "must be in (0, 1]")
+        if not -(2**63) <= self.seed < 2**64:
+            raise OptionError("seed", "must fit in 64 bits (torch.manual_seed takes no more)")
+        if self.max_batch_size < 1:
+            raise OptionError("max_batch_size", "must be at least 1")
+        if self.max_batch_tokens < 1:
+            raise OptionError("max_batch_tokens", "must be at least 1")
         if not 0 <= self.max_padding <= 1:
-            raise InputError("GenerationOptions", "max_padding", "must be in [0, 1]")
+            raise OptionError("max_padding", "must be in [0, 1]")
 
 
 def uses_chat_template(tokenizer, configured: bool | None) -> bool:

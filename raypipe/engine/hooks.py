@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raypipe.errors import RaypipeError
+from raypipe.errors import OptionError
 
 COMPONENTS = ("residual", "attn_contribution")
 
@@ -90,15 +90,15 @@ def compiled_blocks(model: nn.Module) -> Iterator[None]:
     blocks = decoder_layers(model)
     if any("forward" in vars(b) for b in blocks):
         # accelerate (device_map splits, offload) wraps forward on the instance.
-        raise RaypipeError(
-            "--compile-prefill: the decoder blocks are wrapped (a device_map split or offload); "
-            "run without it"
+        raise OptionError(
+            "compile_prefill",
+            "the decoder blocks are wrapped (a device_map split or offload); run without it",
         )
     fns = getattr(model, "_raypipe_compiled_blocks", None)
     if fns is None:
         if model_device(model).type == "cpu" and not cpp_compiler():
-            raise RaypipeError(
-                "--compile-prefill on the CPU needs a C++ compiler (g++, clang++ or $CXX)"
+            raise OptionError(
+                "compile_prefill", "on the CPU needs a C++ compiler (g++, clang++ or $CXX)"
             )
         fns = [torch.compile(b.forward, dynamic=True) for b in blocks]
         model._raypipe_compiled_blocks = fns

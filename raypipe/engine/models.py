@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raypipe.errors import InputError, MissingDependency, RaypipeError
+from raypipe.errors import InputError, MissingDependency, OptionError, RaypipeError
 
 # Aliases for models that ship inside a PyPI package (never downloaded at run time).
 ALIASES = {
@@ -34,25 +35,36 @@ class ModelSpec:
     device_map: str | None = None
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise InputError("--dtype", "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise InputError("--device", "device", f"unknown device {self.device!r}")
-        if self.device_map is not None:
-            if not isinstance(self.device_map, str) or self.device_map not in DEVICE_MAPS:
-                raise InputError(
-                    "--device-map",
-                    "device_map",
-                    f"must be one of {DEVICE_MAPS}, got {self.device_map!r}",
-                )
-            if self.device.startswith("cuda:"):
-                # A strategy spreads over every visible GPU; a pinned one would be ignored.
-                raise InputError(
-                    "--device-map",
-                    "device_map",
-                    f"{self.device_map!r} spreads over all visible GPUs; "
-                    f"it does not combine with --device {self.device}",
-                )
+        check_placement(self.dtype, self.device, self.device_map)
+
+
+def check_placement(dtype: str, device: str, device_map: str | None) -> None:
+    """The dtype, device and device_map of a load (ModelSpec's, and the options' before it)."""
+    if dtype not in DTYPES:
+        raise OptionError("dtype", f"must be one of {DTYPES}, got {dtype!r}")
+    if not isinstance(device, str) or (
+        device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:[0-9]+", device)
+    ):
+        raise OptionError("device", f"unknown device {device!r}")
+    if device_map is None:
+        return
+    if not isinstance(device_map, str) or device_map not in DEVICE_MAPS:
+        raise OptionError("device_map", f"must be one of {DEVICE_MAPS}, got {device_map!r}")
+    if device.startswith("cuda:"):
+        # A strategy spreads over every visible GPU; a pinned one would be ignored.
+        raise OptionError(
+            "device_map",
+            f"{device_map!r} spreads over all visible GPUs; "
+            f"it does not combine with `device` {device}",
+        )
+
+
+def check_packages(load_in_4bit: bool, lora: str | None) -> None:
+    """The optional packages a load needs: checked before Ray starts, and again by load_model."""
+    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependency("bitsandbytes", "`load_in_4bit`", "quant")
+    if lora and importlib.util.find_spec("peft") is None:
+        raise MissingDependency("peft", "LoRA variants", "lora")
 
 
 def _alias_gguf(alias: str) -> tuple[Path, str]:
@@ -195,9 +207,8 @@ def load_model(spec: ModelSpec, **kwargs):
     # Ray sets CUDA_VISIBLE_DEVICES to an actor's GPUs, so this counts what it was given.
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     args = dict(dtype=pick_dtype(spec.dtype), **kwargs)
+    check_packages(spec.load_in_4bit, spec.lora)
     if spec.load_in_4bit:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise MissingDependency("bitsandbytes", "--load-in-4bit", "quant")
         from transformers import BitsAndBytesConfig
 
         compute = torch.float32 if spec.dtype == "float32" else torch.bfloat16
@@ -209,8 +220,6 @@ def load_model(spec: ModelSpec, **kwargs):
         args["device_map"] = pick_device_map(spec, device, gpus)
     model = AutoModelForCausalLM.from_pretrained(path, **args)
     if spec.lora:
-        if importlib.util.find_spec("peft") is None:
-            raise MissingDependency("peft", "LoRA variants", "lora")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, spec.lora)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 
 from raypipe.engine.models import ModelSpec
-from raypipe.errors import InputError
+from raypipe.errors import OptionError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -89,11 +89,19 @@ def check_tp(config, world: int) -> None:
     cfg = text_config(config)
     if not getattr(cfg, "base_model_tp_plan", None):
         # Without a plan every rank would load the whole model: no memory saved, silently.
-        raise InputError("--tp", "tp", f"{cfg.model_type} has no tensor-parallel plan")
+        raise OptionError("tp", f"{cfg.model_type} has no tensor-parallel plan")
     for field in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(cfg, field, None)
         if heads is not None and heads % world:
-            raise InputError("--tp", "tp", f"{field}={heads} does not divide by {world}")
+            raise OptionError("tp", f"{field}={heads} does not divide by {world}")
+
+
+def check_tp_load(load_in_4bit: bool, lora: str | None) -> None:
+    """What a sharded load cannot do: checked before Ray starts, and again by load_tp_model."""
+    if load_in_4bit:
+        raise OptionError("tp", "tensor parallelism does not combine with `load_in_4bit`")
+    if lora:
+        raise OptionError("tp", "tensor parallelism does not support LoRA variants yet")
 
 
 def load_tp_model(spec: ModelSpec):
@@ -112,14 +120,11 @@ def load_tp_model(spec: ModelSpec):
     world = dist.get_world_size()
     if world == 1:
         return load_model(spec)
-    if spec.load_in_4bit:
-        raise InputError("--tp", "tp", "tensor parallelism does not combine with --load-in-4bit")
-    if spec.lora:
-        raise InputError("--tp", "tp", "tensor parallelism does not support LoRA variants yet")
+    check_tp_load(spec.load_in_4bit, spec.lora)
     wanted = pick_device(spec.device).split(":")[0]
     found = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted != found:
-        raise InputError("--device", "device", f"--tp shards onto {found} here, not {wanted}")
+        raise OptionError("device", f"`tp` shards onto {found} here, not {wanted}")
     check_tp(load_config(spec.model, spec.cache_dir), world)
     with warnings.catch_warnings():
         # `tp_plan=` is deprecated for DistributedConfig in 5.19, but it is what load_model

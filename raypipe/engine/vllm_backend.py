@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from raypipe.engine.generate import GenerationOptions, eos_ids, uses_chat_template
 from raypipe.engine.models import ModelSpec, load_tokenizer, resolve_model_path
 from raypipe.engine.respond import Responder
-from raypipe.errors import InputError, MissingDependency
+from raypipe.errors import InputError, MissingDependency, OptionError
 
 GiB = 1 << 30
 
@@ -24,21 +24,25 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "vllm" if available() else "local"
     if backend == "vllm" and not available():
-        raise MissingDependency("vllm", "--backend vllm", "vllm")
+        raise MissingDependency("vllm", "`backend` vllm", "vllm")
     return backend
 
 
 def check_spec(spec: ModelSpec) -> None:
     """Options this backend cannot serve, rejected before Ray starts or a model loads."""
-    if spec.load_in_4bit:
-        raise InputError(
-            "--load-in-4bit",
-            "load_in_4bit",
-            "bitsandbytes NF4 is not served by --backend vllm; use --backend local",
+    check_load(spec.load_in_4bit, spec.lora)
+
+
+def check_load(load_in_4bit: bool, lora: str | None) -> None:
+    """check_spec on the parts of a spec: the options check the flags before the variant is
+    known, then its LoRA."""
+    if load_in_4bit:
+        raise OptionError(
+            "load_in_4bit", "bitsandbytes NF4 is not served by `backend` vllm; use `backend` local"
         )
-    if spec.lora is not None and not (Path(spec.lora) / "adapter_config.json").is_file():
+    if lora is not None and not (Path(lora) / "adapter_config.json").is_file():
         raise InputError(
-            spec.lora, "lora", "--backend vllm needs a local PEFT folder with adapter_config.json"
+            lora, "lora", "`backend` vllm needs a local PEFT folder with adapter_config.json"
         )
 
 
@@ -46,7 +50,7 @@ def _import_vllm():
     try:
         import vllm
     except ImportError:
-        raise MissingDependency("vllm", "--backend vllm", "vllm") from None
+        raise MissingDependency("vllm", "`backend` vllm", "vllm") from None
     return vllm
 
 
@@ -120,16 +124,14 @@ class VLLMResponder(Responder):
     ):
         check_spec(spec)
         if tensor_parallel_size < 1:
-            raise InputError("--tensor-parallel-size", "tensor_parallel_size", "must be >= 1")
+            raise OptionError("tensor_parallel_size", "must be at least 1")
         vllm = _import_vllm()
         from transformers import GenerationConfig
 
         cpu = _on_cpu()
         if spec.device != "auto" and spec.device.startswith("cuda") == cpu:
             where = "CPU" if cpu else "GPU"
-            raise InputError(
-                "--device", "device", f"{spec.device!r} but this vLLM build runs on the {where}"
-            )
+            raise OptionError("device", f"{spec.device!r} but this vLLM build runs on the {where}")
         path = resolve_model_path(spec.model, spec.cache_dir)
         tok = load_tokenizer(path)
         try:

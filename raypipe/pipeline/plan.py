@@ -128,6 +128,7 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
     variant = config.variant(opts.model.variant, "application")
     extraction = config.extraction_variant
     info = model_info(variant.model, variant.lora, opts.model)
+    opts.check_variant(info.spec)  # the option pairs that need the variant (its LoRA, its config)
     proj = opts.projection
     vectors, notes, dims = [], [], None
     if need_vectors:
