@@ -9,9 +9,9 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from raypipe.store.scores import SCORE_MODES
 from raypipe.viz import tables
 from raypipe.viz.data import (
-    SCORE_MODES,
     ApiError,
     Tree,
     finite_list,

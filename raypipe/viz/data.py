@@ -15,8 +15,8 @@ import numpy as np
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json as read_json_file
+from raypipe.store.scores import ScoreMode, center, normalize_projections
 
-SCORE_MODES = ("raw", "normalized", "cosine")
 SEGMENTS = ("prompt", "response")
 MAX_HIDDEN_DIM = 2**31  # any real hidden-state index is far below; beyond is not a dimension
 
@@ -154,18 +154,19 @@ def segment_scores(
 ) -> np.ndarray:
     """Scores of one projection entry's segment in a score mode (SPEC section 6).
 
-    Centering subtracts the vector's baseline from the raw scores before any division, since
-    the baseline is in raw units. Cleaned modes use the massive-dim-cleaned scores and norms.
-    Data of the wrong shape is a ValueError that starts with the field's path in the entry.
+    Every mode is the store's math (`raypipe.store.scores`) on the entry's raw scores and
+    norms, as the overview's SQL has it. The file's `normalized_*` arrays are not read: they
+    hold 0.0 where no score is defined (as trait-interp writes them), where the dashboard
+    shows none. Cleaned modes use the massive-dim-cleaned scores and norms. Data of the wrong
+    shape is a ValueError that starts with the field's path in the entry.
     """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"unknown score mode {mode!r}")
+    score = ScoreMode(mode, centered)
     at = "cleaned." if cleaned else ""
     source = _member(entry, "cleaned", "cleaned") if cleaned else entry
     raw = _numbers(_member(source, segment, at + segment), at + segment)
-    shift = centered and not already_centered
+    shift = score.shifts(already_centered)
     if shift:
-        raw = raw - _baseline(entry)
+        raw = center(raw, _baseline(entry))
     if mode == "raw" or raw.size == 0:
         return raw
     norms = _member(source, "token_norms", f"{at}token_norms")
@@ -175,13 +176,7 @@ def segment_scores(
         raise ValueError(
             f"{field}: {norms.size} norms for {raw.size} {segment} scores; they must match"
         )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if mode == "normalized":
-            stored = entry.get(f"normalized_{segment}")
-            if stored is not None and not shift and not cleaned:
-                return _numbers(stored, f"normalized_{segment}")
-            return raw / norms.mean()
-        return np.where(norms > 0, raw / np.where(norms > 0, norms, 1.0), np.nan)
+    return normalize_projections(raw, norms, mode)
 
 
 def tokens_and_end(

@@ -168,7 +168,6 @@ def test_scores_that_are_not_a_list_of_numbers(site, field: str, value) -> None:
         (lambda e: e.update(baseline="x"), "projections[0].baseline", "centered=1"),
         (lambda e: e.update(baseline=None), "projections[0].baseline", "centered=1"),
         (lambda e: e.pop("baseline"), "projections[0].baseline", "centered=1"),
-        (lambda e: e.update(normalized_prompt=7), "normalized_prompt", "mode=normalized"),
     ],
 )
 def test_other_bad_projection_fields(site, change, field: str, query: str) -> None:
@@ -176,6 +175,27 @@ def test_other_bad_projection_fields(site, change, field: str, query: str) -> No
     status, body = _get(site, f"/api/prompt?{Q}&prompt_id=0&{query}")
     assert status == 422 and body["error"].startswith(PROJECTION), body
     assert field in body["error"]
+
+
+def test_stored_normalized_arrays_are_not_what_the_dashboard_shows(site) -> None:
+    """Normalized scores come from the raw scores and norms (the store's one definition), as
+    the overview's SQL computes them; the file's `normalized_*` arrays are for trait-interp's
+    viewer, so damaged ones change nothing here."""
+    root = site["root"]
+    entry = json.loads((root / PROJECTION).read_text())["projections"][0]
+
+    def damage(d: dict) -> None:
+        d["projections"][0].update(normalized_prompt=7, normalized_response=["x"])
+
+    _edit(root, PROJECTION, damage)
+    status, body = _get(site, f"/api/prompt?{Q}&prompt_id=0&mode=normalized")
+    assert status == 200
+    joy = next(t for t in body["traits"] if t["trait"] == "emotion/joy")
+    series = next(x for x in joy["series"] if x["layer"] == entry["layer"])
+    for segment in ("prompt", "response"):
+        norms = entry["token_norms"][segment]
+        want = [s / (sum(norms) / len(norms)) for s in entry[segment]]
+        assert series[segment] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize(
