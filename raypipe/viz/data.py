@@ -15,10 +15,10 @@ import numpy as np
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json as read_json_file
+from raypipe.store.calibration import MAX_HIDDEN_DIM, calibration_dims
 from raypipe.store.scores import ScoreMode, center, normalize_projections
 
 SEGMENTS = ("prompt", "response")
-MAX_HIDDEN_DIM = 2**31  # any real hidden-state index is far below; beyond is not a dimension
 
 
 class ApiError(Exception):
@@ -71,35 +71,6 @@ class Calibration:
     @property
     def usable(self) -> bool:
         return self.problem is None
-
-
-def parse_calibration(where: str, data: Any) -> Calibration:
-    """The massive dims of a parsed calibration.json, or what makes it unusable."""
-
-    def unusable(field: str, message: str) -> Calibration:
-        return Calibration(problem=str(InputError(where, field, message)))
-
-    if not isinstance(data, dict):
-        return unusable("calibration", f"must be a JSON object, not {json_kind(data)}")
-    if "aggregate" not in data:
-        return unusable("aggregate", "missing")
-    aggregate = data["aggregate"]
-    if not isinstance(aggregate, dict):
-        return unusable("aggregate", f"must be an object, not {json_kind(aggregate)}")
-    if "massive_dims" not in aggregate:
-        # trait-interp writes none: usable, with no flagged dims to list.
-        return Calibration()
-    dims = aggregate["massive_dims"]
-    if not isinstance(dims, list):
-        kind = json_kind(dims)
-        return unusable("aggregate.massive_dims", f"must be a list of integers, not {kind}")
-    for i, d in enumerate(dims):
-        if type(d) is not int or not 0 <= d < MAX_HIDDEN_DIM:
-            return unusable(
-                f"aggregate.massive_dims[{i}]",
-                f"must be a hidden-state index (an integer from 0), got {_shown(d)}",
-            )
-    return Calibration(tuple(dims))
 
 
 def natural_key(name: str) -> tuple[int, int, str]:
@@ -321,15 +292,18 @@ class Tree:
         return self.inside(self.experiment_dir(experiment) / "inference" / variant)
 
     def calibration(self, experiment: str, variant: str) -> Calibration | None:
-        """The variant's calibration: None when it has none, unusable when the file is broken."""
+        """The variant's calibration: None when it has none, unusable when the file is broken
+        or partial (`raypipe.store.calibration` decides which dims a file offers)."""
         path = self.variant_dir(experiment, variant) / "massive_activations" / "calibration.json"
         if not os.path.lexists(path):
             return None
         try:
             data = self.read_json(path)
+            return Calibration(calibration_dims(self.rel(path), data))
         except ApiError as err:
             return Calibration(problem=err.message)
-        return parse_calibration(self.rel(path), data)
+        except InputError as err:
+            return Calibration(problem=str(err))
 
     # -- prompt sets and prompts -------------------------------------------------------------
 
