@@ -122,7 +122,10 @@ def experiments(tree: Tree, q: Query) -> dict[str, Any]:
         item: dict[str, Any] = {"name": name}
         try:
             item["variants"] = tree.variants(name)
-            item["defaults"] = _defaults(tree.config(name), item["variants"])
+            config = tree.config(name)
+            item["defaults"] = config.defaults(item["variants"])
+            if config.problem is not None:
+                item["config_warning"] = config.problem
         except ApiError as err:
             # One broken config must not hide the other experiments.
             item["error"] = err.message
@@ -130,38 +133,31 @@ def experiments(tree: Tree, q: Query) -> dict[str, Any]:
     return {"experiments": out}
 
 
-def _defaults(config: dict[str, Any], variants: list[str]) -> dict[str, str | None]:
-    defaults = config.get("defaults") if isinstance(config.get("defaults"), dict) else {}
-    first = variants[0] if variants else None
-    return {
-        role: defaults.get(role) if defaults.get(role) in variants else first
-        for role in ("extraction", "application")
-    }
-
-
 def variants(tree: Tree, q: Query) -> dict[str, Any]:
     experiment = q.text("experiment")
     names = tree.variants(experiment)
     config = tree.config(experiment)
-    declared = (
-        config.get("model_variants") if isinstance(config.get("model_variants"), dict) else {}
-    )
     out = []
     for name in names:
-        spec = declared.get(name) if isinstance(declared.get(name), dict) else {}
+        model, lora = config.model(name)
         calibration = tree.calibration(experiment, name)
         usable = calibration is not None and calibration.usable
         out.append(
             {
                 "name": name,
-                "model": _text(spec.get("model")),
-                "lora": _text(spec.get("lora")),
+                "model": model,
+                "lora": lora,
                 "has_calibration": usable,
                 "massive_dims": list(calibration.massive_dims) if usable else [],
                 "calibration_warning": calibration.problem if calibration else None,
             }
         )
-    return {"experiment": experiment, "defaults": _defaults(config, names), "variants": out}
+    return {
+        "experiment": experiment,
+        "defaults": config.defaults(names),
+        "variants": out,
+        "config_warning": config.problem,
+    }
 
 
 def prompt_sets(tree: Tree, q: Query) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json as read_json_file
 from raypipe.store.calibration import MAX_HIDDEN_DIM, calibration_dims
+from raypipe.store.experiment import ExperimentConfig, parse_experiment
 from raypipe.store.scores import ScoreMode, center, normalize_projections
 
 SEGMENTS = ("prompt", "response")
@@ -71,6 +72,43 @@ class Calibration:
     @property
     def usable(self) -> bool:
         return self.problem is None
+
+
+@dataclass(frozen=True)
+class Config:
+    """An experiment's config.json as the dashboard uses it (SPEC section 2).
+
+    `config` is the store's reading of it, None when there is no file or the store refuses
+    it; `problem` (`FILE: FIELD: message`) says why it was refused.
+    """
+
+    config: ExperimentConfig | None = None
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.problem is not None and self.config is not None:
+            raise ValueError("a refused config has no contents")
+
+    def defaults(self, variants: list[str]) -> dict[str, str | None]:
+        """The default extraction and application variants among those with outputs: the
+        config's (the store's rule: a missing default is the first declared variant), else the
+        first variant with outputs."""
+        first = variants[0] if variants else None
+        config = self.config
+        chosen = (
+            {"extraction": config.extraction_variant, "application": config.application_variant}
+            if config is not None
+            else {}
+        )
+        return {
+            role: chosen[role] if chosen.get(role) in variants else first
+            for role in ("extraction", "application")
+        }
+
+    def model(self, variant: str) -> tuple[str | None, str | None]:
+        """The model and LoRA adapter the config gives a variant (None where it gives none)."""
+        spec = self.config.variants.get(variant) if self.config is not None else None
+        return (spec.model, spec.lora) if spec is not None else (None, None)
 
 
 def natural_key(name: str) -> tuple[int, int, str]:
@@ -270,14 +308,24 @@ class Tree:
             raise ApiError(404, f"unknown experiment {experiment!r}")
         return self.inside(self.base / experiment)
 
-    def config(self, experiment: str) -> dict[str, Any]:
+    def config(self, experiment: str) -> Config:
+        """The experiment's config.json as the store reads it (`raypipe.store.experiment`).
+
+        No file is no config. A file that is not a JSON object at all is a 422; one the store
+        refuses a field of is kept as its `problem`, since the dashboard only takes defaults
+        and model names from it and the outputs are still there to show.
+        """
         path = self.experiment_dir(experiment) / "config.json"
         if not path.exists():
-            return {}
-        config = self.read_json(path)
-        if not isinstance(config, dict):
-            raise ApiError(422, f"{self.rel(path)} is not a JSON object")
-        return config
+            return Config()
+        data = self.read_json(path)
+        where = self.rel(path)
+        if not isinstance(data, dict):
+            raise file_error(422, where, "config", f"must be a JSON object, not {json_kind(data)}")
+        try:
+            return Config(parse_experiment(Path(where), data))
+        except InputError as err:
+            return Config(problem=str(err))
 
     def variants(self, experiment: str) -> list[str]:
         inference = self.experiment_dir(experiment) / "inference"
