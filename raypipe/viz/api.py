@@ -580,10 +580,11 @@ def overview(tree: Tree, q: Query) -> dict[str, Any]:
     top = q.integer("top", 5, 1, 100)
     table = tree.parquet(experiment, variant, "projections", prompt_set)
     if table is None:
+        expected = tree.paths(experiment).parquet_file(variant, "projections", prompt_set)
         raise ApiError(
             404,
             f"no Parquet table for prompt set {prompt_set!r} in variant {variant!r} "
-            f"(expected inference/{variant}/parquet/projections/{prompt_set}.parquet)",
+            f"(expected {tree.rel(expected)})",
         )
     responses = tree.parquet(experiment, variant, "responses", prompt_set)
     result = tables.overview(table, responses, mode, centered, bins, top)

@@ -17,6 +17,7 @@ from raypipe.errors import InputError
 from raypipe.store.atomic import read_json as read_json_file
 from raypipe.store.calibration import MAX_HIDDEN_DIM, calibration_dims
 from raypipe.store.experiment import ExperimentConfig, parse_experiment
+from raypipe.store.paths import RECORD_SUFFIX, TABLE_SUFFIX, ExperimentPaths, experiments_dir
 from raypipe.store.scores import ScoreMode, center, normalize_projections
 
 SEGMENTS = ("prompt", "response")
@@ -233,7 +234,7 @@ class Tree:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.base = self.root / "experiments"
+        self.base = experiments_dir(self.root)
         self._memo: dict[tuple, Any] = {}
 
     def _once(self, key: tuple, compute: Callable[[], Any]) -> Any:
@@ -303,10 +304,11 @@ class Tree:
             return False
         return True
 
-    def experiment_dir(self, experiment: str) -> Path:
+    def paths(self, experiment: str) -> ExperimentPaths:
+        """The store's paths of an experiment that exists (404 for any other name)."""
         if experiment not in self.experiments():
             raise ApiError(404, f"unknown experiment {experiment!r}")
-        return self.inside(self.base / experiment)
+        return ExperimentPaths(self.root, experiment)
 
     def config(self, experiment: str) -> Config:
         """The experiment's config.json as the store reads it (`raypipe.store.experiment`).
@@ -315,7 +317,7 @@ class Tree:
         refuses a field of is kept as its `problem`, since the dashboard only takes defaults
         and model names from it and the outputs are still there to show.
         """
-        path = self.experiment_dir(experiment) / "config.json"
+        path = self.paths(experiment).config
         if not path.exists():
             return Config()
         data = self.read_json(path)
@@ -328,21 +330,22 @@ class Tree:
             return Config(problem=str(err))
 
     def variants(self, experiment: str) -> list[str]:
-        inference = self.experiment_dir(experiment) / "inference"
+        inference = self.paths(experiment).inference_root
         return self._once(
             ("variants", experiment),
             lambda: [n for n in self._subdirs(inference) if self._safe_dir(inference / n)],
         )
 
-    def variant_dir(self, experiment: str, variant: str) -> Path:
+    def variant_paths(self, experiment: str, variant: str) -> ExperimentPaths:
+        """The store's paths of an experiment with this variant's outputs (404 otherwise)."""
         if variant not in self.variants(experiment):
             raise ApiError(404, f"unknown variant {variant!r} in experiment {experiment!r}")
-        return self.inside(self.experiment_dir(experiment) / "inference" / variant)
+        return self.paths(experiment)
 
     def calibration(self, experiment: str, variant: str) -> Calibration | None:
         """The variant's calibration: None when it has none, unusable when the file is broken
         or partial (`raypipe.store.calibration` decides which dims a file offers)."""
-        path = self.variant_dir(experiment, variant) / "massive_activations" / "calibration.json"
+        path = self.variant_paths(experiment, variant).calibration_file(variant)
         if not os.path.lexists(path):
             return None
         try:
@@ -357,23 +360,25 @@ class Tree:
 
     def prompt_sets(self, experiment: str, variant: str) -> list[str]:
         """Prompt sets with response JSONs or a projections Parquet table, as `a/b` paths."""
-        vdir = self.variant_dir(experiment, variant)
-        return self._once(("prompt_sets", experiment, variant), lambda: self._find_sets(vdir))
+        paths = self.variant_paths(experiment, variant)
+        return self._once(
+            ("prompt_sets", experiment, variant), lambda: self._find_sets(paths, variant)
+        )
 
-    def _find_sets(self, vdir: Path) -> list[str]:
+    def _find_sets(self, paths: ExperimentPaths, variant: str) -> list[str]:
         found: set[str] = set()
-        responses = vdir / "responses"
+        responses = paths.responses_root(variant)
         for dirpath, dirnames, filenames in os.walk(responses):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if any(f.endswith(".json") and not f.startswith(".") for f in filenames):
+            if any(_is_named(f, RECORD_SUFFIX) for f in filenames):
                 found.add(Path(dirpath).relative_to(responses).as_posix())
-        tables = vdir / "parquet" / "projections"
+        tables = paths.parquet_dir(variant, "projections")
         for dirpath, dirnames, filenames in os.walk(tables):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(tables)
             for f in filenames:
-                if f.endswith(".parquet") and not f.startswith("."):
-                    found.add((rel / f[: -len(".parquet")]).as_posix())
+                if _is_named(f, TABLE_SUFFIX):
+                    found.add((rel / f[: -len(TABLE_SUFFIX)]).as_posix())
         found.discard(".")
         return sorted(found)
 
@@ -386,28 +391,26 @@ class Tree:
 
     def responses_dir(self, experiment: str, variant: str, prompt_set: str) -> Path:
         self.check_prompt_set(experiment, variant, prompt_set)
-        return self.inside(self.variant_dir(experiment, variant) / "responses" / prompt_set)
+        return self.inside(self.paths(experiment).responses_dir(variant, prompt_set))
 
     def prompt_ids(self, experiment: str, variant: str, prompt_set: str) -> list[str]:
         folder = self.responses_dir(experiment, variant, prompt_set)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        ids = [n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")]
-        return sorted(ids, key=natural_key)
+        return _record_ids(folder)
 
-    def _prompt_file(self, folder: Path, prompt_id: str) -> Path:
-        if not prompt_id or "/" in prompt_id or "\\" in prompt_id or "\x00" in prompt_id:
+    def _check_prompt_id(self, prompt_id: str) -> str:
+        # The id becomes a file name: it must name a file in its folder, never another one.
+        bad = not prompt_id or prompt_id.startswith(".")
+        if bad or any(c in prompt_id for c in ("/", "\\", "\x00")):
             raise ApiError(404, f"unknown prompt id {prompt_id!r}")
-        if prompt_id.startswith("."):
-            raise ApiError(404, f"unknown prompt id {prompt_id!r}")
-        return self.inside(folder / f"{prompt_id}.json")
+        return prompt_id
 
     def response(self, experiment: str, variant: str, prompt_set: str, prompt_id: str) -> dict:
         """A response JSON whose tokens and prompt_end are checked to fit."""
-        folder = self.responses_dir(experiment, variant, prompt_set)
-        path = self._prompt_file(folder, prompt_id)
+        self.responses_dir(experiment, variant, prompt_set)
+        file = self.paths(experiment).response_file(
+            variant, prompt_set, self._check_prompt_id(prompt_id)
+        )
+        path = self.inside(file)
         if not path.is_file():
             raise ApiError(
                 404, f"no response for prompt {prompt_id!r} in {prompt_set!r} ({variant!r})"
@@ -423,19 +426,21 @@ class Tree:
     def traits(self, experiment: str, variant: str, prompt_set: str) -> list[str]:
         """Traits (`category/name`) that have a projections folder for this prompt set."""
         self.check_prompt_set(experiment, variant, prompt_set)
-        projections = self.variant_dir(experiment, variant) / "projections"
+        paths = self.paths(experiment)
         return self._once(
             ("traits", experiment, variant, prompt_set),
-            lambda: self._find_traits(projections, prompt_set),
+            lambda: self._find_traits(paths, variant, prompt_set),
         )
 
-    def _find_traits(self, projections: Path, prompt_set: str) -> list[str]:
+    def _find_traits(self, paths: ExperimentPaths, variant: str, prompt_set: str) -> list[str]:
         out = []
+        projections = paths.projections_root(variant)
         for category in self._subdirs(projections):
             for name in self._subdirs(projections / category):
-                folder = projections / category / name / prompt_set
+                trait = f"{category}/{name}"
+                folder = paths.projections_dir(variant, trait, prompt_set)
                 if folder.is_dir() and self._safe_dir(folder):
-                    out.append(f"{category}/{name}")
+                    out.append(trait)
         return out
 
     def check_trait(self, experiment: str, variant: str, prompt_set: str, trait: str) -> str:
@@ -450,8 +455,10 @@ class Tree:
     ) -> Path:
         """Where the projection JSON of one prompt for one trait is (or would be)."""
         self.check_trait(experiment, variant, prompt_set, trait)
-        folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
-        return self._prompt_file(folder, prompt_id)
+        file = self.paths(experiment).projection_file(
+            variant, trait, prompt_set, self._check_prompt_id(prompt_id)
+        )
+        return self.inside(file)
 
     def projection(
         self, experiment: str, variant: str, trait: str, prompt_set: str, prompt_id: str
@@ -471,26 +478,36 @@ class Tree:
         self, experiment: str, variant: str, trait: str, prompt_set: str
     ) -> dict | None:
         """Any one projection file of a trait, to learn its layers without reading them all."""
-        folder = self.inside(
-            self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
-        )
-        try:
-            names = sorted(
-                (n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")),
-                key=lambda n: natural_key(n[: -len(".json")]),
-            )
-        except FileNotFoundError:
-            return None
-        # As for one prompt's projection, only a regular file counts as written.
-        first = next((n for n in names if (folder / n).is_file()), None)
-        return self._read_projection(folder / first) if first else None
+        self.check_trait(experiment, variant, prompt_set, trait)
+        paths = self.paths(experiment)
+        folder = self.inside(paths.projections_dir(variant, trait, prompt_set))
+        for pid in _record_ids(folder):
+            # As for one prompt's projection, only a regular file counts as written.
+            path = paths.projection_file(variant, trait, prompt_set, pid)
+            if path.is_file():
+                return self._read_projection(path)
+        return None
 
     # -- Parquet -----------------------------------------------------------------------------
 
     def parquet(self, experiment: str, variant: str, table: str, prompt_set: str) -> Table | None:
         """`parquet/{projections|responses}/{prompt_set}.parquet`, or None when absent."""
         self.check_prompt_set(experiment, variant, prompt_set)
-        path = self.variant_dir(experiment, variant) / "parquet" / table / f"{prompt_set}.parquet"
+        path = self.paths(experiment).parquet_file(variant, table, prompt_set)
         if not path.is_file():
             return None
         return Table(self.inside(path), self.rel(path))
+
+
+def _is_named(name: str, suffix: str) -> bool:
+    return name.endswith(suffix) and not name.startswith(".")
+
+
+def _record_ids(folder: Path) -> list[str]:
+    """Prompt ids of the `{id}.json` files in a folder, in natural order."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ids = [n[: -len(RECORD_SUFFIX)] for n in names if _is_named(n, RECORD_SUFFIX)]
+    return sorted(ids, key=natural_key)
