@@ -929,7 +929,7 @@ GENERATED_CASES = [
     Case(
         "calibration/dims_not_ints",
         CALIBRATION,
-        "aggregate.massive_dims",
+        "aggregate.massive_dims[0]",
         _write_json(CALIBRATION, {"aggregate": {"massive_dims": ["12"]}}),
         switches=("--remove-massive-dims",),
     ),

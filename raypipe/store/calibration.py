@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,84 @@ def mark_complete(path: Path) -> None:
     drop_state(path)
 
 
+MAX_HIDDEN_DIM = 2**31  # any real hidden-state index is far below; beyond is not a dimension
+# trait-interp writes no massive_dims; its viewer's default cleaning takes the dims that rank
+# in the top 5 of at least 3 layers, so a file of its own gives the dims its viewer would.
+DERIVED_TOP = 5
+DERIVED_MIN_LAYERS = 3
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
+
+
+def _shown(value: Any) -> str:
+    text = _kind(value) if isinstance(value, list | dict) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _dims(where: str | Path, field: str, value: Any) -> list[int]:
+    """A JSON list of hidden-state indices, or an InputError naming the item that is not one."""
+    if not isinstance(value, list):
+        raise InputError(where, field, f"must be a list of integers, not {_kind(value)}")
+    for i, d in enumerate(value):
+        if type(d) is not int or not 0 <= d < MAX_HIDDEN_DIM:
+            raise InputError(
+                where,
+                f"{field}[{i}]",
+                f"must be a hidden-state index (an integer from 0), got {_shown(d)}",
+            )
+    return value
+
+
+def _derived_dims(where: str | Path, aggregate: dict[str, Any]) -> tuple[int, ...]:
+    field = "aggregate.top_dims_by_layer"
+    by_layer = aggregate.get("top_dims_by_layer")
+    if by_layer is None:
+        raise InputError(
+            where, "aggregate", "has neither massive_dims nor top_dims_by_layer to derive them"
+        )
+    if not isinstance(by_layer, dict):
+        raise InputError(where, field, f"must be an object, not {_kind(by_layer)}")
+    counts: dict[int, int] = {}
+    for layer, dims in by_layer.items():
+        for d in set(_dims(where, f"{field}.{layer}", dims)[:DERIVED_TOP]):
+            counts[d] = counts.get(d, 0) + 1
+    return tuple(sorted(d for d, n in counts.items() if n >= DERIVED_MIN_LAYERS))
+
+
+def calibration_dims(where: str | Path, record: Any) -> tuple[int, ...]:
+    """The massive dims a parsed calibration.json (SPEC section 8) offers, sorted; an
+    InputError naming `where` and the field when it offers none: not an object, partial (a run
+    is collecting it, or was stopped), or a malformed aggregate. A file without massive_dims
+    (written by trait-interp) has them derived from its top_dims_by_layer."""
+    if not isinstance(record, dict):
+        raise InputError(where, "calibration", f"must be a JSON object, not {_kind(record)}")
+    if not is_complete(record):
+        seen = record.get("tokens_seen")
+        seen = seen if type(seen) is int else "?"
+        raise InputError(
+            where,
+            "complete",
+            f"the calibration is partial ({seen} tokens so far: a run is collecting it, or "
+            "was stopped before it finished)",
+        )
+    if "aggregate" not in record:
+        raise InputError(where, "aggregate", "missing")
+    aggregate = record["aggregate"]
+    if not isinstance(aggregate, dict):
+        raise InputError(where, "aggregate", f"must be an object, not {_kind(aggregate)}")
+    if "massive_dims" not in aggregate:
+        return _derived_dims(where, aggregate)
+    return tuple(sorted(set(_dims(where, "aggregate.massive_dims", aggregate["massive_dims"]))))
+
+
 def massive_dims(path: Path) -> tuple[int, ...]:
     """The flagged dims, for --remove-massive-dims: from a complete calibration only."""
     path = Path(path)
@@ -112,21 +191,17 @@ def massive_dims(path: Path) -> tuple[int, ...]:
             "calibration",
             "--remove-massive-dims needs a calibration; run `raypipe calibrate` first",
         )
-    if not is_complete(data):
+    try:
+        return calibration_dims(path, data)
+    except InputError as err:
+        if err.field != "complete":
+            raise
         raise InputError(
             path,
             "complete",
-            f"the calibration is partial ({data.get('tokens_seen')} tokens so far: a run was "
-            "stopped before it finished); run `raypipe infer` without --remove-massive-dims to "
-            "finish it, or `raypipe calibrate`",
-        )
-    aggregate = data.get("aggregate")
-    if not isinstance(aggregate, dict):
-        raise InputError(path, "aggregate", "must be an object holding massive_dims")
-    dims = aggregate.get("massive_dims")
-    if not isinstance(dims, list) or not all(isinstance(d, int) for d in dims):
-        raise InputError(path, "aggregate.massive_dims", "must be a list of integers")
-    return tuple(dims)
+            f"{err.message}; run `raypipe infer` without --remove-massive-dims to finish it, "
+            "or `raypipe calibrate`",
+        ) from None
 
 
 def _identity(target: CalibrationTarget) -> dict[str, Any]:

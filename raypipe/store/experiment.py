@@ -111,7 +111,12 @@ def load_experiment(paths: ExperimentPaths) -> ExperimentConfig:
     path = paths.config
     if not path.is_file():
         raise InputError(path, "experiment", f"experiment '{paths.experiment}' has no config.json")
-    data = read_json(path, "config")
+    return parse_experiment(path, read_json(path, "config"))
+
+
+def parse_experiment(path: Path, data: object) -> ExperimentConfig:
+    """The config of a parsed `config.json` at `path`, checked as `load_experiment` checks it;
+    for a reader (the dashboard) that opens the file its own way."""
     if not isinstance(data, dict):
         raise InputError(path, "config", "must be a JSON object")
     raw_variants = data.get("model_variants")

@@ -12,6 +12,9 @@ from raypipe.store.text import brief
 # Used with fullmatch: `$` would also match before a final newline, letting "0\n" through.
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 MAX_NAME_LEN = 200
+EXPERIMENTS = "experiments"  # the folder under a root that holds every experiment
+RECORD_SUFFIX = ".json"  # a response or projection file: `{prompt_id}.json`
+TABLE_SUFFIX = ".parquet"  # a Parquet table: `{prompt_set}.parquet`
 
 
 def check_name(value: str, where: str | Path, field: str) -> str:
@@ -45,6 +48,11 @@ def sanitize_position(position: str) -> str:
     return out.replace("[", "_").replace(":", "_").replace("]", "")
 
 
+def experiments_dir(root: Path) -> Path:
+    """The folder of every experiment under `root`."""
+    return Path(root) / EXPERIMENTS
+
+
 @dataclass(frozen=True)
 class ExperimentPaths:
     """Paths of one experiment under `root/experiments/{name}`; root also holds `datasets/`."""
@@ -54,7 +62,7 @@ class ExperimentPaths:
 
     @property
     def dir(self) -> Path:
-        return self.root / "experiments" / self.experiment
+        return experiments_dir(self.root) / self.experiment
 
     @property
     def config(self) -> Path:
@@ -105,20 +113,31 @@ class ExperimentPaths:
         )
 
     # inference
+    @property
+    def inference_root(self) -> Path:
+        """The folder holding one folder per model variant."""
+        return self.dir / "inference"
+
     def inference_dir(self, variant: str) -> Path:
-        return self.dir / "inference" / variant
+        return self.inference_root / variant
+
+    def responses_root(self, variant: str) -> Path:
+        return self.inference_dir(variant) / "responses"
 
     def responses_dir(self, variant: str, prompt_set: str) -> Path:
-        return self.inference_dir(variant) / "responses" / prompt_set
+        return self.responses_root(variant) / prompt_set
 
     def response_file(self, variant: str, prompt_set: str, prompt_id: str) -> Path:
-        return self.responses_dir(variant, prompt_set) / f"{prompt_id}.json"
+        return self.responses_dir(variant, prompt_set) / f"{prompt_id}{RECORD_SUFFIX}"
 
     def projections_root(self, variant: str) -> Path:
         return self.inference_dir(variant) / "projections"
 
+    def projections_dir(self, variant: str, trait: str, prompt_set: str) -> Path:
+        return self.projections_root(variant) / trait / prompt_set
+
     def projection_file(self, variant: str, trait: str, prompt_set: str, prompt_id: str) -> Path:
-        return self.projections_root(variant) / trait / prompt_set / f"{prompt_id}.json"
+        return self.projections_dir(variant, trait, prompt_set) / f"{prompt_id}{RECORD_SUFFIX}"
 
     def raw_file(self, variant: str, component: str, prompt_set: str, prompt_id: str) -> Path:
         return self.inference_dir(variant) / "raw" / component / prompt_set / f"{prompt_id}.pt"
@@ -126,5 +145,9 @@ class ExperimentPaths:
     def calibration_file(self, variant: str) -> Path:
         return self.inference_dir(variant) / "massive_activations" / "calibration.json"
 
+    def parquet_dir(self, variant: str, table: str) -> Path:
+        """The folder of one table kind (`projections` or `responses`), one file per set."""
+        return self.inference_dir(variant) / "parquet" / table
+
     def parquet_file(self, variant: str, table: str, prompt_set: str) -> Path:
-        return self.inference_dir(variant) / "parquet" / table / f"{prompt_set}.parquet"
+        return self.parquet_dir(variant, table) / f"{prompt_set}{TABLE_SUFFIX}"

@@ -9,9 +9,9 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from raypipe.store.scores import SCORE_MODES
 from raypipe.viz import tables
 from raypipe.viz.data import (
-    SCORE_MODES,
     ApiError,
     Tree,
     finite_list,
@@ -122,7 +122,10 @@ def experiments(tree: Tree, q: Query) -> dict[str, Any]:
         item: dict[str, Any] = {"name": name}
         try:
             item["variants"] = tree.variants(name)
-            item["defaults"] = _defaults(tree.config(name), item["variants"])
+            config = tree.config(name)
+            item["defaults"] = config.defaults(item["variants"])
+            if config.problem is not None:
+                item["config_warning"] = config.problem
         except ApiError as err:
             # One broken config must not hide the other experiments.
             item["error"] = err.message
@@ -130,38 +133,31 @@ def experiments(tree: Tree, q: Query) -> dict[str, Any]:
     return {"experiments": out}
 
 
-def _defaults(config: dict[str, Any], variants: list[str]) -> dict[str, str | None]:
-    defaults = config.get("defaults") if isinstance(config.get("defaults"), dict) else {}
-    first = variants[0] if variants else None
-    return {
-        role: defaults.get(role) if defaults.get(role) in variants else first
-        for role in ("extraction", "application")
-    }
-
-
 def variants(tree: Tree, q: Query) -> dict[str, Any]:
     experiment = q.text("experiment")
     names = tree.variants(experiment)
     config = tree.config(experiment)
-    declared = (
-        config.get("model_variants") if isinstance(config.get("model_variants"), dict) else {}
-    )
     out = []
     for name in names:
-        spec = declared.get(name) if isinstance(declared.get(name), dict) else {}
+        model, lora = config.model(name)
         calibration = tree.calibration(experiment, name)
         usable = calibration is not None and calibration.usable
         out.append(
             {
                 "name": name,
-                "model": _text(spec.get("model")),
-                "lora": _text(spec.get("lora")),
+                "model": model,
+                "lora": lora,
                 "has_calibration": usable,
                 "massive_dims": list(calibration.massive_dims) if usable else [],
                 "calibration_warning": calibration.problem if calibration else None,
             }
         )
-    return {"experiment": experiment, "defaults": _defaults(config, names), "variants": out}
+    return {
+        "experiment": experiment,
+        "defaults": config.defaults(names),
+        "variants": out,
+        "config_warning": config.problem,
+    }
 
 
 def prompt_sets(tree: Tree, q: Query) -> dict[str, Any]:
@@ -584,10 +580,11 @@ def overview(tree: Tree, q: Query) -> dict[str, Any]:
     top = q.integer("top", 5, 1, 100)
     table = tree.parquet(experiment, variant, "projections", prompt_set)
     if table is None:
+        expected = tree.paths(experiment).parquet_file(variant, "projections", prompt_set)
         raise ApiError(
             404,
             f"no Parquet table for prompt set {prompt_set!r} in variant {variant!r} "
-            f"(expected inference/{variant}/parquet/projections/{prompt_set}.parquet)",
+            f"(expected {tree.rel(expected)})",
         )
     responses = tree.parquet(experiment, variant, "responses", prompt_set)
     result = tables.overview(table, responses, mode, centered, bins, top)

@@ -15,10 +15,12 @@ import numpy as np
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json as read_json_file
+from raypipe.store.calibration import MAX_HIDDEN_DIM, calibration_dims
+from raypipe.store.experiment import ExperimentConfig, parse_experiment
+from raypipe.store.paths import RECORD_SUFFIX, TABLE_SUFFIX, ExperimentPaths, experiments_dir
+from raypipe.store.scores import ScoreMode, center, normalize_projections
 
-SCORE_MODES = ("raw", "normalized", "cosine")
 SEGMENTS = ("prompt", "response")
-MAX_HIDDEN_DIM = 2**31  # any real hidden-state index is far below; beyond is not a dimension
 
 
 class ApiError(Exception):
@@ -73,33 +75,41 @@ class Calibration:
         return self.problem is None
 
 
-def parse_calibration(where: str, data: Any) -> Calibration:
-    """The massive dims of a parsed calibration.json, or what makes it unusable."""
+@dataclass(frozen=True)
+class Config:
+    """An experiment's config.json as the dashboard uses it (SPEC section 2).
 
-    def unusable(field: str, message: str) -> Calibration:
-        return Calibration(problem=str(InputError(where, field, message)))
+    `config` is the store's reading of it, None when there is no file or the store refuses
+    it; `problem` (`FILE: FIELD: message`) says why it was refused.
+    """
 
-    if not isinstance(data, dict):
-        return unusable("calibration", f"must be a JSON object, not {json_kind(data)}")
-    if "aggregate" not in data:
-        return unusable("aggregate", "missing")
-    aggregate = data["aggregate"]
-    if not isinstance(aggregate, dict):
-        return unusable("aggregate", f"must be an object, not {json_kind(aggregate)}")
-    if "massive_dims" not in aggregate:
-        # trait-interp writes none: usable, with no flagged dims to list.
-        return Calibration()
-    dims = aggregate["massive_dims"]
-    if not isinstance(dims, list):
-        kind = json_kind(dims)
-        return unusable("aggregate.massive_dims", f"must be a list of integers, not {kind}")
-    for i, d in enumerate(dims):
-        if type(d) is not int or not 0 <= d < MAX_HIDDEN_DIM:
-            return unusable(
-                f"aggregate.massive_dims[{i}]",
-                f"must be a hidden-state index (an integer from 0), got {_shown(d)}",
-            )
-    return Calibration(tuple(dims))
+    config: ExperimentConfig | None = None
+    problem: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.problem is not None and self.config is not None:
+            raise ValueError("a refused config has no contents")
+
+    def defaults(self, variants: list[str]) -> dict[str, str | None]:
+        """The default extraction and application variants among those with outputs: the
+        config's (the store's rule: a missing default is the first declared variant), else the
+        first variant with outputs."""
+        first = variants[0] if variants else None
+        config = self.config
+        chosen = (
+            {"extraction": config.extraction_variant, "application": config.application_variant}
+            if config is not None
+            else {}
+        )
+        return {
+            role: chosen[role] if chosen.get(role) in variants else first
+            for role in ("extraction", "application")
+        }
+
+    def model(self, variant: str) -> tuple[str | None, str | None]:
+        """The model and LoRA adapter the config gives a variant (None where it gives none)."""
+        spec = self.config.variants.get(variant) if self.config is not None else None
+        return (spec.model, spec.lora) if spec is not None else (None, None)
 
 
 def natural_key(name: str) -> tuple[int, int, str]:
@@ -154,18 +164,19 @@ def segment_scores(
 ) -> np.ndarray:
     """Scores of one projection entry's segment in a score mode (SPEC section 6).
 
-    Centering subtracts the vector's baseline from the raw scores before any division, since
-    the baseline is in raw units. Cleaned modes use the massive-dim-cleaned scores and norms.
-    Data of the wrong shape is a ValueError that starts with the field's path in the entry.
+    Every mode is the store's math (`raypipe.store.scores`) on the entry's raw scores and
+    norms, as the overview's SQL has it. The file's `normalized_*` arrays are not read: they
+    hold 0.0 where no score is defined (as trait-interp writes them), where the dashboard
+    shows none. Cleaned modes use the massive-dim-cleaned scores and norms. Data of the wrong
+    shape is a ValueError that starts with the field's path in the entry.
     """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"unknown score mode {mode!r}")
+    score = ScoreMode(mode, centered)
     at = "cleaned." if cleaned else ""
     source = _member(entry, "cleaned", "cleaned") if cleaned else entry
     raw = _numbers(_member(source, segment, at + segment), at + segment)
-    shift = centered and not already_centered
+    shift = score.shifts(already_centered)
     if shift:
-        raw = raw - _baseline(entry)
+        raw = center(raw, _baseline(entry))
     if mode == "raw" or raw.size == 0:
         return raw
     norms = _member(source, "token_norms", f"{at}token_norms")
@@ -175,13 +186,7 @@ def segment_scores(
         raise ValueError(
             f"{field}: {norms.size} norms for {raw.size} {segment} scores; they must match"
         )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if mode == "normalized":
-            stored = entry.get(f"normalized_{segment}")
-            if stored is not None and not shift and not cleaned:
-                return _numbers(stored, f"normalized_{segment}")
-            return raw / norms.mean()
-        return np.where(norms > 0, raw / np.where(norms > 0, norms, 1.0), np.nan)
+    return normalize_projections(raw, norms, mode)
 
 
 def tokens_and_end(
@@ -229,7 +234,7 @@ class Tree:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
-        self.base = self.root / "experiments"
+        self.base = experiments_dir(self.root)
         self._memo: dict[tuple, Any] = {}
 
     def _once(self, key: tuple, compute: Callable[[], Any]) -> Any:
@@ -299,64 +304,81 @@ class Tree:
             return False
         return True
 
-    def experiment_dir(self, experiment: str) -> Path:
+    def paths(self, experiment: str) -> ExperimentPaths:
+        """The store's paths of an experiment that exists (404 for any other name)."""
         if experiment not in self.experiments():
             raise ApiError(404, f"unknown experiment {experiment!r}")
-        return self.inside(self.base / experiment)
+        return ExperimentPaths(self.root, experiment)
 
-    def config(self, experiment: str) -> dict[str, Any]:
-        path = self.experiment_dir(experiment) / "config.json"
+    def config(self, experiment: str) -> Config:
+        """The experiment's config.json as the store reads it (`raypipe.store.experiment`).
+
+        No file is no config. A file that is not a JSON object at all is a 422; one the store
+        refuses a field of is kept as its `problem`, since the dashboard only takes defaults
+        and model names from it and the outputs are still there to show.
+        """
+        path = self.paths(experiment).config
         if not path.exists():
-            return {}
-        config = self.read_json(path)
-        if not isinstance(config, dict):
-            raise ApiError(422, f"{self.rel(path)} is not a JSON object")
-        return config
+            return Config()
+        data = self.read_json(path)
+        where = self.rel(path)
+        if not isinstance(data, dict):
+            raise file_error(422, where, "config", f"must be a JSON object, not {json_kind(data)}")
+        try:
+            return Config(parse_experiment(Path(where), data))
+        except InputError as err:
+            return Config(problem=str(err))
 
     def variants(self, experiment: str) -> list[str]:
-        inference = self.experiment_dir(experiment) / "inference"
+        inference = self.paths(experiment).inference_root
         return self._once(
             ("variants", experiment),
             lambda: [n for n in self._subdirs(inference) if self._safe_dir(inference / n)],
         )
 
-    def variant_dir(self, experiment: str, variant: str) -> Path:
+    def variant_paths(self, experiment: str, variant: str) -> ExperimentPaths:
+        """The store's paths of an experiment with this variant's outputs (404 otherwise)."""
         if variant not in self.variants(experiment):
             raise ApiError(404, f"unknown variant {variant!r} in experiment {experiment!r}")
-        return self.inside(self.experiment_dir(experiment) / "inference" / variant)
+        return self.paths(experiment)
 
     def calibration(self, experiment: str, variant: str) -> Calibration | None:
-        """The variant's calibration: None when it has none, unusable when the file is broken."""
-        path = self.variant_dir(experiment, variant) / "massive_activations" / "calibration.json"
+        """The variant's calibration: None when it has none, unusable when the file is broken
+        or partial (`raypipe.store.calibration` decides which dims a file offers)."""
+        path = self.variant_paths(experiment, variant).calibration_file(variant)
         if not os.path.lexists(path):
             return None
         try:
             data = self.read_json(path)
+            return Calibration(calibration_dims(self.rel(path), data))
         except ApiError as err:
             return Calibration(problem=err.message)
-        return parse_calibration(self.rel(path), data)
+        except InputError as err:
+            return Calibration(problem=str(err))
 
     # -- prompt sets and prompts -------------------------------------------------------------
 
     def prompt_sets(self, experiment: str, variant: str) -> list[str]:
         """Prompt sets with response JSONs or a projections Parquet table, as `a/b` paths."""
-        vdir = self.variant_dir(experiment, variant)
-        return self._once(("prompt_sets", experiment, variant), lambda: self._find_sets(vdir))
+        paths = self.variant_paths(experiment, variant)
+        return self._once(
+            ("prompt_sets", experiment, variant), lambda: self._find_sets(paths, variant)
+        )
 
-    def _find_sets(self, vdir: Path) -> list[str]:
+    def _find_sets(self, paths: ExperimentPaths, variant: str) -> list[str]:
         found: set[str] = set()
-        responses = vdir / "responses"
+        responses = paths.responses_root(variant)
         for dirpath, dirnames, filenames in os.walk(responses):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if any(f.endswith(".json") and not f.startswith(".") for f in filenames):
+            if any(_is_named(f, RECORD_SUFFIX) for f in filenames):
                 found.add(Path(dirpath).relative_to(responses).as_posix())
-        tables = vdir / "parquet" / "projections"
+        tables = paths.parquet_dir(variant, "projections")
         for dirpath, dirnames, filenames in os.walk(tables):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(tables)
             for f in filenames:
-                if f.endswith(".parquet") and not f.startswith("."):
-                    found.add((rel / f[: -len(".parquet")]).as_posix())
+                if _is_named(f, TABLE_SUFFIX):
+                    found.add((rel / f[: -len(TABLE_SUFFIX)]).as_posix())
         found.discard(".")
         return sorted(found)
 
@@ -369,28 +391,26 @@ class Tree:
 
     def responses_dir(self, experiment: str, variant: str, prompt_set: str) -> Path:
         self.check_prompt_set(experiment, variant, prompt_set)
-        return self.inside(self.variant_dir(experiment, variant) / "responses" / prompt_set)
+        return self.inside(self.paths(experiment).responses_dir(variant, prompt_set))
 
     def prompt_ids(self, experiment: str, variant: str, prompt_set: str) -> list[str]:
         folder = self.responses_dir(experiment, variant, prompt_set)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        ids = [n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")]
-        return sorted(ids, key=natural_key)
+        return _record_ids(folder)
 
-    def _prompt_file(self, folder: Path, prompt_id: str) -> Path:
-        if not prompt_id or "/" in prompt_id or "\\" in prompt_id or "\x00" in prompt_id:
+    def _check_prompt_id(self, prompt_id: str) -> str:
+        # The id becomes a file name: it must name a file in its folder, never another one.
+        bad = not prompt_id or prompt_id.startswith(".")
+        if bad or any(c in prompt_id for c in ("/", "\\", "\x00")):
             raise ApiError(404, f"unknown prompt id {prompt_id!r}")
-        if prompt_id.startswith("."):
-            raise ApiError(404, f"unknown prompt id {prompt_id!r}")
-        return self.inside(folder / f"{prompt_id}.json")
+        return prompt_id
 
     def response(self, experiment: str, variant: str, prompt_set: str, prompt_id: str) -> dict:
         """A response JSON whose tokens and prompt_end are checked to fit."""
-        folder = self.responses_dir(experiment, variant, prompt_set)
-        path = self._prompt_file(folder, prompt_id)
+        self.responses_dir(experiment, variant, prompt_set)
+        file = self.paths(experiment).response_file(
+            variant, prompt_set, self._check_prompt_id(prompt_id)
+        )
+        path = self.inside(file)
         if not path.is_file():
             raise ApiError(
                 404, f"no response for prompt {prompt_id!r} in {prompt_set!r} ({variant!r})"
@@ -406,19 +426,21 @@ class Tree:
     def traits(self, experiment: str, variant: str, prompt_set: str) -> list[str]:
         """Traits (`category/name`) that have a projections folder for this prompt set."""
         self.check_prompt_set(experiment, variant, prompt_set)
-        projections = self.variant_dir(experiment, variant) / "projections"
+        paths = self.paths(experiment)
         return self._once(
             ("traits", experiment, variant, prompt_set),
-            lambda: self._find_traits(projections, prompt_set),
+            lambda: self._find_traits(paths, variant, prompt_set),
         )
 
-    def _find_traits(self, projections: Path, prompt_set: str) -> list[str]:
+    def _find_traits(self, paths: ExperimentPaths, variant: str, prompt_set: str) -> list[str]:
         out = []
+        projections = paths.projections_root(variant)
         for category in self._subdirs(projections):
             for name in self._subdirs(projections / category):
-                folder = projections / category / name / prompt_set
+                trait = f"{category}/{name}"
+                folder = paths.projections_dir(variant, trait, prompt_set)
                 if folder.is_dir() and self._safe_dir(folder):
-                    out.append(f"{category}/{name}")
+                    out.append(trait)
         return out
 
     def check_trait(self, experiment: str, variant: str, prompt_set: str, trait: str) -> str:
@@ -433,8 +455,10 @@ class Tree:
     ) -> Path:
         """Where the projection JSON of one prompt for one trait is (or would be)."""
         self.check_trait(experiment, variant, prompt_set, trait)
-        folder = self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
-        return self._prompt_file(folder, prompt_id)
+        file = self.paths(experiment).projection_file(
+            variant, trait, prompt_set, self._check_prompt_id(prompt_id)
+        )
+        return self.inside(file)
 
     def projection(
         self, experiment: str, variant: str, trait: str, prompt_set: str, prompt_id: str
@@ -454,26 +478,36 @@ class Tree:
         self, experiment: str, variant: str, trait: str, prompt_set: str
     ) -> dict | None:
         """Any one projection file of a trait, to learn its layers without reading them all."""
-        folder = self.inside(
-            self.variant_dir(experiment, variant) / "projections" / trait / prompt_set
-        )
-        try:
-            names = sorted(
-                (n for n in os.listdir(folder) if n.endswith(".json") and not n.startswith(".")),
-                key=lambda n: natural_key(n[: -len(".json")]),
-            )
-        except FileNotFoundError:
-            return None
-        # As for one prompt's projection, only a regular file counts as written.
-        first = next((n for n in names if (folder / n).is_file()), None)
-        return self._read_projection(folder / first) if first else None
+        self.check_trait(experiment, variant, prompt_set, trait)
+        paths = self.paths(experiment)
+        folder = self.inside(paths.projections_dir(variant, trait, prompt_set))
+        for pid in _record_ids(folder):
+            # As for one prompt's projection, only a regular file counts as written.
+            path = paths.projection_file(variant, trait, prompt_set, pid)
+            if path.is_file():
+                return self._read_projection(path)
+        return None
 
     # -- Parquet -----------------------------------------------------------------------------
 
     def parquet(self, experiment: str, variant: str, table: str, prompt_set: str) -> Table | None:
         """`parquet/{projections|responses}/{prompt_set}.parquet`, or None when absent."""
         self.check_prompt_set(experiment, variant, prompt_set)
-        path = self.variant_dir(experiment, variant) / "parquet" / table / f"{prompt_set}.parquet"
+        path = self.paths(experiment).parquet_file(variant, table, prompt_set)
         if not path.is_file():
             return None
         return Table(self.inside(path), self.rel(path))
+
+
+def _is_named(name: str, suffix: str) -> bool:
+    return name.endswith(suffix) and not name.startswith(".")
+
+
+def _record_ids(folder: Path) -> list[str]:
+    """Prompt ids of the `{id}.json` files in a folder, in natural order."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ids = [n[: -len(RECORD_SUFFIX)] for n in names if _is_named(n, RECORD_SUFFIX)]
+    return sorted(ids, key=natural_key)

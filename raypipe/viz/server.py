@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from raypipe.store.paths import experiments_dir
 from raypipe.viz.api import ROUTES, Query
 from raypipe.viz.data import ApiError, Tree
 
@@ -230,7 +231,7 @@ def make_server(
 ) -> DashboardServer:
     """A bound, not yet running server over `root/experiments`; port 0 picks a free port."""
     root = Path(root).resolve()
-    if not (root / "experiments").is_dir():
+    if not experiments_dir(root).is_dir():
         raise FileNotFoundError(f"no experiments/ folder under {root}")
     return DashboardServer((host, port), root, quiet=quiet)
 

@@ -11,20 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypipe.store.scores import ScoreMode
 from raypipe.viz.data import ApiError, Table, file_error
 
 if TYPE_CHECKING:
     import duckdb
-
-# Per-prompt mean response score in each mode; `shift` is the baseline when centering.
-# Centering comes before the division because the baseline is in raw units (SPEC section 6).
-_MEAN_EXPR = {
-    "raw": "list_avg(s) - shift",
-    "normalized": "(list_avg(s) - shift) / nullif(list_avg(n), 0)",
-    "cosine": (
-        "list_avg(list_transform(s, lambda x, i: CASE WHEN n[i] > 0 THEN (x - shift) / n[i] END))"
-    ),
-}
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -140,20 +131,23 @@ def overview(
             # Previews only label the top prompts: go without them rather than fail.
             warnings.append(err.message)
             responses = None
+    # The mean response score of each prompt, by the store's definition of the mode.
+    score = ScoreMode(mode, centered)
     sql = f"""
         WITH rows AS (
             SELECT trait, method, layer, component, prompt_id,
-                   CASE WHEN ? AND NOT coalesce(centered, false) THEN baseline ELSE 0 END AS shift,
+                   {score.sql_shift("baseline", "centered")} AS shift,
                    response_scores AS s, response_norms AS n
             FROM read_parquet(?)
         )
-        SELECT trait, method, layer, component, prompt_id, {_MEAN_EXPR[mode]} AS score
+        SELECT trait, method, layer, component, prompt_id,
+               {score.sql_mean("s", "n", "shift")} AS score
         FROM rows
         ORDER BY trait, method, layer, component
     """
     con = connect()
     try:
-        cols = _query(con, sql, [centered, str(table.path)], table)
+        cols = _query(con, sql, [str(table.path)], table)
         cols, dropped = _without_null_keys(cols)
         groups = _groups(cols, bins, top)
         wanted = sorted({p["prompt_id"] for g in groups for p in g["top"]})
@@ -260,8 +254,6 @@ _ENTRY_COLUMNS = [
     "response_scores",
     "prompt_norms",
     "response_norms",
-    "normalized_prompt",
-    "normalized_response",
 ]
 
 
@@ -273,8 +265,6 @@ _ENTRY_KINDS = {
     "response_scores": "numbers",
     "prompt_norms": "numbers",
     "response_norms": "numbers",
-    "normalized_prompt": "numbers",
-    "normalized_response": "numbers",
 }
 
 
@@ -298,9 +288,8 @@ def projection_entries(
                 "prompt": row["prompt_norms"] or [],
                 "response": row["response_norms"] or [],
             },
-            "normalized_prompt": row["normalized_prompt"],
-            "normalized_response": row["normalized_response"],
-            "baseline": row["baseline"] if row["baseline"] is not None else 0.0,
+            # An unknown baseline centers to no number, as the overview's SQL has it.
+            "baseline": row["baseline"] if row["baseline"] is not None else float("nan"),
             "layer": row["layer"],
             "method": row["method"],
         }

@@ -12,6 +12,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
+from raypipe.store.paths import ExperimentPaths
 from raypipe.viz import api
 from raypipe.viz.data import Tree
 from raypipe.viz.server import main, make_server
@@ -368,6 +369,14 @@ def test_broken_files_are_422_not_500(odd_tree) -> None:
     (root / "experiments/demo/config.json").write_text("[1, 2")
     code, body = get_json(f"{base}/api/experiments")
     assert code == 200 and "error" in body["experiments"][0]
+
+
+def test_missing_table_is_named_where_the_store_puts_it(odd_tree) -> None:
+    root, base = odd_tree
+    table = ExperimentPaths(root, "demo").parquet_file("instruct", "projections", PS)
+    table.unlink()
+    code, body = get_json(f"{base}/api/overview?{Q}")
+    assert code == 404 and f"(expected {table.relative_to(root)})" in body["error"], body
 
 
 def test_zero_norms_give_null_not_nan(odd_tree) -> None:

@@ -168,7 +168,6 @@ def test_scores_that_are_not_a_list_of_numbers(site, field: str, value) -> None:
         (lambda e: e.update(baseline="x"), "projections[0].baseline", "centered=1"),
         (lambda e: e.update(baseline=None), "projections[0].baseline", "centered=1"),
         (lambda e: e.pop("baseline"), "projections[0].baseline", "centered=1"),
-        (lambda e: e.update(normalized_prompt=7), "normalized_prompt", "mode=normalized"),
     ],
 )
 def test_other_bad_projection_fields(site, change, field: str, query: str) -> None:
@@ -176,6 +175,27 @@ def test_other_bad_projection_fields(site, change, field: str, query: str) -> No
     status, body = _get(site, f"/api/prompt?{Q}&prompt_id=0&{query}")
     assert status == 422 and body["error"].startswith(PROJECTION), body
     assert field in body["error"]
+
+
+def test_stored_normalized_arrays_are_not_what_the_dashboard_shows(site) -> None:
+    """Normalized scores come from the raw scores and norms (the store's one definition), as
+    the overview's SQL computes them; the file's `normalized_*` arrays are for trait-interp's
+    viewer, so damaged ones change nothing here."""
+    root = site["root"]
+    entry = json.loads((root / PROJECTION).read_text())["projections"][0]
+
+    def damage(d: dict) -> None:
+        d["projections"][0].update(normalized_prompt=7, normalized_response=["x"])
+
+    _edit(root, PROJECTION, damage)
+    status, body = _get(site, f"/api/prompt?{Q}&prompt_id=0&mode=normalized")
+    assert status == 200
+    joy = next(t for t in body["traits"] if t["trait"] == "emotion/joy")
+    series = next(x for x in joy["series"] if x["layer"] == entry["layer"])
+    for segment in ("prompt", "response"):
+        norms = entry["token_norms"][segment]
+        want = [s / (sum(norms) / len(norms)) for s in entry[segment]]
+        assert series[segment] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +267,52 @@ def test_broken_config_is_reported_not_fatal(site, kind: str) -> None:
     status, body = _get(site, "/api/experiments")
     assert status == 200
     assert body["experiments"][0]["error"].startswith("experiments/demo/config.json: file: ")
+
+
+CONFIG = "experiments/demo/config.json"
+
+
+def test_config_defaults_are_the_stores(site) -> None:
+    """No `defaults` in config.json: the first variant the config declares (SPEC 2, as the
+    CLI reads it), not the first folder name; one without outputs gives way to one with."""
+    path = site["root"] / CONFIG
+    variants = {"lora": {"model": "m", "lora": "adapters/x"}, "instruct": {"model": "m"}}
+    path.write_text(json.dumps({"model_variants": variants}))
+    status, body = _get(site, "/api/experiments")
+    assert body["experiments"][0]["defaults"] == {"extraction": "lora", "application": "lora"}
+    status, body = _get(site, "/api/variants?experiment=demo")
+    assert body["defaults"] == {"extraction": "lora", "application": "lora"}
+    assert body["config_warning"] is None
+    assert {v["name"]: v["model"] for v in body["variants"]} == {"instruct": "m", "lora": "m"}
+    variants = {"base": {"model": "b"}, **variants}  # declared first, never run
+    path.write_text(json.dumps({"defaults": {"application": "lora"}, "model_variants": variants}))
+    status, body = _get(site, "/api/variants?experiment=demo")
+    assert body["defaults"] == {"extraction": "instruct", "application": "lora"}
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d["defaults"].update(application="nope"), "defaults.application"),
+        (lambda d: d.update(model_variants=[]), "model_variants"),
+        (lambda d: d["model_variants"]["lora"].update(model=""), "model_variants.lora.model"),
+        (lambda d: d.update(use_chat_template="yes"), "use_chat_template"),
+    ],
+)
+def test_config_the_store_refuses_is_a_warning(site, change, field: str) -> None:
+    """The dashboard takes only defaults and model names from config.json: a field the store
+    refuses is named, and the experiment's outputs are shown as if there were no config."""
+    _edit(site["root"], CONFIG, change)
+    status, body = _get(site, "/api/experiments")
+    item = body["experiments"][0]
+    assert status == 200 and "error" not in item
+    assert item["config_warning"].startswith(f"{CONFIG}: {field}: ")
+    assert item["defaults"] == {"extraction": "instruct", "application": "instruct"}
+    status, body = _get(site, "/api/variants?experiment=demo")
+    assert status == 200 and body["config_warning"] == item["config_warning"]
+    assert [(v["model"], v["lora"]) for v in body["variants"]] == [(None, None)] * 2
+    status, body = _get(site, f"/api/prompt?{Q}&prompt_id=0")
+    assert status == 200
 
 
 # -- Parquet tables with the wrong schema ------------------------------------------------------
@@ -402,6 +468,38 @@ def test_front_end_shows_file_problems(site) -> None:
                 f"{RESP_TABLE}: response: must be strings, not int64",  # so no previews
                 f"{PROJ_TABLE}: 1 row without {keys} left out",
             ]
+            assert errors == []
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(_no_browser() is not None, reason=str(_no_browser()))
+def test_front_end_names_the_refused_config(site) -> None:
+    """In Chromium: every view shows the experiment and names the config field it refused."""
+    from playwright.sync_api import sync_playwright
+
+    _edit(site["root"], CONFIG, lambda d: d["defaults"].update(application="nope"))
+    want = f"{CONFIG}: defaults.application: names unknown variant 'nope'"
+    base = site["base"]
+    with sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Exception as err:  # any launch failure means: cannot test here
+            pytest.skip(f"Chromium did not start: {err}")
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{base}/#/dynamics?experiment=demo")
+            page.wait_for_selector("#dyn-chart svg.chart")
+            assert page.locator("#dyn-variant").input_value() == "instruct"
+            assert want in page.locator("#view-dynamics .notes p").all_inner_texts()
+            page.goto(f"{base}/#/models?{PAIR}&{JOY}")
+            page.wait_for_selector("#cmp-chart svg.chart")
+            assert page.locator("#cmp-notes p").all_inner_texts() == [want]
+            page.goto(f"{base}/#/overview?{Q}")
+            page.wait_for_selector("#ov-cards svg")
+            assert page.locator("#ov-notes p").all_inner_texts() == [want]
             assert errors == []
         finally:
             browser.close()

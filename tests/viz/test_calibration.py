@@ -7,6 +7,7 @@ healthy tree, and the variant listing and the prompt view must name the file and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -17,6 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
+from raypipe.store.calibration import massive_dims
 from raypipe.viz.server import make_server
 from tests.viz.fixture_tree import write_fixture_tree
 from tests.viz.test_browser import CHROMIUM, CHROMIUM_ARGS, _no_browser
@@ -195,6 +197,78 @@ def test_healthy_and_trait_interp_calibrations_are_used(site, calibration: Path)
     status, body = get_json(f"{base}/api/prompt?{Q}&prompt_id=0")
     assert status == 200 and body["calibration"] == {"massive_dims": []}
     assert body["calibration_warning"] is None and body["warnings"] == []
+
+
+def test_partial_calibration_offers_no_dims(site, calibration: Path) -> None:
+    """A run still collecting (or stopped before it finished) marks the file partial: its
+    dims are not the calibration's yet, so cleaning is off and the file says why."""
+    record = {
+        "experiment": "demo",
+        "tokens_seen": 1234,
+        "aggregate": {"n_prompts": 2, "massive_dims": [12, 400]},
+        "complete": False,
+    }
+    calibration.write_text(json.dumps(record))
+    warning = _check_reported(site, "complete")
+    assert "partial (1234 tokens so far" in warning
+    # The same file, complete: its dims are offered again.
+    calibration.write_text(json.dumps({**record, "complete": True}))
+    status, body = get_json(f"{site['base']}/api/variants?experiment=demo")
+    instruct = next(v for v in body["variants"] if v["name"] == "instruct")
+    assert instruct["has_calibration"] and instruct["massive_dims"] == [12, 400]
+
+
+# trait-interp's calibration of a 6-layer model: it lists each layer's top dims, and no
+# massive_dims. Dim 7 is in the top 5 of 4 layers, 3 of 3, 9 of 3 (once below the top 5).
+TRAIT_INTERP = {
+    "experiment": "demo",
+    "model": "google/gemma-2-2b-it",
+    "is_calibration": True,
+    "aggregate": {
+        "n_prompts": 50,
+        "top_dims_by_layer": {
+            "0": [7, 3, 1, 2, 5],
+            "1": [7, 3, 9, 4, 6],
+            "2": [7, 3, 9, 8, 11],
+            "3": [7, 10, 12, 13, 14],
+            "4": [15, 16, 17, 18, 19, 9],
+            "5": [9, 20, 21, 22, 23],
+        },
+        "dim_magnitude_by_layer": {"7": [0.9, 0.8, 0.9, 0.7, 0.1, 0.1]},
+        "layer_norms": {"0": 10.0},
+    },
+}
+
+
+def test_trait_interp_calibration_gives_derived_dims(site, calibration: Path) -> None:
+    """SPEC 8: a file without massive_dims is read, and the dims are derived from it: those
+    trait-interp's viewer cleans by default (in the top 5 of at least 3 layers)."""
+    calibration.write_text(json.dumps(TRAIT_INTERP))
+    base = site["base"]
+    status, body = get_json(f"{base}/api/variants?experiment=demo")
+    instruct = next(v for v in body["variants"] if v["name"] == "instruct")
+    assert instruct["has_calibration"] and instruct["calibration_warning"] is None
+    assert instruct["massive_dims"] == [3, 7, 9]
+    status, body = get_json(f"{base}/api/prompt?{Q}&prompt_id=0")
+    assert status == 200 and body["calibration"] == {"massive_dims": [3, 7, 9]}
+    # --remove-massive-dims reads the same dims through the same reader.
+    assert massive_dims(calibration) == (3, 7, 9)
+
+
+@pytest.mark.parametrize(
+    ("aggregate", "field"),
+    [
+        ({"n_prompts": 5}, "aggregate"),
+        ({"top_dims_by_layer": [[7]]}, "aggregate.top_dims_by_layer"),
+        ({"top_dims_by_layer": {"3": "7"}}, "aggregate.top_dims_by_layer.3"),
+        ({"top_dims_by_layer": {"3": [7, -1]}}, "aggregate.top_dims_by_layer.3[1]"),
+    ],
+)
+def test_trait_interp_calibration_without_usable_top_dims(
+    site, calibration: Path, aggregate: dict, field: str
+) -> None:
+    calibration.write_text(json.dumps({"aggregate": aggregate}))
+    _check_reported(site, field)
 
 
 @pytest.mark.skipif(_no_browser() is not None, reason=str(_no_browser()))

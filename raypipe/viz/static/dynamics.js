@@ -96,6 +96,8 @@ export class DynamicsView {
         const info = await api('variants', { experiment: s.experiment });
         if (ticket !== this.ticket) return;
         this.variants = info.variants;
+        // A config.json the store refuses gives no defaults or model names; say which field.
+        this.configWarning = info.config_warning || null;
         const names = info.variants.map((v) => v.name);
         s.variant = fillSelect(this.sel.variant, names, names.includes(s.variant) ? s.variant : info.defaults.application);
       }
@@ -235,6 +237,7 @@ export class DynamicsView {
     if (d.missing_traits.length) notes.push(`No projection for this prompt: ${d.missing_traits.join(', ')}.`);
     if (d.skipped.length) notes.push(`Not cleaned, hidden: ${d.skipped.map((x) => `${x.trait} L${x.layer}`).join(', ')}.`);
     notes.push(...d.warnings, ...(this.listWarnings || []));
+    if (this.configWarning) notes.push(this.configWarning);
     this.notes.replaceChildren(...notes.map((n) => el('p', { text: n })));
   }
 

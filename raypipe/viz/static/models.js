@@ -107,6 +107,7 @@ export class ModelsView {
         const info = await api('variants', { experiment: s.experiment });
         if (stale()) return;
         this.variants = info.variants;
+        this.configWarning = info.config_warning || null;
         const names = info.variants.map((v) => v.name);
         s.variant_a = fillSelect(this.sel.variant_a, names, names.includes(s.variant_a) ? s.variant_a : info.defaults.application);
         const other = names.find((n) => n !== s.variant_a) || s.variant_a;
@@ -181,7 +182,8 @@ export class ModelsView {
     const why = broken.length ? 'a calibration file is unusable' : 'needs calibration in both';
     this.cleaned.querySelector('span').textContent = this.cleanable ? 'clean massive dims' : `clean massive dims (${why})`;
     this.cleaned.title = broken.join('\n');
-    setChildren(this.fileNotes, [...broken, ...(this.traitProblems || [])].map((text) => el('p', { text })));
+    const config = this.configWarning ? [this.configWarning] : [];
+    setChildren(this.fileNotes, [...broken, ...(this.traitProblems || []), ...config].map((text) => el('p', { text })));
   }
 
   sortedRows() {

@@ -74,6 +74,7 @@ export class OverviewView {
       if (start <= 1) {
         const info = await api('variants', { experiment: s.experiment });
         if (ticket !== this.ticket) return;
+        this.configWarning = info.config_warning || null;
         const names = info.variants.map((v) => v.name);
         s.variant = fillSelect(this.sel.variant, names, names.includes(s.variant) ? s.variant : info.defaults.application);
       }
@@ -115,7 +116,8 @@ export class OverviewView {
       el('h2', { text: `${d.prompt_set} · ${d.variant}` }),
       el('span', { text: `${d.n_prompts.toLocaleString()} prompts · ${byTrait.size} traits · mean ${MODE_LABELS[s.mode]} over response tokens${s.centered ? ', centered' : ''} · answered in ${Math.round(this.elapsed)} ms` }),
     );
-    setChildren(this.notes, (d.warnings || []).map((text) => el('p', { text })));
+    const config = this.configWarning ? [this.configWarning] : [];
+    setChildren(this.notes, [...(d.warnings || []), ...config].map((text) => el('p', { text })));
     const cards = [];
     [...byTrait.entries()].forEach(([trait, groups], ti) => {
       const keyOf = (g) => `${g.layer}:${g.method}:${g.component}`;
