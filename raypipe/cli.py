@@ -328,8 +328,7 @@ def cmd_infer(args) -> int:
     plan = plan_infer(opts, need_vectors=project)  # and those that need the model variant
     if opts.mode != "from_activations":  # what the workers will import (peft for a LoRA)
         check_packages(plan.model.spec.load_in_4bit, plan.model.spec.lora)
-    mode = opts.mode if project else "stream"
-    summary = run_infer(plan, project=project, mode=mode)
+    summary = run_infer(plan)
     print_summary(plan, summary, traits_table=opts.mode in ("stream", "from_activations"))
     return 1 if summary.failed else 0
 

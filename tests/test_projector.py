@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from raypipe.engine.hooks import cpp_compiler
-from raypipe.engine.projector import Projector, normalize_projections
+from raypipe.engine.projector import Projector
+from raypipe.store.scores import normalize_projections
 from tests.tiny import tiny_llama
 
 
@@ -95,7 +96,7 @@ def test_normalize_modes():
     norms = np.array([2.0, 4.0, 0.0], dtype=np.float32)
     np.testing.assert_allclose(normalize_projections(raw, norms, "raw"), raw)
     np.testing.assert_allclose(normalize_projections(raw, norms, "normalized"), raw / 2.0)
-    np.testing.assert_allclose(normalize_projections(raw, norms, "cosine"), [0.5, -0.5, 0.0])
+    np.testing.assert_allclose(normalize_projections(raw, norms, "cosine", 0.0), [0.5, -0.5, 0.0])
     with pytest.raises(ValueError):
         normalize_projections(raw, norms, "bogus")
 

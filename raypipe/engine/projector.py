@@ -161,17 +161,3 @@ def layer_scores(
 def _gather(tensors: tuple[torch.Tensor, ...], device: torch.device) -> list[torch.Tensor]:
     # Device-to-device copies queue on the stream: no host sync, unlike a .cpu() per layer.
     return [t if t.device == device else t.to(device) for t in tensors]
-
-
-def normalize_projections(raw: np.ndarray, norms: np.ndarray, mode: str) -> np.ndarray:
-    """raw | normalized (by the segment's mean token norm) | cosine (by each token's norm)."""
-    raw = np.asarray(raw, dtype=np.float32)
-    norms = np.asarray(norms, dtype=np.float32)
-    if mode == "raw":
-        return raw
-    if mode == "normalized":
-        mean = float(norms.mean()) if norms.size else 0.0
-        return raw / mean if mean > 0 else np.zeros_like(raw)
-    if mode == "cosine":
-        return np.divide(raw, norms, out=np.zeros_like(raw), where=norms > 0)
-    raise ValueError(f"unknown score mode {mode!r}; expected raw, normalized or cosine")

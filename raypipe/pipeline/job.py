@@ -136,16 +136,17 @@ def log(msg: str, quiet: bool = False) -> None:
         print(f"[raypipe] {printable(msg)}", file=sys.stderr, flush=True)
 
 
-def run_infer(plan: InferPlan, project: bool = True, mode: str = "stream") -> Summary:
-    """mode: stream (generate + project), capture (save raw activations), from_activations.
-    One run at a time writes a prompt set's outputs (a second one is refused)."""
+def run_infer(plan: InferPlan) -> Summary:
+    """The job `plan.opts.mode` names: stream (generate + project), capture (save raw
+    activations), from_activations, generate. One run at a time writes a prompt set's
+    outputs (a second one is refused)."""
     with run_lock(plan.paths, plan.variant, plan.prompts.name):
-        return _run_infer(plan, project, mode)
+        return _run_infer(plan)
 
 
-def _run_infer(plan: InferPlan, project: bool, mode: str) -> Summary:
-
+def _run_infer(plan: InferPlan) -> Summary:
     opts = plan.opts
+    mode, project = opts.mode, opts.mode != "generate"
     run = opts.run
     for note in plan.notes:
         log(note, run.quiet)
@@ -165,7 +166,7 @@ def _run_infer(plan: InferPlan, project: bool, mode: str) -> Summary:
         # Convert an alias once, here, rather than racing in every worker.
         resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
         with ray_session(run):
-            _execute(plan, rows, project, summary, mode)
+            _execute(plan, rows, summary)
     unreadable: list[str] = []
     tables = build_parquet(plan.paths, plan.variant, plan.prompts.name, unreadable)
     for err in unreadable:
@@ -246,15 +247,13 @@ def _served_by(plan: InferPlan) -> str | None:
     return name
 
 
-def _execute(
-    plan: InferPlan, rows: list[dict], project: bool, summary: Summary, mode: str = "stream"
-) -> None:
+def _execute(plan: InferPlan, rows: list[dict], summary: Summary) -> None:
     import ray
 
     run = plan.opts.run
     job = Job(
         plan=plan,
-        mode="generate" if not project else ("capture" if mode == "capture" else "stream"),
+        mode=plan.opts.mode,
         gpus=run.gpus_per_replica if run.gpus_per_replica is not None else _cluster_gpus(),
         generates=any(r["generate"] for r in rows),
         served=_served_by(plan) if run.backend == "auto" else None,

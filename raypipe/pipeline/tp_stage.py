@@ -100,7 +100,7 @@ class TPProjectStage:
         if tp < 1:
             raise RaypipeError(f"stage project: tp must be at least 1, got {tp}")
         if compile_prefill:  # InferOptions refuses the pair first; a DTensor block is not tested
-            raise RaypipeError("stage project: --compile-prefill does not combine with --tp")
+            raise RaypipeError("stage project: compile_prefill does not combine with tp > 1")
         self.tp = tp
         self.gpus_per_rank = gpus_per_rank
         self.ready_timeout_s = ready_timeout_s

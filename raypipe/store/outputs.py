@@ -12,6 +12,7 @@ import numpy as np
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json, write_json
+from raypipe.store.scores import center, normalize_projections
 from raypipe.store.text import brief, check_text
 
 RESPONSE_KEYS = (
@@ -113,11 +114,6 @@ def _floats(a: np.ndarray) -> list[float]:
     return np.asarray(a, dtype=np.float32).tolist()
 
 
-def _mean_norm_divide(scores: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    mean = float(norms.mean()) if norms.size else 0.0
-    return scores / np.float32(mean) if mean > 0 else np.zeros_like(scores)
-
-
 def projection_entry(
     info: VectorInfo,
     scores: np.ndarray,  # (T,) float32
@@ -126,7 +122,7 @@ def projection_entry(
     centered: bool,
     cleaned: tuple[np.ndarray, np.ndarray, list[int]] | None = None,
 ) -> dict:
-    s = scores - np.float32(info.baseline) if centered else scores
+    s = center(scores, info.baseline) if centered else scores
     p, r = s[:prompt_end], s[prompt_end:]
     pn, rn = norms[:prompt_end], norms[prompt_end:]
     entry = {
@@ -137,12 +133,13 @@ def projection_entry(
         "prompt": _floats(p),
         "response": _floats(r),
         "token_norms": {"prompt": _floats(pn), "response": _floats(rn)},
-        "normalized_prompt": _floats(_mean_norm_divide(p, pn)),
-        "normalized_response": _floats(_mean_norm_divide(r, rn)),
+        # SPEC 6 by its one definition; 0.0 where undefined, as trait-interp writes it.
+        "normalized_prompt": _floats(normalize_projections(p, pn, "normalized", 0.0)),
+        "normalized_response": _floats(normalize_projections(r, rn, "normalized", 0.0)),
     }
     if cleaned is not None:
         cs, cn, dims = cleaned
-        cs = cs - np.float32(info.baseline) if centered else cs
+        cs = center(cs, info.baseline) if centered else cs
         entry["cleaned"] = {
             "dims": [int(d) for d in dims],
             "prompt": _floats(cs[:prompt_end]),
