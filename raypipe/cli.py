@@ -44,6 +44,7 @@ FLAGS = {
     "force": "--force",
     "from_activations": "--from-activations",
     "generate_replicas": "--replicas",
+    "json_files": "--json",
     "gpus": "--gpus",
     "gpus_per_replica": "--gpus-per-replica",
     "layers": "--layers",
@@ -127,6 +128,13 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "--truncate",
         action="store_true",
         help="cut prompts longer than the context instead of reporting them",
+    )
+    p.add_argument(
+        "--json",
+        default="all",
+        choices=("all", "none"),
+        help="per-prompt JSON files beside the Parquet tables (trait-interp reads them); none: "
+        "the tables only [all]",
     )
     p.add_argument(
         "--backend",
@@ -283,6 +291,7 @@ def infer_options(args) -> InferOptions:
             regenerate=args.regenerate,
             force=getattr(args, "force", False),
             truncate=args.truncate,
+            json_files=args.json,
         ),
         model=_model_options(args),
         generation=GenerationOptions(

@@ -15,12 +15,14 @@ from raypipe.errors import InputError, RaypipeError
 from raypipe.store.captures import read_capture
 from raypipe.store.outputs import (
     VectorInfo,
+    merged_projection,
     projection_contents,
     projection_entry,
     projection_record,
     requested_entries,
-    update_projection,
+    write_projection,
 )
+from raypipe.store.parquet import projection_rows, write_part
 from raypipe.store.paths import ExperimentPaths
 from raypipe.store.vectors import load_vectors
 
@@ -189,7 +191,7 @@ def _project_files(
     """(prompt_id, status, reason, n_tokens) per prompt; one bad file never sinks the others.
     A trait's file is to do when it lacks a requested (method, layer) entry, as in the plan."""
     requested = requested_entries([v.info for v in vectors], component, centered)
-    out = []
+    out, files, table = [], [], []
     for pid in prompt_ids:
         todo = {}
         for trait, (settings, wanted) in requested.items():
@@ -219,7 +221,10 @@ def _project_files(
                 source=src,
             )
             for trait, path in todo.items():
-                update_projection(path, records[trait], force=force)
+                merged = merged_projection(path, records[trait], force=force)
+                if merged is not None:
+                    files.append((path, merged))
+                    table += projection_rows(merged, trait, pid, prompt_set)
         except RaypipeError as e:
             out.append((pid, "failed", str(e), 0))
             continue
@@ -228,6 +233,10 @@ def _project_files(
             continue
         n = len(rec["prompt"]["token_ids"]) + len(rec["response"]["token_ids"])
         out.append((pid, "done", None, n))
+    # As the stream-through writer does: the table's part first, then the files.
+    write_part(paths, variant, "projections", prompt_set, table, [True] * len(table))
+    for path, merged in files:
+        write_projection(path, merged)
     return out
 
 

@@ -19,6 +19,7 @@ BACKENDS = ("local", "auto", "vllm")
 # stream: generate, then project; capture: save raw activations instead of projecting;
 # from_activations: project saved activations (no model); generate: responses only.
 MODES = ("stream", "capture", "from_activations", "generate")
+JSON_FILES = ("all", "none")
 # vLLM seeds numpy with it, which takes 0..2**32-1 only.
 VLLM_SEEDS = 2**32
 
@@ -111,10 +112,19 @@ class OutputOptions:
     regenerate: bool = False
     force: bool = False
     truncate: bool = False
+    # Per-prompt JSON files (trait-interp's format) beside the Parquet tables: "all", or
+    # "none" for runs where only the tables are wanted.
+    json_files: str = "all"
 
     def __post_init__(self):
         check_name(self.experiment, OPTIONS, "experiment")
         check_relpath(self.prompt_set, OPTIONS, "prompt_set")
+        if self.json_files not in JSON_FILES:
+            raise OptionError("json_files", f"must be one of {JSON_FILES}")
+
+    @property
+    def json(self) -> bool:
+        return self.json_files == "all"
 
 
 @dataclass(frozen=True)

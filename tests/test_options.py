@@ -32,7 +32,7 @@ from raypipe.options import (
 RAYPIPE = Path(cli.__file__).parent
 OUT = OutputOptions(root=Path("/nonexistent"), experiment="e", prompt_set="p")
 # Subcommand flags that set no option field: actions of their command, or viz's own.
-NOT_OPTIONS = {"-h", "--help", "--json", "--stop", "--status", "--host"}
+NOT_OPTIONS = {"-h", "--help", "--stop", "--status", "--host"}  # status's --json is a bool
 # Option fields no flag sets: from the experiment config, fixed defaults, nested objects; the
 # mode comes from the command and the --capture / --from-activations switches.
 NO_FLAG = {

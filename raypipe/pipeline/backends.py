@@ -87,7 +87,8 @@ class Job:
         )
 
     def source(self) -> ResponseSource:
-        return ResponseSource(self.plan.paths, self.plan.variant, self.plan.model.spec.model)
+        p = self.plan
+        return ResponseSource(p.paths, p.variant, p.model.spec.model, p.opts.output.json)
 
     def model_resources(self, replicas: int, gpus: float | None = None) -> Resources:
         gpus = self.gpus if gpus is None else gpus
@@ -168,6 +169,7 @@ def projection_writer(job: Job) -> list[Stage]:
         centered=proj.centered,
         force=p.opts.output.force,
         massive_dims=p.massive_dims,
+        json=p.opts.output.json,
     )
     needs = ("prompt_set", "prompt_id", "prompt_end", "generated") + ProjectStage.SCORE_COLUMNS
     return [

@@ -19,7 +19,7 @@ from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.spine import BACKENDS, check_chain, run_stages
 from raypipe.store.atomic import sweep_temp_files
 from raypipe.store.calibration import mark_complete
-from raypipe.store.parquet import build_parquet, projection_traits
+from raypipe.store.parquet import build_parquet, compact, projection_traits
 from raypipe.store.runlock import run_lock
 from raypipe.store.text import printable
 
@@ -153,6 +153,9 @@ def _run_infer(plan: InferPlan) -> Summary:
     removed = sweep_temp_files(_output_folders(plan))
     if removed:
         log(f"removed {len(removed)} temp file(s) left by an interrupted run", run.quiet)
+    # A killed run's finished parts go into the tables first: the stages read existing
+    # responses from the table alone (with --json none).
+    unreadable = _start_tables(plan)
     if mode == "from_activations":
         summary = Summary(total=len(plan.rows))
         with ray_session(run):  # no model anywhere: plain Ray tasks read the .pt files
@@ -167,8 +170,8 @@ def _run_infer(plan: InferPlan) -> Summary:
         resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
         with ray_session(run):
             _execute(plan, rows, summary)
-    unreadable: list[str] = []
-    tables = build_parquet(plan.paths, plan.variant, plan.prompts.name, unreadable)
+    # The workers wrote the tables' rows in parts as they went: fold them in.
+    tables = compact(plan.paths, plan.variant, plan.prompts.name)
     for err in unreadable:
         # Finished work elsewhere stays in the tables; the broken file is named, not fatal.
         summary.failed += 1
@@ -185,6 +188,24 @@ def _run_infer(plan: InferPlan) -> Summary:
     return summary
 
 
+def _start_tables(plan: InferPlan) -> list[str]:
+    """Fold a killed run's parts in. Nothing is read back from the JSON files, but once: a
+    tree whose tables were never written (its files came from trait-interp, or an older
+    raypipe) gets them built from its files before its first run adds to them. Returns the
+    files that could not be read (named as failures, left out)."""
+    p, v, name = plan.paths, plan.variant, plan.prompts.name
+    unreadable: list[str] = []
+    never = not any(
+        p.parquet_file(v, t, name).is_file() or p.parquet_parts(v, t, name).is_dir()
+        for t in ("projections", "responses")
+    )
+    foreign = p.responses_dir(v, name).is_dir() or projection_traits(p, v, name)
+    if never and foreign and plan.opts.output.json:
+        build_parquet(p, v, name, unreadable)
+    compact(p, v, name, create=False)
+    return unreadable
+
+
 def _output_folders(plan: InferPlan) -> list:
     """Every folder this prompt set's files are written into (and so its temp files too)."""
     p, v, name = plan.paths, plan.variant, plan.prompts.name
@@ -195,6 +216,8 @@ def _output_folders(plan: InferPlan) -> list:
         p.raw_file(v, plan.opts.projection.component, name, "_").parent,
         p.parquet_file(v, "projections", name).parent,
         p.parquet_file(v, "responses", name).parent,
+        p.parquet_parts(v, "projections", name),
+        p.parquet_parts(v, "responses", name),
         p.calibration_file(v).parent,
     ]
 

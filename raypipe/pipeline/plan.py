@@ -16,11 +16,13 @@ from raypipe.store.calibration import (
 )
 from raypipe.store.experiment import ExperimentConfig, load_experiment
 from raypipe.store.outputs import (
+    ProjectionContents,
     ProjectionSettings,
     projection_contents,
     read_response,
     requested_entries,
 )
+from raypipe.store.parquet import current
 from raypipe.store.paths import ExperimentPaths
 from raypipe.store.prompts import PromptSet, load_prompt_set
 from raypipe.store.vectors import VectorSpec, list_traits, parse_layers, resolve_vectors
@@ -120,6 +122,27 @@ def _calibration(
     return target
 
 
+def _stored(paths: ExperimentPaths, variant: str, prompt_set: str):
+    """(response ids, {(prompt id, trait): ProjectionContents}) of the Parquet tables: the
+    same rule for "done" as the files'; cleaned scores are not in the table, so a run that
+    removes massive dims finds none held."""
+    responses = current(paths, variant, "responses", prompt_set, ["prompt_id"])
+    cols = ["prompt_id", "trait", "method", "layer", "component", "centered", "position"]
+    table = current(paths, variant, "projections", prompt_set, cols).to_pydict()
+    held: dict[tuple[str, str], list] = {}
+    for pid, trait, method, layer, comp, centered, pos in zip(*(table[c] for c in cols)):
+        settings = ProjectionSettings(comp, bool(centered), pos)
+        held.setdefault((pid, trait), []).append((settings, (method, int(layer), None)))
+    contents = {}
+    for key, entries in held.items():
+        # A (prompt, trait) in the table holds one setting, as a file does (the writer
+        # replaced the others); should two meet, the entries of the latest one count.
+        settings = entries[-1][0]
+        kept = tuple(e for s, e in entries if s == settings)
+        contents[key] = ProjectionContents(settings, kept)
+    return set(responses.column("prompt_id").to_pylist()), contents
+
+
 def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
     out = opts.output
     paths = ExperimentPaths(out.root, out.experiment)
@@ -155,13 +178,23 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
     missing: dict[str, list[str]] = {t: [] for t in requested}
     replaced: dict[tuple[str, ProjectionSettings | None], int] = {}
     rows = []
+    # Without JSON files the tables are the record of what exists.
+    tables = None if out.json else _stored(paths, variant.name, prompts.name)
     for item in prompts.items:
-        response = paths.response_file(variant.name, prompts.name, item.id)
-        generate = out.regenerate or not response.is_file()
+        if tables is None:
+            response = paths.response_file(variant.name, prompts.name, item.id)
+            generate = out.regenerate or not response.is_file()
+        else:
+            generate = out.regenerate or item.id not in tables[0]
         todo = generate or out.force
         for trait, (settings, wanted) in requested.items():
             path = paths.projection_file(variant.name, trait, prompts.name, item.id)
-            held = None if out.regenerate else projection_contents(path)
+            if out.regenerate:
+                held = None
+            elif tables is None:
+                held = projection_contents(path)
+            else:
+                held = tables[1].get((item.id, trait))
             if held is None or held.missing(settings, wanted, dims):
                 missing[trait].append(item.id)
                 todo = True

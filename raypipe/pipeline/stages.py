@@ -13,17 +13,21 @@ from raypipe.errors import RaypipeError
 from raypipe.store.calibration import CalibrationTarget
 from raypipe.store.outputs import (
     VectorInfo,
+    merged_projection,
     projection_entry,
     projection_record,
     read_response,
     response_record,
-    update_projection,
+    write_projection,
     write_response,
 )
+from raypipe.store.parquet import projection_rows, response_row, stored_responses, write_part
 from raypipe.store.paths import ExperimentPaths
 from raypipe.store.vectors import VectorSpec, load_vectors
 
 RESPONSE_COLUMNS = ("prompt_text", "response_text", "token_ids", "prompt_end", "tokens")
+# Of a response loaded from its file, for the table: a generated one gets them when written.
+RESPONSE_EXTRAS = ("capture_date", "inference_model")
 
 
 def require(batch: pd.DataFrame, stage: str, columns: tuple[str, ...]) -> None:
@@ -63,13 +67,14 @@ class ResponseSource:
     paths: ExperimentPaths
     variant: str
     model_name: str
+    json: bool = True  # per-prompt files as well as the table's parts
 
 
 class GenerateStage:
     """Generates responses for rows marked `generate`; loads the existing file for the rest."""
 
     NEEDS = ("prompt_set", "prompt_id", "text", "system_prompt", "note", "generate", "project")
-    PRODUCES = NEEDS + RESPONSE_COLUMNS + ("generated", "error")
+    PRODUCES = NEEDS + RESPONSE_COLUMNS + RESPONSE_EXTRAS + ("generated", "error")
 
     def __init__(
         self,
@@ -125,16 +130,13 @@ class GenerateStage:
         require(batch, "generate", self.NEEDS)
         rows = _rows(batch)
         todo = []
+        stored = self._stored([r for r in rows if not r["generate"]])
         for row in rows:
             row["error"], row["generated"] = None, False
             if not row["generate"]:
-                path = self.source.paths.response_file(
-                    self.source.variant, row["prompt_set"], row["prompt_id"]
-                )
-                try:
-                    rec = read_response(path)
-                except RaypipeError:
-                    todo.append(row)  # unreadable: generate it again rather than fail
+                rec = stored.get(row["prompt_id"])
+                if rec is None:
+                    todo.append(row)  # unreadable (or gone): generate it again, not fail
                     continue
                 row.update(
                     prompt_text=rec["prompt"],
@@ -142,6 +144,8 @@ class GenerateStage:
                     token_ids=rec["token_ids"],
                     prompt_end=rec["prompt_end"],
                     tokens=rec["tokens"],
+                    capture_date=rec.get("capture_date"),
+                    inference_model=rec.get("inference_model"),
                 )
             else:
                 todo.append(row)
@@ -158,6 +162,25 @@ class GenerateStage:
                     project=res.error is None,
                 )
         return _frame(rows, self.PRODUCES)
+
+    def _stored(self, rows: list[dict]) -> dict[str, dict]:
+        """{prompt_id: response record} of the existing responses of `rows`: their JSON
+        files, or, in a run that writes none, the responses table."""
+        src = self.source
+        if not rows:
+            return {}
+        if not src.json:
+            ids = [r["prompt_id"] for r in rows]
+            table = stored_responses(src.paths, src.variant, rows[0]["prompt_set"], ids)
+            return {pid: {**r, "inference_model": r["model"]} for pid, r in table.items()}
+        out = {}
+        for row in rows:
+            path = src.paths.response_file(src.variant, row["prompt_set"], row["prompt_id"])
+            try:
+                out[row["prompt_id"]] = read_response(path)
+            except RaypipeError:
+                pass
+        return out
 
     def _respond(self, rows: list[dict]):
         engine = self._engine()
@@ -180,23 +203,43 @@ class GenerateStage:
 
 
 def write_responses(batch: pd.DataFrame, source: ResponseSource) -> pd.DataFrame:
-    """Persist new responses right away: a later crash never costs a finished generation."""
+    """Persist new responses right away (a later crash never costs a finished generation): the
+    table's part first, then the JSON files (a crash between them leaves a row to redo, never a
+    file the table lacks). Loaded responses go into the part too, so a tree whose responses
+    came from elsewhere (trait-interp) gets its table."""
     require(batch, "write_responses", GenerateStage.PRODUCES)
+    rows, files = [], []
     for row in _rows(batch):
-        if not row["generated"]:
+        if row["error"] or row["token_ids"] is None:
             continue
+        record = response_record(
+            prompt=row["prompt_text"],
+            response=row["response_text"],
+            system_prompt=row["system_prompt"],
+            tokens=list(row["tokens"]),
+            token_ids=list(row["token_ids"]),
+            prompt_end=row["prompt_end"],
+            model=source.model_name if row["generated"] else row["inference_model"],
+            note=row["note"],
+        )
+        if not row["generated"]:
+            record["capture_date"] = row["capture_date"]
+        elif source.json:
+            files.append((row, record))
+        rows.append(response_row(record, row["prompt_id"], row["prompt_set"]))
+    if rows:
+        write_part(
+            source.paths,
+            source.variant,
+            "responses",
+            rows[0]["prompt_set"],
+            rows,
+            [True] * len(rows),
+        )
+    for row, record in files:
         write_response(
             source.paths.response_file(source.variant, row["prompt_set"], row["prompt_id"]),
-            response_record(
-                prompt=row["prompt_text"],
-                response=row["response_text"],
-                system_prompt=row["system_prompt"],
-                tokens=list(row["tokens"]),
-                token_ids=list(row["token_ids"]),
-                prompt_end=row["prompt_end"],
-                model=source.model_name,
-                note=row["note"],
-            ),
+            record,
         )
     return batch
 
@@ -406,6 +449,7 @@ class ProjectionSink:
     centered: bool
     force: bool
     massive_dims: tuple[int, ...] | None
+    json: bool = True  # per-prompt files as well as the table's parts
 
 
 SUMMARY_COLUMNS = ("prompt_id", "status", "generated", "n_tokens", "error")
@@ -499,7 +543,7 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
         "write_projections",
         ("prompt_set", "prompt_id", "prompt_end", "generated") + ProjectStage.SCORE_COLUMNS,
     )
-    out = []
+    out, files, table, replaces = [], [], [], []
     n_vec = len(sink.vectors)
     by_trait: dict[str, list[int]] = {}
     for i, info in enumerate(sink.vectors):
@@ -552,7 +596,28 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
                 centered=sink.centered,
                 entries=entries,
             )
-            wrote |= update_projection(path, record, force=sink.force, fresh=row["generated"])
+            if sink.json:
+                merged = merged_projection(path, record, sink.force, fresh=row["generated"])
+                if merged is not None:
+                    # The file's whole content, as the part's rows of this prompt and trait.
+                    files.append((path, merged))
+                    rows = projection_rows(merged, trait, row["prompt_id"], row["prompt_set"])
+                    table += rows
+                    replaces += [True] * len(rows)
+                    wrote = True
+            else:
+                # No file to merge into: the run's entries, merged into the table by key
+                # (a regenerated response's replace all of its old ones).
+                rows = projection_rows(record, trait, row["prompt_id"], row["prompt_set"])
+                table += rows
+                replaces += [bool(row["generated"])] * len(rows)
+                wrote = True
         # Projected only for the calibration (its files were complete): nothing new written.
         out.append({**summary, "status": "done" if wrote else "skipped"})
+    # The table's part first, then the files: a crash between leaves rows to redo, never a file
+    # the table lacks. Each part row stands for its file's whole content (`replaces`).
+    if table:
+        write_part(sink.paths, sink.variant, "projections", table[0]["prompt_set"], table, replaces)
+    for path, merged in files:
+        write_projection(path, merged)
     return _frame(out, SUMMARY_COLUMNS)

@@ -81,6 +81,11 @@ def write_with(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the rename makes it visible
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         try:

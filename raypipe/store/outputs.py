@@ -317,9 +317,22 @@ def _entry_order(entry: dict) -> tuple[int, str]:
     return layer, method
 
 
-def update_projection(path: Path, record: dict, force: bool = False, fresh: bool = False) -> bool:
-    """Write `record` (one run's entries for one prompt and trait) into the file at `path`;
-    True when anything was written.
+def update_projection(
+    path: Path, record: dict, force: bool = False, fresh: bool = False
+) -> dict | None:
+    """Write `record` into the file at `path` as merged_projection merges it; returns the
+    file's record as written, None when nothing was written."""
+    merged = merged_projection(path, record, force, fresh)
+    if merged is not None:
+        write_projection(path, merged)
+    return merged
+
+
+def merged_projection(
+    path: Path, record: dict, force: bool = False, fresh: bool = False
+) -> dict | None:
+    """What the file at `path` is to hold once `record` (one run's entries for one prompt and
+    trait) goes in; None when nothing changes.
 
     The file's other entries stay: the run's entries the file does not hold yet (all of them
     with `force`) are merged in by (method, layer), the run's winning, sorted by layer then
@@ -337,8 +350,7 @@ def update_projection(path: Path, record: dict, force: bool = False, fresh: bool
             old = None  # unreadable: written again
     settings = ProjectionSettings.of(record["metadata"])
     if old is None or ProjectionSettings.of(old["metadata"]) != settings:
-        write_projection(path, record)
-        return True
+        return record
     held = ProjectionContents.of(old)
     new = {
         _entry_key(e): e
@@ -346,10 +358,9 @@ def update_projection(path: Path, record: dict, force: bool = False, fresh: bool
         if force or not held.holds(settings, *_entry_key(e), _cleaned_dims(e))
     }
     if not new:
-        return False
+        return None
     kept = {k: e for e in old["projections"] if (k := _entry_key(e)) is not None and k not in new}
     merged = sorted([*kept.values(), *new.values()], key=_entry_order)
     meta = {**record["metadata"], "n_vectors": len(merged)}
     # Keys of the file's own beyond metadata and projections (a foreign writer's) stay too.
-    write_projection(path, {**old, **record, "metadata": meta, "projections": merged})
-    return True
+    return {**old, **record, "metadata": meta, "projections": merged}

@@ -1,17 +1,30 @@
-"""Parquet tables (projections, responses) per prompt set, rebuilt from the per-prompt JSON."""
+"""Parquet tables (projections, responses) per prompt set: written in parts by the workers as a
+run goes, folded into one table per prompt set by `compact`, newest row per key winning.
+
+A part is one writer call's rows, written whole (temp file, fsync, rename: its name appearing
+is its completion record). A part's rows may carry `replaces`: that row's prompt (and trait)
+had its outputs rewritten from scratch (a regenerated response, a projection file replaced),
+so every older row of that prompt (and trait) goes, not only those with the same key.
+Compaction is idempotent: killed half-way, the next one gives the same table.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import write_with
 from raypipe.store.outputs import read_projection, read_response
-from raypipe.store.paths import ExperimentPaths
+from raypipe.store.paths import PART_SUFFIX, ExperimentPaths
 
 _F32 = pa.list_(pa.float32())
 PROJECTIONS_SCHEMA = pa.schema(
@@ -51,6 +64,15 @@ RESPONSES_SCHEMA = pa.schema(
     ]
 )
 ROWS_PER_GROUP = 2048
+TABLES = ("projections", "responses")
+SCHEMAS = {"projections": PROJECTIONS_SCHEMA, "responses": RESPONSES_SCHEMA}
+# A row's identity in its table, and the group a `replaces` row clears.
+KEYS = {
+    "projections": ("prompt_id", "trait", "method", "layer", "component"),
+    "responses": ("prompt_id",),
+}
+GROUPS = {"projections": ("prompt_id", "trait"), "responses": ("prompt_id",)}
+REPLACES = "replaces"  # a column of parts only
 
 
 def _id_sort_key(path: Path):
@@ -91,54 +113,64 @@ def _readable(read, f: Path, unreadable: list[str] | None):
         return None
 
 
+def projection_rows(record: dict, trait: str, prompt_id: str, prompt_set: str) -> list[dict]:
+    """The table's rows for one projection record (one prompt, one trait): one per entry."""
+    meta = record["metadata"]
+    return [
+        {
+            "prompt_set": prompt_set,
+            "prompt_id": prompt_id,
+            "trait": trait,
+            "method": e["method"],
+            "layer": e["layer"],
+            "component": meta["component"],
+            "position": meta["position"],
+            "selection_source": e["selection_source"],
+            "baseline": e["baseline"],
+            "centered": meta["centered"],
+            "n_prompt_tokens": meta["n_prompt_tokens"],
+            "n_response_tokens": meta["n_response_tokens"],
+            "prompt_scores": e["prompt"],
+            "response_scores": e["response"],
+            "prompt_norms": e["token_norms"]["prompt"],
+            "response_norms": e["token_norms"]["response"],
+            "normalized_prompt": e["normalized_prompt"],
+            "normalized_response": e["normalized_response"],
+        }
+        for e in record["projections"]
+    ]
+
+
+def response_row(record: dict, prompt_id: str, prompt_set: str) -> dict:
+    """The table's row for one response record."""
+    return {
+        "prompt_set": prompt_set,
+        "prompt_id": prompt_id,
+        "prompt": record["prompt"],
+        "response": record["response"],
+        "system_prompt": record.get("system_prompt"),
+        "token_ids": record["token_ids"],
+        "tokens": record["tokens"],
+        "prompt_end": record["prompt_end"],
+        "model": record.get("inference_model"),
+        "capture_date": record.get("capture_date"),
+    }
+
+
 def _projection_rows(paths, variant, prompt_set, unreadable=None) -> Iterator[dict]:
     for trait in projection_traits(paths, variant, prompt_set):
         folder = paths.projections_root(variant) / trait / prompt_set
         for f in _json_files(folder):
             rec = _readable(read_projection, f, unreadable)
-            if rec is None:
-                continue
-            meta = rec["metadata"]
-            for e in rec["projections"]:
-                yield {
-                    "prompt_set": prompt_set,
-                    "prompt_id": f.stem,
-                    "trait": trait,
-                    "method": e["method"],
-                    "layer": e["layer"],
-                    "component": meta["component"],
-                    "position": meta["position"],
-                    "selection_source": e["selection_source"],
-                    "baseline": e["baseline"],
-                    "centered": meta["centered"],
-                    "n_prompt_tokens": meta["n_prompt_tokens"],
-                    "n_response_tokens": meta["n_response_tokens"],
-                    "prompt_scores": e["prompt"],
-                    "response_scores": e["response"],
-                    "prompt_norms": e["token_norms"]["prompt"],
-                    "response_norms": e["token_norms"]["response"],
-                    "normalized_prompt": e["normalized_prompt"],
-                    "normalized_response": e["normalized_response"],
-                }
+            if rec is not None:
+                yield from projection_rows(rec, trait, f.stem, prompt_set)
 
 
 def _response_rows(paths, variant, prompt_set, unreadable=None) -> Iterator[dict]:
     for f in _json_files(paths.responses_dir(variant, prompt_set)):
         r = _readable(read_response, f, unreadable)
-        if r is None:
-            continue
-        yield {
-            "prompt_set": prompt_set,
-            "prompt_id": f.stem,
-            "prompt": r["prompt"],
-            "response": r["response"],
-            "system_prompt": r.get("system_prompt"),
-            "token_ids": r["token_ids"],
-            "tokens": r["tokens"],
-            "prompt_end": r["prompt_end"],
-            "model": r.get("inference_model"),
-            "capture_date": r.get("capture_date"),
-        }
+        if r is not None:
+            yield response_row(r, f.stem, prompt_set)
 
 
 def _write_table(target: Path, schema: pa.Schema, rows: Iterator[dict]) -> int:
@@ -161,6 +193,159 @@ def _write_table(target: Path, schema: pa.Schema, rows: Iterator[dict]) -> int:
 
     write_with(target, fill)
     return count
+
+
+# ---------------------------------------------------------------- parts and compaction
+
+
+def write_part(
+    paths: ExperimentPaths,
+    variant: str,
+    table: str,
+    prompt_set: str,
+    rows: list[dict],
+    replaces: list[bool],
+) -> Path | None:
+    """One writer call's rows of `table`, as a part (None when there are none)."""
+    if not rows:
+        return None
+    data = pa.Table.from_pylist(rows, schema=SCHEMAS[table])
+    data = data.append_column(REPLACES, pa.array(replaces, pa.bool_()))
+    # Named by time first: compaction applies parts in the order they were written.
+    name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}{PART_SUFFIX}"
+    target = paths.parquet_parts(variant, table, prompt_set) / name
+    return write_with(target, lambda tmp: pq.write_table(data, tmp, compression="zstd"))
+
+
+def _parts(paths: ExperimentPaths, variant: str, table: str, prompt_set: str) -> list[Path]:
+    folder = paths.parquet_parts(variant, table, prompt_set)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(PART_SUFFIX))
+
+
+def _joined(data: pa.Table, columns: tuple[str, ...]) -> pa.Array:
+    """One string per row naming its key (or group): what set membership is tested on."""
+    parts = [pc.cast(data.column(c), pa.string()) for c in columns]
+    return pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
+
+
+def _newest(table: str, new: pa.Table, part: pa.Array) -> tuple[pa.Table, pa.Array, pa.Array]:
+    """The parts' rows (`part`: each row's part, in write order), newest per key (later parts,
+    later rows win), less the rows a later part's `replaces` rows cleared; with the keys they
+    hold and the groups they clear in the table."""
+    order = pa.array(np.arange(len(new)))
+    keys, groups = _joined(new, KEYS[table]), _joined(new, GROUPS[table])
+    last = pa.table({"k": keys, "i": order}).group_by("k").aggregate([("i", "max")])
+    keep = pc.is_in(order, value_set=last.column("i_max"))
+    # Rows with `replaces` stand for their group's whole content as of their part: the
+    # group's rows in earlier parts go (and all of its rows in the table).
+    flagged = pc.filter(pa.table({"g": groups, "p": part}), new.column(REPLACES))
+    if flagged.num_rows:
+        latest = flagged.group_by("g").aggregate([("p", "max")])
+        cut = dict(zip(latest.column("g").to_pylist(), latest.column("p_max").to_pylist()))
+        cut_at = pa.array([cut.get(g, -1) for g in groups.to_pylist()])
+        keep = pc.and_(keep, pc.greater_equal(part, cut_at))
+    cleared = pc.unique(flagged.column("g"))
+    kept = pc.filter(new, keep)
+    return kept.drop_columns([REPLACES]), pc.unique(_joined(kept, KEYS[table])), cleared
+
+
+def compact(
+    paths: ExperimentPaths, variant: str, prompt_set: str, create: bool = True
+) -> dict[str, tuple[Path, int]]:
+    """Fold every finished part into its table: {table: (path, rows)}. With `create`, a table
+    that has neither file nor parts is written empty (a run's end); without, left absent."""
+    out = {}
+    for table in TABLES:
+        got = _compact(paths, variant, prompt_set, table, create)
+        if got is not None:
+            out[table] = got
+    return out
+
+
+def _compact(paths: ExperimentPaths, variant: str, prompt_set: str, table: str, create: bool):
+    """Parts go once their rows are in. The old table streams through row group by row group:
+    memory holds the new rows and their keys, never the whole table."""
+    target = paths.parquet_file(variant, table, prompt_set)
+    schema = SCHEMAS[table]
+    parts = _parts(paths, variant, table, prompt_set)
+    if not parts:
+        if not target.is_file() and not create:
+            return None
+        if not target.is_file():
+            write_with(target, lambda tmp: pq.write_table(schema.empty_table(), tmp))
+        return target, pq.ParquetFile(target).metadata.num_rows
+    with_flag = schema.append(pa.field(REPLACES, pa.bool_()))
+    read = [pq.read_table(p, schema=with_flag) for p in parts]
+    part = pa.array(np.repeat(np.arange(len(read)), [t.num_rows for t in read]))
+    rows, keys, cleared = _newest(table, pa.concat_tables(read), part)
+    count = 0
+
+    def fill(tmp: str) -> None:
+        nonlocal count
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            if target.is_file():
+                for batch in pq.ParquetFile(target).iter_batches(ROWS_PER_GROUP):
+                    old = pa.Table.from_batches([batch], schema=schema)
+                    stale = pc.or_(
+                        pc.is_in(_joined(old, KEYS[table]), value_set=keys),
+                        pc.is_in(_joined(old, GROUPS[table]), value_set=cleared),
+                    )
+                    old = pc.filter(old, pc.invert(stale))
+                    if old.num_rows:
+                        writer.write_table(old)
+                        count += old.num_rows
+            for start in range(0, rows.num_rows, ROWS_PER_GROUP):
+                writer.write_table(rows.slice(start, ROWS_PER_GROUP))
+            count += rows.num_rows
+            if count == 0:
+                writer.write_table(schema.empty_table())
+
+    write_with(target, fill)
+    for p in parts:  # only now: killed before this, the next compaction folds them again
+        p.unlink(missing_ok=True)
+    try:
+        parts[0].parent.rmdir()
+    except OSError:
+        pass
+    return target, count
+
+
+def current(
+    paths: ExperimentPaths, variant: str, table: str, prompt_set: str, columns=None
+) -> pa.Table:
+    """The table as compaction would make it now (the table and its finished parts), in
+    `columns` (all by default): what exists, for runs that write no JSON files."""
+    schema = SCHEMAS[table]
+    names = list(dict.fromkeys([*KEYS[table], *GROUPS[table], *(columns or schema.names)]))
+    sub = pa.schema([schema.field(n) for n in names])
+    parts = _parts(paths, variant, table, prompt_set)
+    read = [pq.read_table(p, schema=sub.append(pa.field(REPLACES, pa.bool_()))) for p in parts]
+    target = paths.parquet_file(variant, table, prompt_set)
+    old = pq.read_table(target, columns=names, schema=schema) if target.is_file() else None
+    if not read:
+        return old.select(names) if old is not None else sub.empty_table()
+    part = pa.array(np.repeat(np.arange(len(read)), [t.num_rows for t in read]))
+    rows, keys, cleared = _newest(table, pa.concat_tables(read), part)
+    if old is None:
+        return rows
+    stale = pc.or_(
+        pc.is_in(_joined(old, KEYS[table]), value_set=keys),
+        pc.is_in(_joined(old, GROUPS[table]), value_set=cleared),
+    )
+    return pa.concat_tables([pc.filter(old, pc.invert(stale)).select(names), rows])
+
+
+def stored_responses(
+    paths: ExperimentPaths, variant: str, prompt_set: str, ids: list[str]
+) -> dict[str, dict]:
+    """{prompt_id: response row} of the table for `ids` (after compaction: the table alone)."""
+    target = paths.parquet_file(variant, "responses", prompt_set)
+    if not target.is_file() or not ids:
+        return {}
+    data = pq.read_table(target, filters=[("prompt_id", "in", list(ids))])
+    return {r["prompt_id"]: r for r in data.to_pylist()}
 
 
 def build_parquet(

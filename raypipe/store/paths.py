@@ -15,6 +15,8 @@ MAX_NAME_LEN = 200
 EXPERIMENTS = "experiments"  # the folder under a root that holds every experiment
 RECORD_SUFFIX = ".json"  # a response or projection file: `{prompt_id}.json`
 TABLE_SUFFIX = ".parquet"  # a Parquet table: `{prompt_set}.parquet`
+PARTS_SUFFIX = ".parts"  # its parts written as a run goes: `{prompt_set}.parts/*.part`
+PART_SUFFIX = ".part"  # not `.parquet`: a glob over the tables never picks up a part
 
 
 def check_name(value: str, where: str | Path, field: str) -> str:
@@ -151,3 +153,7 @@ class ExperimentPaths:
 
     def parquet_file(self, variant: str, table: str, prompt_set: str) -> Path:
         return self.parquet_dir(variant, table) / f"{prompt_set}{TABLE_SUFFIX}"
+
+    def parquet_parts(self, variant: str, table: str, prompt_set: str) -> Path:
+        """Where workers write a table's rows as a run goes, folded in by the next compaction."""
+        return self.parquet_dir(variant, table) / f"{prompt_set}{PARTS_SUFFIX}"

@@ -1,0 +1,157 @@
+"""Parquet tables written by the workers as a run goes (parts), folded in by compaction; and
+runs with `--json none`, where the tables alone record what exists."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raypipe.store import parquet
+from raypipe.store.paths import ExperimentPaths
+from tests.conftest import PROMPTS, TRAITS, infer
+
+V, SET = "base", "tests/small"
+
+
+def _row(pid: str, trait: str, layer: int, value: float, method: str = "probe") -> dict:
+    return {
+        "prompt_set": SET,
+        "prompt_id": pid,
+        "trait": trait,
+        "method": method,
+        "layer": layer,
+        "component": "residual",
+        "position": "response[:]",
+        "selection_source": "layers_arg",
+        "baseline": 0.0,
+        "centered": False,
+        "n_prompt_tokens": 1,
+        "n_response_tokens": 1,
+        "prompt_scores": [value],
+        "response_scores": [value],
+        "prompt_norms": [1.0],
+        "response_norms": [1.0],
+        "normalized_prompt": [value],
+        "normalized_response": [value],
+    }
+
+
+def _table(paths) -> list[tuple]:
+    t = pq.read_table(paths.parquet_file(V, "projections", SET)).to_pylist()
+    return sorted((r["prompt_id"], r["trait"], r["layer"], r["prompt_scores"][0]) for r in t)
+
+
+def test_compaction_newest_wins_and_replacing_rows_clear_their_group(tmp_path):
+    paths = ExperimentPaths(tmp_path, "e")
+    a, b = "behavior/alpha", "tone/beta"
+    parquet.write_part(
+        paths, V, "projections", SET, [_row("0", a, 1, 1.0), _row("1", a, 1, 1.0)], [True, True]
+    )
+    parquet.compact(paths, V, SET)
+    # A file rewritten whole (its rows replace), a merged-in entry (by key), another trait.
+    parquet.write_part(
+        paths, V, "projections", SET, [_row("0", a, 2, 2.0), _row("0", a, 3, 2.0)], [True, True]
+    )
+    parquet.write_part(paths, V, "projections", SET, [_row("1", a, 3, 3.0)], [False])
+    parquet.write_part(paths, V, "projections", SET, [_row("1", b, 1, 4.0)], [True])
+    assert parquet.current(paths, V, "projections", SET).num_rows == 5  # as compaction will
+    tables = parquet.compact(paths, V, SET)
+    want = [
+        ("0", a, 2, 2.0),
+        ("0", a, 3, 2.0),
+        ("1", a, 1, 1.0),
+        ("1", a, 3, 3.0),
+        ("1", b, 1, 4.0),
+    ]
+    assert _table(paths) == want and tables["projections"][1] == 5
+    assert not paths.parquet_parts(V, "projections", SET).exists()  # folded in, gone
+    # Killed after the new table landed but before its parts went: folded again, same table.
+    part = parquet.write_part(paths, V, "projections", SET, [_row("1", a, 3, 3.0)], [False])
+    keep = part.read_bytes()
+    parquet.compact(paths, V, SET)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(keep)
+    parquet.compact(paths, V, SET)
+    assert _table(paths) == want
+    # A part half-written by a killed writer is a temp file, never read as a part.
+    parts = paths.parquet_parts(V, "projections", SET)
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / ".x.part.tmp-host-1-abc").write_bytes(b"PAR1 torn")
+    parquet.compact(paths, V, SET)
+    assert _table(paths) == want
+
+
+def test_a_run_streams_its_rows_and_never_reads_the_json_back(ray_session, tiny_root):
+    """The tables come from the rows the workers wrote, not from the JSON files: a response
+    file edited after the run leaves the table as the run wrote it."""
+    assert infer(tiny_root, "--layers", "1,2") == 0
+    paths = ExperimentPaths(tiny_root, "tiny")
+    responses = pq.read_table(paths.parquet_file(V, "responses", SET)).to_pylist()
+    assert len(responses) == len(PROMPTS)
+    assert pq.read_table(paths.parquet_file(V, "projections", SET)).num_rows == 2 * 2 * 10
+    first = paths.response_file(V, SET, "0")
+    edited = {**json.loads(first.read_text()), "response": "edited by hand"}
+    first.write_text(json.dumps(edited))
+    assert infer(tiny_root, "--layers", "1,2") == 0  # nothing to do
+    again = {
+        r["prompt_id"]: r
+        for r in pq.read_table(paths.parquet_file(V, "responses", SET)).to_pylist()
+    }
+    assert again["0"]["response"] != "edited by hand"
+    assert again["0"]["token_ids"] == {r["prompt_id"]: r for r in responses}["0"]["token_ids"]
+
+
+def test_json_none_writes_the_tables_only_and_resumes_from_them(
+    ray_session, tiny_root, tmp_path_factory
+):
+    """--json none: no per-prompt file, the same table rows as a JSON run; a re-run finds
+    everything done in the tables; new layers go in beside the old ones; --regenerate
+    replaces a prompt's rows."""
+    import shutil
+
+    ref = tmp_path_factory.mktemp("ref")
+    for part in ("experiments", "datasets"):
+        shutil.copytree(tiny_root / part, ref / part)
+    assert infer(ref, "--layers", "1,2") == 0
+    assert infer(tiny_root, "--layers", "1,2", "--json", "none") == 0
+    out = tiny_root / "experiments/tiny/inference/base"
+    assert not list(out.glob("responses/**/*.json")) and not list(out.glob("projections/**/*.json"))
+    paths, ref_paths = ExperimentPaths(tiny_root, "tiny"), ExperimentPaths(ref, "tiny")
+
+    def rows(p, table="projections"):
+        t = pq.read_table(p.parquet_file(V, table, SET)).to_pylist()
+        key = (
+            (lambda r: (r["prompt_id"], r["trait"], r["layer"]))
+            if table == "projections"
+            else (lambda r: r["prompt_id"])
+        )
+        return {key(r): r for r in t}
+
+    got, want = rows(paths), rows(ref_paths)
+    assert got.keys() == want.keys() and len(got) == 2 * 2 * len(PROMPTS)
+    for k, r in want.items():
+        np.testing.assert_array_equal(got[k]["response_scores"], r["response_scores"])
+    assert {k: r["token_ids"] for k, r in rows(paths, "responses").items()} == {
+        k: r["token_ids"] for k, r in rows(ref_paths, "responses").items()
+    }
+    before = rows(paths)
+    assert infer(tiny_root, "--layers", "1,2", "--json", "none", quiet=False) == 0
+    assert rows(paths) == before  # done in the tables: nothing redone
+    assert infer(tiny_root, "--layers", "3", "--json", "none") == 0
+    layers = {(pid, trait): set() for pid, trait, _ in before}
+    for pid, trait, layer in rows(paths):
+        layers[(pid, trait)].add(layer)
+    assert all(v == {1, 2, 3} for v in layers.values()), layers
+    assert infer(tiny_root, "--layers", "1", "--json", "none", "--regenerate") == 0
+    assert {layer for _, _, layer in rows(paths)} == {1}  # old entries belonged to old tokens
+    assert len(rows(paths)) == len(TRAITS) * len(PROMPTS)
+
+
+@pytest.mark.parametrize("flag", ["--json=some", "--json="])
+def test_json_takes_all_or_none(tiny_root, flag, capsys):
+    with pytest.raises(SystemExit):
+        infer(tiny_root, flag)
+    assert "--json" in capsys.readouterr().err
