@@ -1,4 +1,5 @@
-"""`--from-activations`: project saved raw captures onto trait vectors, no model, as Ray tasks."""
+"""`--from-activations`: score saved raw captures onto trait vectors with the projector's math,
+no model: a stage of the same pipeline as stream-through (backend "saved")."""
 
 from __future__ import annotations
 
@@ -15,18 +16,8 @@ from raypipe.errors import InputError, RaypipeError
 from raypipe.store.captures import read_capture
 from raypipe.store.outputs import (
     VectorInfo,
-    merged_projection,
-    projection_contents,
-    projection_entry,
-    projection_record,
-    requested_entries,
-    write_projection,
 )
-from raypipe.store.parquet import projection_rows, write_part
-from raypipe.store.paths import ExperimentPaths
 from raypipe.store.vectors import load_vectors
-
-CHUNK_FILES = 32  # files per Ray task: enough work to amortise a task, small enough to spread
 
 
 @dataclass(frozen=True)
@@ -116,177 +107,80 @@ def _score(
     return out
 
 
-def project_capture(
+def score_capture(
     record: dict,
     vectors: Sequence[Any],
     component: str,
-    centered: bool,
     massive_dims: Sequence[int] | None = None,
-    *,
-    prompt_id: str,
-    prompt_set: str,
     source: str | Path = "capture",
-) -> dict[str, dict]:
-    """{trait: projection record} for one capture (as read_capture returns it); `source` is the
-    file named in errors. The records are the same as stream-through writes for these vectors."""
-    if not vectors:
-        raise ValueError("project_capture needs at least one vector")
+) -> _Scores:
+    """Scores and norms (S, T) of one capture (as read_capture returns it), prompt then
+    response tokens: what the hooked projector gives for the same hidden states. `source` is
+    the file named in errors."""
     plain = [v if isinstance(v, _Vector) else _plain(v) for v in vectors]
-    res = _score(record, plain, component, massive_dims, str(source))
-    end = len(record["prompt"]["token_ids"])
-    n_resp = len(record["response"]["token_ids"])
-    by_trait: dict[str, list[int]] = {}
-    for i, v in enumerate(plain):
-        by_trait.setdefault(v.info.trait, []).append(i)
-    out = {}
-    for trait, idx in by_trait.items():
-        entries = [
-            projection_entry(
-                plain[i].info,
-                res.scores[i],
-                res.norms[i],
-                end,
-                centered,
-                (res.cleaned_scores[i], res.cleaned_norms[i], list(massive_dims))
-                if res.cleaned_scores is not None
-                else None,
-            )
-            for i in idx
-        ]
-        out[trait] = projection_record(
-            prompt_id=str(prompt_id),
-            prompt_set=prompt_set,
-            n_prompt_tokens=end,
-            n_response_tokens=n_resp,
-            component=component,
-            position=plain[idx[0]].info.position,
-            centered=centered,
-            entries=entries,
-        )
-    return out
+    return _score(record, plain, component, massive_dims, str(source))
 
 
-@dataclass
-class FromActivationsResult:
-    """Counts per prompt: done (some file written), skipped (all existed), failed (why)."""
+class SavedActivationsStage:
+    """--from-activations as a stage of the one pipeline: each row's raw capture, scored with
+    the projector's math, as the columns the projection writer takes. No model loads; one bad
+    capture fails its row alone."""
 
-    done: int = 0
-    skipped: int = 0
-    failed: int = 0
-    tokens: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    NEEDS = ("prompt_set", "prompt_id", "project")
+    PRODUCES = (
+        "prompt_set",
+        "prompt_id",
+        "prompt_end",
+        "token_ids",
+        "generated",
+        "error",
+        "scores",
+        "norms",
+        "cleaned_scores",
+        "cleaned_norms",
+    )
 
+    def __init__(self, paths, variant, component, vectors, massive_dims):
+        self.paths, self.variant, self.component = paths, variant, component
+        self.vectors = [_plain(v) for v in vectors]  # loaded here, from the checked files
+        self.dims = list(massive_dims) if massive_dims else None
 
-def _project_files(
-    paths: ExperimentPaths,
-    variant: str,
-    prompt_set: str,
-    prompt_ids: list[str],
-    vectors: list[_Vector],
-    component: str,
-    centered: bool,
-    force: bool,
-    massive_dims: Sequence[int] | None,
-) -> list[tuple[str, str, str | None, int]]:
-    """(prompt_id, status, reason, n_tokens) per prompt; one bad file never sinks the others.
-    A trait's file is to do when it lacks a requested (method, layer) entry, as in the plan."""
-    requested = requested_entries([v.info for v in vectors], component, centered)
-    out, files, table = [], [], []
-    for pid in prompt_ids:
-        todo = {}
-        for trait, (settings, wanted) in requested.items():
-            path = paths.projection_file(variant, trait, prompt_set, pid)
-            held = None if force else projection_contents(path)
-            if held is None or held.missing(settings, wanted, massive_dims):
-                todo[trait] = path
-        if not todo:
-            out.append((pid, "skipped", None, 0))
-            continue
-        src = paths.raw_file(variant, component, prompt_set, pid)
+    def __call__(self, batch):
+        from raypipe.pipeline.stages import _frame, _rows, require
+
+        require(batch, "from_activations", self.NEEDS)
+        out = []
+        for row in _rows(batch):
+            res = {
+                "prompt_set": row["prompt_set"],
+                "prompt_id": row["prompt_id"],
+                "generated": False,
+                "error": None,
+            }
+            if row["project"]:
+                res.update(self._score(row))
+            out.append(res)
+        return _frame(out, self.PRODUCES)
+
+    def _score(self, row: dict) -> dict:
+        src = self.paths.raw_file(self.variant, self.component, row["prompt_set"], row["prompt_id"])
         if not src.is_file():
-            out.append((pid, "failed", f"{src}: no raw capture (run with --capture first)", 0))
-            continue
+            return {"error": f"{src}: no raw capture (run with --capture first)"}
         try:
             rec = read_capture(src)
-            # Every vector, even for traits already written: the same matmul shapes as the
-            # projector; update_projection keeps what a file holds already.
-            records = project_capture(
-                rec,
-                vectors,
-                component,
-                centered,
-                massive_dims,
-                prompt_id=pid,
-                prompt_set=prompt_set,
-                source=src,
-            )
-            for trait, path in todo.items():
-                merged = merged_projection(path, records[trait], force=force)
-                if merged is not None:
-                    files.append((path, merged))
-                    table += projection_rows(merged, trait, pid, prompt_set)
+            res = _score(rec, self.vectors, self.component, self.dims, str(src))
         except RaypipeError as e:
-            out.append((pid, "failed", str(e), 0))
-            continue
-        except Exception as e:  # e.g. NaN in a capture: report it against this file only
-            out.append((pid, "failed", f"{src}: {type(e).__name__}: {e}", 0))
-            continue
-        n = len(rec["prompt"]["token_ids"]) + len(rec["response"]["token_ids"])
-        out.append((pid, "done", None, n))
-    # As the stream-through writer does: the table's part first, then the files.
-    write_part(paths, variant, "projections", prompt_set, table, [True] * len(table))
-    for path, merged in files:
-        write_projection(path, merged)
-    return out
-
-
-def run_from_activations(
-    paths: ExperimentPaths,
-    variant: str,
-    prompt_set: str,
-    prompt_ids: Sequence[str],
-    vectors: Sequence[Any],
-    component: str,
-    centered: bool,
-    force: bool,
-    massive_dims: Sequence[int] | None = None,
-    chunk_files: int = CHUNK_FILES,
-) -> FromActivationsResult:
-    """Project `raw/{component}/{prompt_set}/{id}.pt` for each id as Ray tasks; no model loads.
-
-    Existing projection files are kept unless `force`. Uses the running Ray (or starts one)."""
-    import ray
-
-    if not vectors:
-        raise ValueError("run_from_activations needs at least one vector")
-    ids = [str(p) for p in prompt_ids]
-    # Idempotent (atomic writes of the same content), so a retry after a lost worker is safe.
-    task = ray.remote(num_cpus=1, max_retries=3)(_project_files)
-    vec_ref = ray.put([_plain(v) for v in vectors])  # shipped once, not once per task
-    dims = list(massive_dims) if massive_dims else None
-    refs = [
-        task.remote(
-            paths,
-            variant,
-            prompt_set,
-            ids[i : i + chunk_files],
-            vec_ref,
-            component,
-            centered,
-            force,
-            dims,
-        )
-        for i in range(0, len(ids), max(1, chunk_files))
-    ]
-    result = FromActivationsResult()
-    for rows in ray.get(refs):
-        for pid, status, reason, n in rows:
-            if status == "done":
-                result.done += 1
-                result.tokens += n
-            elif status == "skipped":
-                result.skipped += 1
-            else:
-                result.failed += 1
-                result.failures.append((pid, reason or "unknown error"))
-    return result
+            return {"error": str(e)}
+        except Exception as e:  # e.g. NaN in a capture: against this file only
+            return {"error": f"{src}: {type(e).__name__}: {e}"}
+        ids = list(rec["prompt"]["token_ids"]) + list(rec["response"]["token_ids"])
+        out = {
+            "prompt_end": len(rec["prompt"]["token_ids"]),
+            "token_ids": ids,
+            "scores": res.scores.ravel(),
+            "norms": res.norms.ravel(),
+        }
+        if res.cleaned_scores is not None:
+            out["cleaned_scores"] = res.cleaned_scores.ravel()
+            out["cleaned_norms"] = res.cleaned_norms.ravel()
+        return out

@@ -16,7 +16,7 @@ from raypipe.engine.capture import Capturer
 from raypipe.engine.hooks import pad_right
 from raypipe.engine.projector import Projector
 from raypipe.errors import InputError
-from raypipe.fromacts import project_capture, run_from_activations
+from raypipe.fromacts import SavedActivationsStage, score_capture
 from raypipe.pipeline.stages import ProjectionSink, write_projections
 from raypipe.store.captures import build_capture, read_capture, write_capture
 from raypipe.store.outputs import VectorInfo
@@ -197,44 +197,26 @@ def test_round_trip_and_bad_files(tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("component", ["residual", "attn_contribution"])
-def test_project_capture_equals_projector(dtype, component):
+def test_saved_activations_score_as_the_projector_does(dtype, component):
     model, seqs, specs, dims = _model(dtype), _seqs(), _specs(), [3, 17]
     proj = Projector(model, load_vectors(specs, None), component, massive_dims=dims)
     expected = proj.project(seqs)
     acts = Capturer(model, sorted({v.layer for v in specs}), component).capture(seqs)
     for seq, acts_i, exp in zip(seqs, acts, expected):
         end = max(1, len(seq) // 2)
-        records = project_capture(
-            _record(seq, acts_i, component, end),
-            specs,
-            component,
-            centered=False,
-            massive_dims=dims,
-            prompt_id="0",
-            prompt_set="s",
-        )
-        assert list(records) == ["behavior/alpha", "tone/beta"]
-        row = {"behavior/alpha": iter([0, 2]), "tone/beta": iter([1, 3])}
-        for trait, rec in records.items():
-            assert rec["metadata"]["n_prompt_tokens"] == end
-            assert rec["metadata"]["n_response_tokens"] == len(seq) - end
-            for e in rec["projections"]:
-                i = next(row[trait])
-                assert e["layer"] == specs[i].layer
-                # Same hidden states and the same fp32 formulas. Only the BLAS kernel may differ:
-                # MKL picks gemv for a one-column matmul and rounds the tail rows of its M
-                # differently, so a score can be 1-2 ulp off; norms are exact.
-                close(e["prompt"] + e["response"], exp.scores[i])
-                norms = e["token_norms"]["prompt"] + e["token_norms"]["response"]
-                np.testing.assert_array_equal(np.float32(norms), exp.norms[i])
-                c = e["cleaned"]
-                assert c["dims"] == dims
-                close(c["prompt"] + c["response"], exp.cleaned_scores[i])
-                cn = c["token_norms"]["prompt"] + c["token_norms"]["response"]
-                np.testing.assert_array_equal(np.float32(cn), exp.cleaned_norms[i])
+        got = score_capture(_record(seq, acts_i, component, end), specs, component, dims)
+        assert got.scores.shape == exp.scores.shape == (len(specs), len(seq))
+        # Same hidden states and the same fp32 formulas. Only the BLAS kernel may differ: MKL
+        # picks gemv for a one-column matmul and rounds the tail rows of its M differently,
+        # so a score can be 1-2 ulp off; norms are exact.
+        for i in range(len(specs)):
+            close(got.scores[i], exp.scores[i])
+            close(got.cleaned_scores[i], exp.cleaned_scores[i])
+        np.testing.assert_array_equal(got.norms, exp.norms)
+        np.testing.assert_array_equal(got.cleaned_norms, exp.cleaned_norms)
 
 
-# ---------------------------------------------------------------- (d) Ray fan-out vs stream-through
+# ------------------------------------------------------------ (d) the saved stage vs stream-through
 
 
 def _load(path):
@@ -243,7 +225,7 @@ def _load(path):
     return rec
 
 
-def test_run_from_activations_matches_stream_through(ray_session, tiny_root, tiny_model_dir):
+def test_from_activations_matches_stream_through(tiny_root, tiny_model_dir):
     paths = ExperimentPaths(tiny_root, "tiny")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     specs, _ = resolve_vectors(
@@ -285,10 +267,20 @@ def test_run_from_activations_matches_stream_through(ray_session, tiny_root, tin
     for pid, seq, p, a in zip(ids[:-1], seqs, prompts, acts):
         rec = _record(seq, a, "residual", len(p))
         write_capture(paths.raw_file("acts", "residual", prompt_set, pid), rec)
-    args = (paths, "acts", prompt_set, ids, specs, "residual", True)
-    out = run_from_activations(*args, force=False, massive_dims=dims, chunk_files=4)
-    assert (out.done, out.skipped, out.failed) == (len(ids) - 1, 0, 1)
-    assert out.failures[0][0] == ids[-1] and "no raw capture" in out.failures[0][1]
+
+    def from_activations(force: bool) -> pd.DataFrame:
+        """The saved stage and the writer, as backend "saved" chains them (the plan's rows:
+        every prompt to project, as --force or missing files make them)."""
+        stage = SavedActivationsStage(paths, "acts", "residual", specs, dims)
+        rows = pd.DataFrame(
+            {"prompt_set": [prompt_set] * len(ids), "prompt_id": ids, "project": [True] * len(ids)}
+        )
+        sink = ProjectionSink(paths, "acts", infos, "residual", True, force, dims)
+        return write_projections(stage(rows), sink)
+
+    out = from_activations(force=False)
+    assert list(out["status"]) == ["done"] * (len(ids) - 1) + ["failed"]
+    assert "no raw capture" in out["error"].iloc[-1]
 
     for trait in TRAITS:
         for pid in ids[:-1]:
@@ -299,11 +291,12 @@ def test_run_from_activations_matches_stream_through(ray_session, tiny_root, tin
     # Existing files are kept (a file that holds every requested entry); --force rewrites them.
     f = paths.projection_file("acts", TRAITS[0], prompt_set, "0")
     f.write_text(f.read_text().replace('"projection_date": "', '"projection_date": "kept '))
-    again = run_from_activations(*args, force=False, massive_dims=dims)
-    assert (again.done, again.skipped, again.failed) == (0, len(ids) - 1, 1)
+    again = from_activations(force=False)
+    assert list(again["status"][:-1]) == ["skipped"] * (len(ids) - 1)
     assert '"projection_date": "kept ' in f.read_text()
-    forced = run_from_activations(*args, force=True, massive_dims=dims)
-    assert forced.done == len(ids) - 1 and '"projection_date": "kept ' not in f.read_text()
+    forced = from_activations(force=True)
+    assert list(forced["status"][:-1]) == ["done"] * (len(ids) - 1)
+    assert '"projection_date": "kept ' not in f.read_text()
 
 
 # ---------------------------------------------------------------- (e) layers that were not captured
@@ -314,14 +307,13 @@ def test_uncaptured_layer_or_component_is_an_input_error(tmp_path):
     acts = Capturer(model, [0, 1], "residual").capture(seqs[:1])
     path = write_capture(tmp_path / "7.pt", _record(seqs[0], acts[0], "residual"))
     rec = read_capture(path)
-    kw = dict(prompt_id="7", prompt_set="s", source=path)
     with pytest.raises(InputError, match=r"7\.pt: .*layer 2 was not captured") as err:
-        project_capture(rec, _specs(layers=(0, 2)), "residual", False, **kw)
+        score_capture(rec, _specs(layers=(0, 2)), "residual", None, path)
     assert "captured layers: [0, 1]" in str(err.value)
     with pytest.raises(
         InputError, match=r"7\.pt: .*'attn_contribution' was not captured at layer 0"
     ):
-        project_capture(rec, _specs(layers=(0,)), "attn_contribution", False, **kw)
+        score_capture(rec, _specs(layers=(0,)), "attn_contribution", None, path)
     short = _specs(layers=(1,), size=32)
     with pytest.raises(InputError, match="hidden size 64 but the vectors have 32"):
-        project_capture(rec, short, "residual", False, **kw)
+        score_capture(rec, short, "residual", None, path)

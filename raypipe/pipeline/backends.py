@@ -29,7 +29,7 @@ class Job:
     """A validated plan made concrete: which stages run, with what resources, decided once."""
 
     plan: InferPlan
-    mode: str  # "generate" (no projection), "stream" (generate + project), "capture"
+    mode: str  # "generate", "stream" (generate + project), "capture", "from_activations"
     gpus: float  # per model actor: --gpus-per-replica, else 1 when the cluster shows GPUs
     generates: bool  # some row needs a response generated
     served: str | None = None  # the model server that holds the model (--backend auto)
@@ -99,6 +99,8 @@ class Job:
 def backend_for(job: Job) -> str:
     """The one place the job's shape is chosen."""
     run = job.plan.opts.run
+    if job.mode == "from_activations":
+        return "saved"
     if job.served is not None:
         return "served"
     if run.tp > 1 and job.then == "project":
@@ -255,3 +257,27 @@ def served(job: Job) -> list[Stage]:
     gen = forwarder(generate_stage(job), run.generate_replicas if job.generates else 1)
     then = forwarder(then_stage(job), run.project_replicas) if job.then else None
     return _split(job, gen, then)
+
+
+@backend("saved")
+def saved(job: Job) -> list[Stage]:
+    """--from-activations: saved raw captures scored with the projector's math; no model."""
+    from raypipe.fromacts import SavedActivationsStage
+
+    p, run = job.plan, job.plan.opts.run
+    args = dict(
+        paths=p.paths,
+        variant=p.variant,
+        component=p.opts.projection.component,
+        vectors=p.vectors,
+        massive_dims=p.massive_dims,
+    )
+    scorer = Stage(
+        "from_activations",
+        SavedActivationsStage,
+        args,
+        SavedActivationsStage.NEEDS,
+        SavedActivationsStage.PRODUCES,
+        Resources(job.cpus, 0.0, replicas=run.project_replicas, batch_size=run.batch_size),
+    )
+    return [scorer, *projection_writer(job)]

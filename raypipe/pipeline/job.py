@@ -157,17 +157,15 @@ def _run_infer(plan: InferPlan) -> Summary:
     # responses from the table alone (with --json none).
     unreadable = _start_tables(plan)
     if mode == "from_activations":
-        summary = Summary(total=len(plan.rows))
-        with ray_session(run):  # no model anywhere: plain Ray tasks read the .pt files
-            _from_activations(plan, summary)
-        rows = []
+        rows = [r for r in plan.rows if r["project"]]  # no model: nothing is generated
     else:
         todo = _capture_rows(plan) if mode == "capture" else plan.rows
         rows = [r for r in todo if r["generate"] or (project and r["project"])]
-        summary = Summary(total=len(plan.rows), skipped=len(plan.rows) - len(rows))
+    summary = Summary(total=len(plan.rows), skipped=len(plan.rows) - len(rows))
     if rows:
-        # Convert an alias once, here, rather than racing in every worker.
-        resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
+        if mode != "from_activations":
+            # Convert an alias once, here, rather than racing in every worker.
+            resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
         with ray_session(run):
             _execute(plan, rows, summary)
     # The workers wrote the tables' rows in parts as they went: fold them in.
@@ -232,27 +230,6 @@ def _capture_rows(plan: InferPlan) -> list[dict]:
     return out
 
 
-def _from_activations(plan: InferPlan, summary: Summary) -> None:
-    from raypipe.fromacts import run_from_activations
-
-    opts = plan.opts
-    start = time.perf_counter()
-    res = run_from_activations(
-        plan.paths,
-        plan.variant,
-        plan.prompts.name,
-        [r["prompt_id"] for r in plan.rows],
-        list(plan.vectors),
-        opts.projection.component,
-        opts.projection.centered,
-        opts.output.force,
-        plan.massive_dims,
-    )
-    summary.seconds = time.perf_counter() - start
-    summary.done, summary.skipped, summary.failed = res.done, res.skipped, res.failed
-    summary.tokens, summary.failures = res.tokens, res.failures
-
-
 def _served_by(plan: InferPlan) -> str | None:
     """--backend auto: the name of a model server up for this model, else None; says which."""
     from raypipe.pipeline.server import describe, find_server, server_name
@@ -278,8 +255,9 @@ def _execute(plan: InferPlan, rows: list[dict], summary: Summary) -> None:
         plan=plan,
         mode=plan.opts.mode,
         gpus=run.gpus_per_replica if run.gpus_per_replica is not None else _cluster_gpus(),
-        generates=any(r["generate"] for r in rows),
-        served=_served_by(plan) if run.backend == "auto" else None,
+        generates=plan.opts.mode != "from_activations" and any(r["generate"] for r in rows),
+        served=_served_by(plan) if run.backend == "auto" and plan.opts.mode != "from_activations"
+        else None,
     )
     stages = BACKENDS[backend_for(job)](job)
     check_chain(stages, tuple(rows[0]))
