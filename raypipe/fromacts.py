@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raypipe.engine.projector import layer_scores
+from raypipe.engine.projector import SequenceScores, layer_scores
 from raypipe.errors import InputError, RaypipeError
 from raypipe.store.captures import read_capture
 from raypipe.store.outputs import (
@@ -59,14 +59,6 @@ def _layer_acts(record: dict, layer: int, component: str, source: str) -> torch.
     return torch.cat(parts, dim=0)
 
 
-@dataclass
-class _Scores:
-    scores: np.ndarray  # (S, T) float32
-    norms: np.ndarray  # (S, T)
-    cleaned_scores: np.ndarray | None = None  # (S, T)
-    cleaned_norms: np.ndarray | None = None  # (S, T)
-
-
 @torch.inference_mode()
 def _score(
     record: dict,
@@ -74,7 +66,7 @@ def _score(
     component: str,
     massive_dims: Sequence[int] | None,
     source: str,
-) -> _Scores:
+) -> SequenceScores:
     """The Projector's math, step for step in fp32, so stream-through and re-projection agree."""
     n = len(record["prompt"]["token_ids"]) + len(record["response"]["token_ids"])
     s = len(vectors)
@@ -101,7 +93,7 @@ def _score(
         if dims is not None:
             cleaned[0][rows] = parts[2].T.numpy()
             cleaned[1][rows] = parts[3].clamp_min(0).sqrt().numpy()
-    out = _Scores(scores, norms)
+    out = SequenceScores(scores, norms)
     if cleaned is not None:
         out.cleaned_scores, out.cleaned_norms = cleaned
     return out
@@ -113,7 +105,7 @@ def score_capture(
     component: str,
     massive_dims: Sequence[int] | None = None,
     source: str | Path = "capture",
-) -> _Scores:
+) -> SequenceScores:
     """Scores and norms (S, T) of one capture (as read_capture returns it), prompt then
     response tokens: what the hooked projector gives for the same hidden states. `source` is
     the file named in errors."""
@@ -163,6 +155,8 @@ class SavedActivationsStage:
         return _frame(out, self.PRODUCES)
 
     def _score(self, row: dict) -> dict:
+        from raypipe.pipeline.stages import put_scores
+
         src = self.paths.raw_file(self.variant, self.component, row["prompt_set"], row["prompt_id"])
         if not src.is_file():
             return {"error": f"{src}: no raw capture (run with --capture first)"}
@@ -174,13 +168,6 @@ class SavedActivationsStage:
         except Exception as e:  # e.g. NaN in a capture: against this file only
             return {"error": f"{src}: {type(e).__name__}: {e}"}
         ids = list(rec["prompt"]["token_ids"]) + list(rec["response"]["token_ids"])
-        out = {
-            "prompt_end": len(rec["prompt"]["token_ids"]),
-            "token_ids": ids,
-            "scores": res.scores.ravel(),
-            "norms": res.norms.ravel(),
-        }
-        if res.cleaned_scores is not None:
-            out["cleaned_scores"] = res.cleaned_scores.ravel()
-            out["cleaned_norms"] = res.cleaned_norms.ravel()
+        out = {"prompt_end": len(rec["prompt"]["token_ids"]), "token_ids": ids}
+        put_scores([out], [res])  # the same columns as the hooked projector's
         return out

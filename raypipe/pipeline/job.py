@@ -256,7 +256,8 @@ def _execute(plan: InferPlan, rows: list[dict], summary: Summary) -> None:
         mode=plan.opts.mode,
         gpus=run.gpus_per_replica if run.gpus_per_replica is not None else _cluster_gpus(),
         generates=plan.opts.mode != "from_activations" and any(r["generate"] for r in rows),
-        served=_served_by(plan) if run.backend == "auto" and plan.opts.mode != "from_activations"
+        served=_served_by(plan)
+        if run.backend == "auto" and plan.opts.mode != "from_activations"
         else None,
     )
     stages = BACKENDS[backend_for(job)](job)
