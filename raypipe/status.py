@@ -24,9 +24,25 @@ MAX_LISTED = 10  # stray files and missing ids named in the text report
 
 
 def status_options(args, root: Path, cache_dir: Path, prompt_set: str) -> InferOptions:
-    """The infer options that matter for deciding the work, from `raypipe status` flags."""
+    """The infer options that matter for deciding the work, from `raypipe status` flags. A
+    prompt set written with `--json none` (tables, no response files) is judged by its tables,
+    as its runs are."""
+    paths = ExperimentPaths(root, args.experiment)
+    json_files = "all"
+    if paths.config.is_file():  # (a missing one is the plan's error to name)
+        from raypipe.store.experiment import load_experiment
+
+        variant = load_experiment(paths).variant(args.model_variant, "application").name
+        table = paths.parquet_file(variant, "responses", prompt_set)
+        parts = paths.parquet_parts(variant, "responses", prompt_set)
+        if not paths.responses_dir(variant, prompt_set).is_dir() and (
+            table.is_file() or parts.is_dir()
+        ):
+            json_files = "none"
     return InferOptions(
-        output=OutputOptions(root=root, experiment=args.experiment, prompt_set=prompt_set),
+        output=OutputOptions(
+            root=root, experiment=args.experiment, prompt_set=prompt_set, json_files=json_files
+        ),
         model=ModelOptions(cache_dir=cache_dir, variant=args.model_variant),
         projection=ProjectionOptions(
             component=args.component,
@@ -69,7 +85,11 @@ def _stray(folder: Path, prefix: str = ".") -> list[Path]:
     return sorted(p for p in folder.iterdir() if TMP_MARK in p.name and p.name.startswith(prefix))
 
 
-def _parquet_state(path: Path, newest_json: int | None) -> str:
+def _parquet_state(path: Path, newest_json: int | None, parts: Path) -> str:
+    if parts.is_dir() and any(parts.iterdir()):
+        # Rows a run wrote that no compaction has folded in yet: a run is on, or was killed
+        # (the next one folds them in).
+        return "parts not folded in yet"
     if not path.is_file():
         return "missing" if newest_json is not None else "none (no JSON yet)"
     if newest_json is not None and path.stat().st_mtime_ns < newest_json:
@@ -99,7 +119,8 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     variant, name = plan.variant, plan.prompts.name
     ids = [item.id for item in plan.prompts.items]
     responses_dir = paths.responses_dir(variant, name)
-    missing_responses = [i for i in ids if not paths.response_file(variant, name, i).is_file()]
+    # The plan's rule: a row to generate is a response missing (files, or the tables).
+    missing_responses = [r["prompt_id"] for r in plan.rows if r["generate"]]
 
     traits = {}
     for trait, missing in plan.missing.items():
@@ -119,7 +140,6 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     raw = {c: sum(paths.raw_file(variant, c, name, i).is_file() for i in ids) for c in components}
 
     # Every folder this prompt set writes into; a temp file there is a write that never finished.
-    # Parquet is rebuilt from every trait folder on disk, planned or not: so is this.
     proj_dirs = [
         paths.projections_root(variant) / t / name for t in projection_traits(paths, variant, name)
     ]
@@ -134,7 +154,10 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     for table, newest_json in newest.items():
         target = paths.parquet_file(variant, table, name)
         stray += _stray(target.parent, f".{target.name}{TMP_MARK}")
-        parquet[table] = {"path": str(target), "state": _parquet_state(target, newest_json)}
+        parts = paths.parquet_parts(variant, table, name)
+        stray += _stray(parts)
+        state = _parquet_state(target, newest_json, parts)
+        parquet[table] = {"path": str(target), "state": state}
 
     root = paths.inference_dir(variant)
     return {

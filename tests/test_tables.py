@@ -155,3 +155,18 @@ def test_json_takes_all_or_none(tiny_root, flag, capsys):
     with pytest.raises(SystemExit):
         infer(tiny_root, flag)
     assert "--json" in capsys.readouterr().err
+
+
+def test_status_reads_a_tables_only_set_from_its_tables(ray_session, tiny_root, capsys):
+    from raypipe.cli import main
+
+    assert infer(tiny_root, "--layers", "1,2", "--json", "none") == 0
+    capsys.readouterr()
+    args = ["status", "--root", str(tiny_root), "--experiment", "tiny", "--prompt-set", SET]
+    assert main([*args, "--layers", "1,2", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["responses"]["missing"] == 0
+    assert all(t["missing"] == 0 for t in st["projections"].values())
+    assert main([*args, "--layers", "3", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert all(t["missing"] == len(PROMPTS) for t in st["projections"].values())

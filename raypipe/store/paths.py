@@ -74,9 +74,6 @@ class ExperimentPaths:
     def datasets(self) -> Path:
         return self.root / "datasets"
 
-    def prompt_set_file(self, prompt_set: str) -> Path:
-        return self.datasets / "inference" / f"{prompt_set}.json"
-
     def trait_data_dir(self, trait_set: str) -> Path:
         return self.datasets / "traits" / trait_set
 

@@ -37,20 +37,72 @@ def _opt_str(item: dict, key: str, where: Path, field: str) -> str | None:
     return check_text(value, where, field)
 
 
+FORMATS = (".json", ".jsonl", ".parquet")
+
+
+def prompt_set_path(datasets_dir: Path, name: str) -> Path:
+    """`datasets/inference/{name}` + .json (SPEC 3), .jsonl (one item per line) or .parquet
+    (one item per row: id, text or prompt, system_prompt, note); exactly one of them."""
+    folder = Path(datasets_dir) / "inference"
+    found = [folder / f"{name}{ext}" for ext in FORMATS if (folder / f"{name}{ext}").is_file()]
+    if not found:
+        raise InputError(folder / f"{name}.json", "prompt_set", f"prompt set '{name}' not found")
+    if len(found) > 1:
+        raise InputError(
+            found[0], "prompt_set", f"is ambiguous: {', '.join(p.name for p in found)} all exist"
+        )
+    return found[0]
+
+
+def _jsonl_items(path: Path) -> list:
+    import json
+
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(path, "prompt_set", f"cannot read: {e.strerror}") from None
+    items = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise InputError(path, f"line {n}", f"not valid UTF-8 (byte {e.start})") from None
+        except (ValueError, RecursionError) as e:
+            raise InputError(path, f"line {n}", f"malformed JSON: {type(e).__name__}") from None
+    return items
+
+
+def _parquet_items(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # not Parquet, truncated, unreadable
+        why = f"not a readable Parquet file ({type(e).__name__})"
+        raise InputError(path, "prompt_set", why) from None
+    return table.to_pylist()
+
+
 def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
     name = check_relpath(prompt_set, "--prompt-set", "prompt_set")
-    path = Path(datasets_dir) / "inference" / f"{name}.json"
-    if not path.is_file():
-        raise InputError(path, "prompt_set", f"prompt set '{name}' not found")
-    data = read_json(path, "prompt_set")
+    path = prompt_set_path(datasets_dir, name)
     system_prompt = None
-    if isinstance(data, dict):
-        system_prompt = _opt_str(data, "system_prompt", path, "system_prompt")
-        if "prompts" not in data:
-            raise InputError(path, "prompts", "missing (expected a list of prompts)")
-        items = data["prompts"]
+    if path.suffix == ".json":
+        data = read_json(path, "prompt_set")
+        if isinstance(data, dict):
+            system_prompt = _opt_str(data, "system_prompt", path, "system_prompt")
+            if "prompts" not in data:
+                raise InputError(path, "prompts", "missing (expected a list of prompts)")
+            items = data["prompts"]
+        else:
+            items = data
+        label = "prompts[{}]"
+    elif path.suffix == ".jsonl":
+        items, label = _jsonl_items(path), "line {}"
     else:
-        items = data
+        items, label = _parquet_items(path), "row {}"
     if not isinstance(items, list):
         raise InputError(path, "prompts", f"must be a list, got {type(items).__name__}")
     if not items:
@@ -58,39 +110,42 @@ def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
     out: list[PromptItem] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
-        field = f"prompts[{i}]"
-        if not isinstance(item, dict):
-            raise InputError(path, field, f"must be an object, got {type(item).__name__}")
-        if "id" not in item:
-            raise InputError(path, f"{field}.id", "missing")
-        raw_id = item["id"]
-        if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
-            raise InputError(path, f"{field}.id", f"must be an int or string, got {brief(raw_id)}")
-        pid = check_name(str(raw_id), path, f"{field}.id")
-        if pid in seen:
-            raise InputError(path, f"{field}.id", f"duplicate id {pid!r}")
-        seen.add(pid)
-        key = "text" if "text" in item else "prompt"
-        if key not in item:
-            raise InputError(path, f"{field}.text", "missing (no 'text' or 'prompt')")
-        text = item[key]
-        if not isinstance(text, str):
-            raise InputError(path, f"{field}.{key}", f"must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise InputError(path, f"{field}.{key}", "is empty")
-        check_text(text, path, f"{field}.{key}")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InputError(
-                path, f"{field}.{key}", f"is {len(text)} characters (limit {MAX_PROMPT_CHARS})"
-            )
-        own_system = _opt_str(item, "system_prompt", path, f"{field}.system_prompt")
-        note = _opt_str(item, "note", path, f"{field}.note")
-        out.append(
-            PromptItem(
-                id=pid,
-                text=text,
-                system_prompt=own_system if own_system is not None else system_prompt,
-                note=note,
-            )
-        )
+        field = label.format(i + 1 if path.suffix == ".jsonl" else i)
+        out.append(_item(item, path, field, system_prompt, seen))
     return PromptSet(name=name, path=path, items=tuple(out))
+
+
+def _item(item, path: Path, field: str, system_prompt: str | None, seen: set) -> PromptItem:
+    if not isinstance(item, dict):
+        raise InputError(path, field, f"must be an object, got {type(item).__name__}")
+    if "id" not in item:
+        raise InputError(path, f"{field}.id", "missing")
+    raw_id = item["id"]
+    if isinstance(raw_id, bool) or not isinstance(raw_id, int | str):
+        raise InputError(path, f"{field}.id", f"must be an int or string, got {brief(raw_id)}")
+    pid = check_name(str(raw_id), path, f"{field}.id")
+    if pid in seen:
+        raise InputError(path, f"{field}.id", f"duplicate id {pid!r}")
+    seen.add(pid)
+    # `text`, else `prompt` (SPEC 3); in a table both columns may be there, one of them null.
+    key = "prompt" if item.get("text") is None and item.get("prompt") is not None else "text"
+    if key == "text" and "text" not in item:
+        raise InputError(path, f"{field}.text", "missing (no 'text' or 'prompt')")
+    text = item[key]
+    if not isinstance(text, str):
+        raise InputError(path, f"{field}.{key}", f"must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InputError(path, f"{field}.{key}", "is empty")
+    check_text(text, path, f"{field}.{key}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InputError(
+            path, f"{field}.{key}", f"is {len(text)} characters (limit {MAX_PROMPT_CHARS})"
+        )
+    own_system = _opt_str(item, "system_prompt", path, f"{field}.system_prompt")
+    note = _opt_str(item, "note", path, f"{field}.note")
+    return PromptItem(
+        id=pid,
+        text=text,
+        system_prompt=own_system if own_system is not None else system_prompt,
+        note=note,
+    )
