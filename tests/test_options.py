@@ -112,6 +112,7 @@ def test_the_table_follows_the_flag_names():
         "generate_replicas": "--replicas",
         "project_replicas": "--replicas",
         "max_batch_size": "--batch-size",
+        "json_files": "--json",
     }
     for name, flag in cli.FLAGS.items():
         assert flag == renamed.get(name, "--" + name.replace("_", "-")), name

@@ -132,8 +132,13 @@ def test_rerun_skips_and_force_rewrites(ray_session, tiny_root):
     # the requested entries and keeps the file's others.
     assert infer(tiny_root, "--layers", "2", "--force") == 0
     after2 = snapshot(tiny_root)
-    resp = [k for k in before if "/responses/" in k]
-    assert all(before[k] == after2[k] for k in resp)
+    resp = [k for k in before if "/responses/" in k and k.endswith(".json")]
+    assert resp and all(before[k] == after2[k] for k in resp)
+    table = out_dir(tiny_root) / "parquet" / "responses" / "tests" / "small.parquet"
+    rows = sorted(pq.read_table(table).to_pylist(), key=lambda r: r["prompt_id"])
+    assert [r["token_ids"] for r in rows] == [
+        json.loads(after2[k])["token_ids"] for k in sorted(resp, key=lambda k: k.split("/")[-1])
+    ]
     proj = [k for k in before if "/projections/" in k and k.endswith(".json")]
     for k in proj:
         got = json.loads(after2[k])["projections"]
