@@ -243,8 +243,8 @@ def _newest(table: str, new: pa.Table, part: pa.Array) -> tuple[pa.Table, pa.Arr
     flagged = pc.filter(pa.table({"g": groups, "p": part}), new.column(REPLACES))
     if flagged.num_rows:
         latest = flagged.group_by("g").aggregate([("p", "max")])
-        cut = dict(zip(latest.column("g").to_pylist(), latest.column("p_max").to_pylist()))
-        cut_at = pa.array([cut.get(g, -1) for g in groups.to_pylist()])
+        at = pc.index_in(groups, value_set=latest.column("g"))  # null: a group never replaced
+        cut_at = pc.fill_null(pc.take(latest.column("p_max"), at), -1)
         keep = pc.and_(keep, pc.greater_equal(part, cut_at))
     cleared = pc.unique(flagged.column("g"))
     kept = pc.filter(new, keep)
