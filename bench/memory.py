@@ -84,8 +84,9 @@ def build_root(base: Path, model: Path, n: int, seed: int) -> Path:
     return root
 
 
-def measure(root: Path, args, interval: float) -> dict:
-    cmd = [
+def infer_command(root: Path, max_new_tokens: int, batch_size: int, *extra: str) -> list[str]:
+    """`raypipe infer` on a tree of build_root: the tiny model, 2 traits x layers 1 and 2."""
+    return [
         sys.executable,
         "-m",
         "raypipe.cli",
@@ -99,13 +100,17 @@ def measure(root: Path, args, interval: float) -> dict:
         "--dtype",
         "float32",
         "--max-new-tokens",
-        str(args.max_new_tokens),
+        str(max_new_tokens),
         "--batch-size",
-        str(args.batch_size),
+        str(batch_size),
         "--layers",
         "1,2",
-        "--quiet",
+        *extra,
     ]
+
+
+def measure(root: Path, args, interval: float) -> dict:
+    cmd = infer_command(root, args.max_new_tokens, args.batch_size, "--quiet")
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env["RAY_ADDRESS"] = "local"  # a Ray of its own, whose processes all sit in our session
     start = time.perf_counter()

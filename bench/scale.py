@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memory import build_root, session_rss  # noqa: E402
+from memory import build_root, infer_command, session_rss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -45,27 +45,7 @@ def _vm_hwm(pid: int) -> int:
 
 
 def run(root: Path, n: int, args) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "raypipe.cli",
-        "infer",
-        "--root",
-        str(root),
-        "--experiment",
-        "tiny",
-        "--prompt-set",
-        "bench/synthetic",
-        "--dtype",
-        "float32",
-        "--max-new-tokens",
-        str(args.max_new_tokens),
-        "--batch-size",
-        str(args.batch_size),
-        "--layers",
-        "1,2",
-        *args.extra,
-    ]
+    cmd = infer_command(root, args.max_new_tokens, args.batch_size, *args.extra)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     start = time.monotonic()
     proc = subprocess.Popen(
