@@ -18,7 +18,6 @@ the environment alone.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from raypipe.errors import RaypipeError
 from raypipe.store.atomic import write_json
+from raypipe.store.text import is_loopback
 
 LOOPBACK = "127.0.0.1"
 # HTTP(S) from any process of a local run goes to a closed loopback port, so a library that
@@ -160,15 +160,6 @@ def init_local(**ray_kwargs) -> list[int]:
     return reaped
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def join(address: str, source: str, **ray_kwargs) -> None:
     """ray.init on a running cluster, checked first so that a wrong address or a missing
     token is one line naming the address (ray.init would retry for minutes, then log
@@ -177,7 +168,7 @@ def join(address: str, source: str, **ray_kwargs) -> None:
 
     host, port = _host_port(address)
     if host is not None:
-        if _is_loopback(host):
+        if is_loopback(host):
             apply_loopback_env()  # or Ray rewrites 127.0.0.1 to the machine's own address
             _use_local_token()
         try:

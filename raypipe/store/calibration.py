@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json, write_json, write_tensor
 from raypipe.store.outputs import now_iso
+from raypipe.store.text import json_kind, shown_json
 
 STATE_FORMAT = 1
 
@@ -110,31 +110,16 @@ DERIVED_TOP = 5
 DERIVED_MIN_LAYERS = 3
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
-
-
-def _shown(value: Any) -> str:
-    text = _kind(value) if isinstance(value, list | dict) else json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _dims(where: str | Path, field: str, value: Any) -> list[int]:
     """A JSON list of hidden-state indices, or an InputError naming the item that is not one."""
     if not isinstance(value, list):
-        raise InputError(where, field, f"must be a list of integers, not {_kind(value)}")
+        raise InputError(where, field, f"must be a list of integers, not {json_kind(value)}")
     for i, d in enumerate(value):
         if type(d) is not int or not 0 <= d < MAX_HIDDEN_DIM:
             raise InputError(
                 where,
                 f"{field}[{i}]",
-                f"must be a hidden-state index (an integer from 0), got {_shown(d)}",
+                f"must be a hidden-state index (an integer from 0), got {shown_json(d)}",
             )
     return value
 
@@ -147,7 +132,7 @@ def _derived_dims(where: str | Path, aggregate: dict[str, Any]) -> tuple[int, ..
             where, "aggregate", "has neither massive_dims nor top_dims_by_layer to derive them"
         )
     if not isinstance(by_layer, dict):
-        raise InputError(where, field, f"must be an object, not {_kind(by_layer)}")
+        raise InputError(where, field, f"must be an object, not {json_kind(by_layer)}")
     counts: dict[int, int] = {}
     for layer, dims in by_layer.items():
         for d in set(_dims(where, f"{field}.{layer}", dims)[:DERIVED_TOP]):
@@ -161,7 +146,7 @@ def calibration_dims(where: str | Path, record: Any) -> tuple[int, ...]:
     is collecting it, or was stopped), or a malformed aggregate. A file without massive_dims
     (written by trait-interp) has them derived from its top_dims_by_layer."""
     if not isinstance(record, dict):
-        raise InputError(where, "calibration", f"must be a JSON object, not {_kind(record)}")
+        raise InputError(where, "calibration", f"must be a JSON object, not {json_kind(record)}")
     if not is_complete(record):
         seen = record.get("tokens_seen")
         seen = seen if type(seen) is int else "?"
@@ -175,7 +160,7 @@ def calibration_dims(where: str | Path, record: Any) -> tuple[int, ...]:
         raise InputError(where, "aggregate", "missing")
     aggregate = record["aggregate"]
     if not isinstance(aggregate, dict):
-        raise InputError(where, "aggregate", f"must be an object, not {_kind(aggregate)}")
+        raise InputError(where, "aggregate", f"must be an object, not {json_kind(aggregate)}")
     if "massive_dims" not in aggregate:
         return _derived_dims(where, aggregate)
     return tuple(sorted(set(_dims(where, "aggregate.massive_dims", aggregate["massive_dims"]))))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from raypipe.errors import InputError
 
@@ -34,6 +37,34 @@ def check_text(value: str, where: str | Path, field: str, controls: bool = True)
             where, field, f"has a control character {m.group()!r} at index {m.start()}"
         )
     return value
+
+
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about the wrong shape."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
+
+
+def shown_json(value: Any) -> str:
+    """A parsed JSON value as an error quotes it: its kind for arrays and objects, else the
+    value itself, cut to 40 characters."""
+    text = json_kind(value) if isinstance(value, list | dict) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def brief(value: object, limit: int = 80) -> str:

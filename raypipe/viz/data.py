@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -19,6 +18,7 @@ from raypipe.store.calibration import MAX_HIDDEN_DIM, calibration_dims
 from raypipe.store.experiment import ExperimentConfig, parse_experiment
 from raypipe.store.paths import RECORD_SUFFIX, TABLE_SUFFIX, ExperimentPaths, experiments_dir
 from raypipe.store.scores import ScoreMode, center, normalize_projections
+from raypipe.store.text import json_kind, shown_json
 
 SEGMENTS = ("prompt", "response")
 
@@ -35,22 +35,6 @@ class ApiError(Exception):
 def file_error(status: int, where: str, field: str, message: str) -> ApiError:
     """An ApiError worded as the CLI words bad input: `WHERE: FIELD: message`."""
     return ApiError(status, str(InputError(where, field, message)))
-
-
-def json_kind(value: Any) -> str:
-    """The JSON name of a parsed value's type, for messages about the wrong shape."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
-
-
-def _shown(value: Any) -> str:
-    text = json_kind(value) if isinstance(value, list | dict) else json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -205,7 +189,7 @@ def tokens_and_end(
             kind = json_kind(token)
             raise file_error(422, where, f"tokens[{i}]", f"must be a string, not {kind}{of}")
     if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= len(tokens):
-        shown = _shown(end)
+        shown = shown_json(end)
         message = f"must be an integer from 0 to {len(tokens)}, got {shown}{of}"
         raise file_error(422, where, "prompt_end", message)
     return tokens, end

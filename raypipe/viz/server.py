@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from raypipe.store.paths import experiments_dir
+from raypipe.store.text import is_loopback
 from raypipe.viz.api import ROUTES, Query
 from raypipe.viz.data import ApiError, Tree
 
@@ -75,7 +75,7 @@ class DashboardServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # A browser page on another site can reach a loopback server through DNS rebinding;
         # checking the Host header stops that while the server is only meant for this machine.
-        self.check_host = _is_loopback(host)
+        self.check_host = is_loopback(host)
         super().__init__(address, Handler)
 
     @property
@@ -83,15 +83,6 @@ class DashboardServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         shown = f"[{host}]" if ":" in str(host) else host
         return f"http://{shown}:{port}/"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Handler(BaseHTTPRequestHandler):
