@@ -50,6 +50,22 @@ def sanitize_position(position: str) -> str:
     return out.replace("[", "_").replace(":", "_").replace("]", "")
 
 
+def desanitize_position(folder: str) -> str:
+    """The position a folder name stands for, as trait-interp reads it back (for vector sets
+    without metadata.json): `response_all` -> `response[:]`, `response__5` -> `response[:5]`,
+    `response_-5_` -> `response[-5:]`, `prompt_-1` -> `prompt[-1]`."""
+    if folder.endswith("_all"):
+        return f"{folder[:-4]}[:]"
+    frame, sep, piece = folder.partition("_")
+    if not sep:
+        return folder
+    if piece.startswith("_"):
+        return f"{frame}[:{piece[1:]}]"
+    if piece.endswith("_"):
+        return f"{frame}[{piece[:-1]}:]"
+    return f"{frame}[{piece}]"
+
+
 def experiments_dir(root: Path) -> Path:
     """The folder of every experiment under `root`."""
     return Path(root) / EXPERIMENTS
