@@ -155,7 +155,18 @@ class ExperimentPaths:
         return self.projections_dir(variant, trait, prompt_set) / f"{prompt_id}{RECORD_SUFFIX}"
 
     def raw_file(self, variant: str, component: str, prompt_set: str, prompt_id: str) -> Path:
-        return self.inference_dir(variant) / "raw" / component / prompt_set / f"{prompt_id}.pt"
+        """Where a capture is written: `raw/residual/` whatever the component, as trait-interp
+        keeps every component of a prompt in this one file (and reads it only there)."""
+        return self.raw_files(variant, component, prompt_set, prompt_id)[0]
+
+    def raw_files(
+        self, variant: str, component: str, prompt_set: str, prompt_id: str
+    ) -> tuple[Path, ...]:
+        """Where a capture of `component` is looked for: `raw/residual/`, then a folder of the
+        component's own (`raw/attn_contribution/`, as older raypipe runs wrote it)."""
+        raw = self.inference_dir(variant) / "raw"
+        names = dict.fromkeys(("residual", component))
+        return tuple(raw / name / prompt_set / f"{prompt_id}.pt" for name in names)
 
     def calibration_file(self, variant: str) -> Path:
         return self.inference_dir(variant) / "massive_activations" / "calibration.json"
