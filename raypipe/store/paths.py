@@ -90,8 +90,13 @@ class ExperimentPaths:
     def datasets(self) -> Path:
         return self.root / "datasets"
 
+    @property
+    def traits_dir(self) -> Path:
+        """`datasets/traits/`: one folder per trait `category/name`, as trait-interp's."""
+        return self.datasets / "traits"
+
     def trait_data_dir(self, trait_set: str) -> Path:
-        return self.datasets / "traits" / trait_set
+        return self.traits_dir / trait_set
 
     # extraction
     def extraction_dir(self) -> Path:
