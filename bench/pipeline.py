@@ -31,7 +31,12 @@ from raypipe.pipeline.plan import plan_infer
 from raypipe.store.vectors import load_vectors
 
 REPO = Path(__file__).resolve().parents[1]
-TRAITS = ("behavior/refusal", "behavior/sycophancy", "emotion/optimism", "tone/formality")
+TRAITS = (
+    "starter_traits/refusal",
+    "starter_traits/sycophancy",
+    "starter_traits/optimism",
+    "starter_traits/formality",
+)
 
 
 def starter_texts(n: int) -> list[str]:

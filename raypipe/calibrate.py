@@ -31,19 +31,21 @@ def format_report(record: dict[str, Any]) -> str:
     rows = [(layer, e) for layer, entries in agg["massive_by_layer"].items() for e in entries]
     if not rows:
         # Say what came closest, so "none" can be told apart from "just under the cutoff".
+        # dim_magnitude_by_layer (trait-interp's shape): per dim, |mean h_d| relative to the
+        # layer's average over dims, in layer order.
+        layers = sorted(agg["layer_norms"], key=int)
         best = max(
             (
-                (mag / agg["layer_medians"][layer], layer, int(d))
-                for layer, dims in agg["dim_magnitude_by_layer"].items()
-                for d, mag in dims.items()
-                if agg["layer_medians"][layer] > 0
+                (mag, layers[i], int(d))
+                for d, row in agg["dim_magnitude_by_layer"].items()
+                for i, mag in enumerate(row[: len(layers)])
             ),
             default=None,
         )
         lines.append("no massive dims")
         if best:
             lines.append(
-                f"largest mean |h|: dim {best[2]} at layer {best[1]}, {best[0]:.0f}x the median"
+                f"largest mean h: dim {best[2]} at layer {best[1]}, {best[0]:.0f}x the average dim"
             )
         return "\n".join(lines)
     lines.append(

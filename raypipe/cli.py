@@ -24,6 +24,7 @@ from raypipe.options import (
     split_traits,
 )
 from raypipe.store.text import printable
+from raypipe.store.vectors import METHOD_PREFERENCE as METHODS
 
 # Option field -> the flag that sets it. Errors below the CLI name option fields (an
 # OptionError's field, `field` in a message); printing one, the CLI names the flag instead.
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="best, best+N, best-N, N, A-B, A-B:S, P%%-Q%%, all [best,best+5]",
     )
     p.add_argument("--traits", help="comma list of category/name [all extracted]")
-    p.add_argument("--method", choices=("probe", "mean_diff"), help="[probe, then mean_diff]")
+    p.add_argument("--method", choices=METHODS, help="only this method [best of all]")
     p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
     p.add_argument("--centered", action="store_true", help="subtract each vector's baseline")
     p.add_argument(
@@ -235,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="compute mean_diff and probe vectors from contrastive pairs")
     _common(p)
-    p.add_argument("--trait-set", default="starter_traits", help="folder under datasets/traits/")
+    p.add_argument(
+        "--trait-set",
+        default="starter_traits",
+        help="category folder under datasets/traits/ whose traits ({set}/{name}) to extract",
+    )
     p.add_argument("--traits", help="comma list of category/name [all in the trait set]")
     p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
     p.add_argument("--position", default="response[:]", help="token positions to average")
@@ -263,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="converted-model cache [~/.cache/raypipe, $RAYPIPE_CACHE]")
     p.add_argument("--layers", default="best,best+5", help="as for infer [best,best+5]")
     p.add_argument("--traits", help="comma list of category/name [all extracted]")
-    p.add_argument("--method", choices=("probe", "mean_diff"), help="[probe, then mean_diff]")
+    p.add_argument("--method", choices=METHODS, help="only this method [best of all]")
     p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
 

@@ -1,4 +1,7 @@
-"""`raypipe extract`: contrastive pairs -> mean_diff and probe vectors at every layer."""
+"""`raypipe extract`: contrastive pairs -> mean_diff and probe vectors at every layer.
+
+Traits are `category/name` with pairs at `datasets/traits/{category}/{name}/pairs.json`;
+`--trait-set` names the category extracted when no `--traits` are given."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class ExtractOptions:
 
     def __post_init__(self):
         check_name(self.experiment, OPTIONS, "experiment")
-        check_relpath(self.trait_set, OPTIONS, "trait_set")
+        check_name(self.trait_set, OPTIONS, "trait_set")  # a category: its traits are set/name
         if self.traits is not None:
             for t in self.traits:
                 check_relpath(t, OPTIONS, "traits", parts=2)
@@ -87,10 +90,10 @@ def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
     paths = ExperimentPaths(opts.root, opts.experiment)
     config = load_experiment(paths)
     variant = config.variant(opts.model.variant, "extraction")
-    folder = paths.trait_data_dir(opts.trait_set)
-    traits = list(opts.traits) if opts.traits else list_trait_data(folder)
+    folder = paths.traits_dir
+    traits = list(opts.traits) if opts.traits else list_trait_data(folder, opts.trait_set)
     if not traits:
-        raise InputError(folder, "trait_set", "no */*/pairs.json found")
+        raise InputError(paths.trait_data_dir(opts.trait_set), "trait_set", "no */pairs.json found")
     data = {t: load_trait_data(folder, t) for t in traits}  # validate all before loading a model
     todo = [t for t in traits if opts.force or not _done(paths, t, variant.name, opts)]
     report: dict[str, dict] = {}
@@ -146,7 +149,7 @@ def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
                     "n_train": int(len(train)),
                     "n_val": int(len(val)),
                     "seed": opts.seed,
-                    "source": f"datasets/traits/{opts.trait_set}/{trait}/pairs.json",
+                    "source": f"datasets/traits/{trait}/pairs.json",
                 },
             )
         report[trait] = {

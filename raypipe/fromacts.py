@@ -13,7 +13,7 @@ import torch
 
 from raypipe.engine.projector import SequenceScores, layer_scores
 from raypipe.errors import InputError, RaypipeError
-from raypipe.store.captures import read_capture
+from raypipe.store.captures import find_capture, read_capture
 from raypipe.store.outputs import (
     VectorInfo,
 )
@@ -39,7 +39,7 @@ def _plain(v: Any) -> _Vector:
 def _layer_acts(record: dict, layer: int, component: str, source: str) -> torch.Tensor:
     """(T, D) over prompt then response, in the captured dtype."""
     parts = []
-    for seg in ("prompt", "response"):
+    for seg in _segments(record):
         acts = record[seg]["activations"]
         if layer not in acts:
             raise InputError(
@@ -59,6 +59,16 @@ def _layer_acts(record: dict, layer: int, component: str, source: str) -> torch.
     return torch.cat(parts, dim=0)
 
 
+def _segments(record: dict) -> tuple[str, ...]:
+    """The segments scored: a response-only capture has no prompt activations."""
+    return ("response",) if record.get("response_only") else ("prompt", "response")
+
+
+def _ids(record: dict) -> list[int]:
+    """The token ids the scores cover, prompt then response."""
+    return [i for seg in _segments(record) for i in record[seg]["token_ids"]]
+
+
 @torch.inference_mode()
 def _score(
     record: dict,
@@ -68,7 +78,7 @@ def _score(
     source: str,
 ) -> SequenceScores:
     """The Projector's math, step for step in fp32, so stream-through and re-projection agree."""
-    n = len(record["prompt"]["token_ids"]) + len(record["response"]["token_ids"])
+    n = len(_ids(record))
     s = len(vectors)
     scores = np.zeros((s, n), dtype=np.float32)
     norms = np.zeros((s, n), dtype=np.float32)
@@ -157,7 +167,9 @@ class SavedActivationsStage:
     def _score(self, row: dict) -> dict:
         from raypipe.pipeline.stages import put_scores
 
-        src = self.paths.raw_file(self.variant, self.component, row["prompt_set"], row["prompt_id"])
+        src = find_capture(
+            self.paths, self.variant, self.component, row["prompt_set"], row["prompt_id"]
+        )
         if not src.is_file():
             return {"error": f"{src}: no raw capture (run with --capture first)"}
         try:
@@ -167,7 +179,8 @@ class SavedActivationsStage:
             return {"error": str(e)}
         except Exception as e:  # e.g. NaN in a capture: against this file only
             return {"error": f"{src}: {type(e).__name__}: {e}"}
-        ids = list(rec["prompt"]["token_ids"]) + list(rec["response"]["token_ids"])
-        out = {"prompt_end": len(rec["prompt"]["token_ids"]), "token_ids": ids}
+        ids = _ids(rec)
+        end = 0 if rec["response_only"] else len(rec["prompt"]["token_ids"])
+        out = {"prompt_end": end, "token_ids": ids}
         put_scores([out], [res])  # the same columns as the hooked projector's
         return out

@@ -81,7 +81,7 @@ class ProjectionOptions:
     component: str = "residual"
     layers: str = "best,best+5"
     traits: tuple[str, ...] | None = None  # None: every extracted trait
-    method: str | None = None  # None: probe, then mean_diff
+    method: str | None = None  # None: every method, the best by steering delta (SPEC 5)
     centered: bool = False
     remove_massive_dims: bool = False
     max_batch_tokens: int = 16384
@@ -98,8 +98,8 @@ class ProjectionOptions:
         if self.traits is not None:
             for t in self.traits:
                 check_relpath(t, OPTIONS, "traits", parts=2)
-        if self.method is not None and self.method not in ("probe", "mean_diff"):
-            raise OptionError("method", "must be probe or mean_diff")
+        if self.method is not None and self.method not in ("probe", "mean_diff", "gradient"):
+            raise OptionError("method", "must be probe, mean_diff or gradient")
         if self.max_batch_tokens < 1:
             raise OptionError("max_batch_tokens", "must be at least 1")
 

@@ -137,14 +137,15 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     components = []
     if raw_root.is_dir():
         components = sorted(p.name for p in raw_root.iterdir() if p.is_dir())
-    raw = {c: sum(paths.raw_file(variant, c, name, i).is_file() for i in ids) for c in components}
+    # Per folder under raw/ (raw/residual holds every component a capture took).
+    raw = {c: sum((raw_root / c / name / f"{i}.pt").is_file() for i in ids) for c in components}
 
     # Every folder this prompt set writes into; a temp file there is a write that never finished.
     proj_dirs = [
         paths.projections_root(variant) / t / name for t in projection_traits(paths, variant, name)
     ]
     folders = [responses_dir, paths.calibration_file(variant).parent, *proj_dirs]
-    folders += [paths.raw_file(variant, c, name, "_").parent for c in components]
+    folders += [raw_root / c / name for c in components]
     stray = [p for f in folders for p in _stray(f)]
     parquet = {}
     newest = {

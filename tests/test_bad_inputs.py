@@ -35,6 +35,8 @@ CONFIG = EXP + "/config.json"
 PROBE = EXP + "/extraction/behavior/alpha/base/vectors/response_all/residual/probe"
 LAYER0 = PROBE + "/layer0.pt"
 METADATA = PROBE + "/metadata.json"
+VECTORS = EXP + "/extraction/behavior/alpha/base/vectors"
+MEAN_DIFF_METADATA = VECTORS + "/response_all/residual/mean_diff/metadata.json"
 STEERING = EXP + "/steering/behavior/alpha/base/response_all/steering/results.jsonl"
 CALIBRATION = EXP + "/inference/base/massive_activations/calibration.json"
 TRAITS_DIR = EXP + "/extraction"
@@ -169,22 +171,24 @@ def _delete(template: str) -> Callable[[Path], None]:
     return prepare
 
 
-def _edit_metadata(edit: Callable[[dict], object]) -> Callable[[Path], None]:
+def _edit_metadata(
+    edit: Callable[[dict], object], files: tuple[str, ...] = (METADATA,)
+) -> Callable[[Path], None]:
     def prepare(root: Path) -> None:
-        path = _p(METADATA, root)
-        meta = json.loads(path.read_text())
-        edit(meta)
-        path.write_text(json.dumps(meta))
+        for template in files:
+            path = _p(template, root)
+            meta = json.loads(path.read_text())
+            edit(meta)
+            path.write_text(json.dumps(meta))
 
     return prepare
 
 
-def _drop_effect_sizes(root: Path) -> None:
-    path = _p(METADATA, root)
-    meta = json.loads(path.read_text())
-    for entry in meta["layers"].values():
-        entry.pop("val_effect_size", None)
-    path.write_text(json.dumps(meta))
+# Every method's metadata: the best vector is chosen among all of them (SPEC 5).
+_drop_effect_sizes = _edit_metadata(
+    lambda meta: [e.pop("val_effect_size", None) for e in meta["layers"].values()],
+    (METADATA, MEAN_DIFF_METADATA),
+)
 
 
 def _model_at(template: str, config_json: str | None = None) -> Callable[[Path], None]:
@@ -337,7 +341,6 @@ METADATA_FIELDS = {
     "layer_entry_not_object": "layers.0",
     "baseline_nan": "layers.0.baseline",
     "baseline_string": "layers.0.baseline",
-    "position_missing": "position",
     "position_lone_surrogate": "position",  # written to every projection file
     "position_unsafe": "position",  # becomes a steering path part
     "position_trailing_newline": "position",
@@ -783,18 +786,17 @@ GENERATED_CASES = [
         message="not a file",
     ),
     Case("vector/fifo", LAYER0, "vector", _fifo, VEC, message="not a file"),
-    Case("metadata/missing", METADATA, "metadata", _delete(METADATA), VEC),
     Case(
         "layers/no_vector_at_layer",
         PROBE,
         "layers",
         _delete(PROBE + "/layer2.pt"),
         {"--traits": "behavior/alpha", "--layers": "2"},
-        message="no vector at layer 2",
+        message="no probe vector at layer 2",
     ),
     Case(
         "layers/best_without_any_evidence",
-        PROBE,
+        VECTORS,
         "layers",
         _drop_effect_sizes,
         {"--traits": "behavior/alpha", "--layers": "best"},
@@ -861,10 +863,13 @@ GENERATED_CASES = [
     ),
     Case(
         "metadata/effect_size_400_digit_int",
-        PROBE,
+        VECTORS,
         "layers",
         _edit_metadata(
-            lambda meta: [e.update(val_effect_size=int("9" * 400)) for e in meta["layers"].values()]
+            lambda meta: [
+                e.update(val_effect_size=int("9" * 400)) for e in meta["layers"].values()
+            ],
+            (METADATA, MEAN_DIFF_METADATA),
         ),
         {"--traits": "behavior/alpha", "--layers": "best"},
         message="val_effect_size",

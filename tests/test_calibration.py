@@ -109,8 +109,12 @@ def test_flags_exactly_the_planted_dim(model, seqs):
         assert entry["massive_tokens"] == res["tokens_seen"]
         assert 9e3 < entry["max"] < 1.1e4 and entry["ratio"] > 1e4
         assert agg["top_dims_by_layer"][layer][0] == DIM
-        assert agg["dim_magnitude_by_layer"][layer][str(DIM)] > 9e3
+    # trait-interp's shape: per dim a list over layers (here layers 0-3), relative magnitude.
+    assert len(agg["dim_magnitude_by_layer"][str(DIM)]) == 4
+    # One dim holding nearly all of the mean: about D (64) times the average over dims.
+    assert min(agg["dim_magnitude_by_layer"][str(DIM)][1:]) > 50
     assert set(agg["layer_norms"]) == {"0", "1", "2", "3"}
+    assert set(agg["consecutive_cosine"]) == {"0", "1", "2"}
     json.dumps(res, allow_nan=False)
 
 
@@ -130,15 +134,21 @@ def test_stats_match_hidden_states(seqs):
     res = observe_all(model, [[seq]])["aggregate"]
     with torch.no_grad():
         hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+    means = {}
     for layer in range(len(hs) - 2):
-        h = hs[layer + 1][0].abs()  # (T, D)
+        h = hs[layer + 1][0]  # (T, D)
         key = str(layer)
         assert math.isclose(res["layer_norms"][key], float(h.norm(dim=-1).mean()), rel_tol=1e-5)
-        assert math.isclose(res["layer_medians"][key], float(h.median(-1).values.median()))
-        mean = h.mean(0)
-        assert res["top_dims_by_layer"][key] == mean.topk(5).indices.tolist()
-        for d, value in res["dim_magnitude_by_layer"][key].items():
-            assert math.isclose(value, float(mean[int(d)]), rel_tol=1e-5)
+        assert math.isclose(res["layer_medians"][key], float(h.abs().median(-1).values.median()))
+        means[layer] = mean = h.mean(0)  # signed, as trait-interp ranks the top dims
+        assert res["top_dims_by_layer"][key] == mean.abs().topk(5).indices.tolist()
+    for d, row in res["dim_magnitude_by_layer"].items():
+        for layer, value in enumerate(row[: len(means)]):
+            want = float(means[layer][int(d)].abs() / means[layer].abs().mean())
+            assert math.isclose(value, want, rel_tol=1e-4)
+    for layer in range(len(means) - 1):
+        cos = torch.nn.functional.cosine_similarity(means[layer], means[layer + 1], dim=0)
+        assert math.isclose(res["consecutive_cosine"][str(layer)], float(cos), abs_tol=1e-5)
 
 
 def test_padding_is_excluded(model, seqs):

@@ -45,15 +45,15 @@ def test_extract_then_infer(ray_session, tmp_path, capsys):
         root / "experiments" / "starter",
         ignore=shutil.ignore_patterns("extraction", "inference", "steering"),
     )
-    trait_src = REPO / "datasets" / "traits" / "starter_traits" / "tone" / "formality"
-    shutil.copytree(trait_src, root / "datasets/traits/starter_traits/tone/formality")
+    trait_src = REPO / "datasets" / "traits" / "starter_traits" / "formality"
+    shutil.copytree(trait_src, root / "datasets/traits/starter_traits/formality")
     (root / "datasets/inference/demo").mkdir(parents=True)
     general = json.loads((REPO / "datasets/inference/starter_prompts/general.json").read_text())
     general["prompts"] = general["prompts"][:4]
     (root / "datasets/inference/demo/four.json").write_text(json.dumps(general))
     assert main(["extract", "--root", str(root), "--experiment", "starter"]) == 0
     table = capsys.readouterr().out
-    row = next(line for line in table.splitlines() if line.startswith("tone/formality"))
+    row = next(line for line in table.splitlines() if line.startswith("starter_traits/formality"))
     val_acc = float(row.split()[3])
     assert val_acc >= 0.8, table  # formal vs casual register separates cleanly on this model
     meta = json.loads(
@@ -74,8 +74,9 @@ def test_extract_then_infer(ray_session, tmp_path, capsys):
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "tone/formality" in out and "done 4" in out
-    proj = root / "experiments/starter/inference/instruct/projections/tone/formality/demo/four"
+    assert "starter_traits/formality" in out and "done 4" in out
+    proj = root / "experiments/starter/inference/instruct/projections/starter_traits/formality"
+    proj = proj / "demo/four"
     files = sorted(proj.glob("*.json"))
     assert len(files) == 4
     rec = json.loads(files[0].read_text())

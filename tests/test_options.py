@@ -141,7 +141,7 @@ BAD_SINGLE = [
         "`component` residual",
     ),
     (lambda: ProjectionOptions(traits=("alpha",)), "traits", "part/part"),
-    (lambda: ProjectionOptions(method="svm"), "method", "probe or mean_diff"),
+    (lambda: ProjectionOptions(method="svm"), "method", "probe, mean_diff or gradient"),
     (lambda: ProjectionOptions(max_batch_tokens=0), "max_batch_tokens", "at least 1"),
     (lambda: dataclasses.replace(OUT, experiment="../e"), "experiment", "not a safe name"),
     (lambda: dataclasses.replace(OUT, prompt_set=""), "prompt_set", "non-empty"),

@@ -231,12 +231,11 @@ def test_parse_layers(text, n_layers, absolute, offsets):
     assert spec.best_offsets == offsets
 
 
-def test_parse_layers_percent_range_spans_the_model():
-    # 30%-60% of a 30-layer model (layers 0-29) covers its middle third.
-    spec = parse_layers("30%-60%", 30)
-    assert spec.absolute[0] == round(0.3 * 29)
-    assert spec.absolute[-1] == round(0.6 * 29)
-    assert spec.absolute == tuple(range(spec.absolute[0], spec.absolute[-1] + 1))
+def test_parse_layers_percent_bounds_follow_trait_interp():
+    # SPEC 4: int(n_layers * p), as trait-interp's parse_layers: 30%-60% of 30 layers is 9-18.
+    assert parse_layers("30%-60%", 30).absolute == tuple(range(9, 19))
+    assert parse_layers("30%-60%", 26).absolute == tuple(range(7, 16))  # int(7.8), int(15.6)
+    assert parse_layers("0%-100%", 30).absolute == tuple(range(30))  # 100% is past the last
 
 
 @pytest.mark.parametrize("text", ["4", "0,4", "2-6", "0-9:3"])
@@ -353,7 +352,6 @@ def test_best_layer_header_order_does_not_matter(tiny_root):
 @pytest.mark.parametrize(
     "lines",
     [
-        [_header(), _run(3, 50.0, 90.0)],  # no baseline line
         [_header(), _baseline(0.0), _run(3, 50.0, 70.0), _run(2, 50.0, 76.99)],  # all incoherent
         [_header(), _baseline(0.0), _run(3, 50.0, 90.0, method="mean_diff")],  # other method
         [_header(), _baseline(0.0)],  # no runs
@@ -364,6 +362,12 @@ def test_best_layer_falls_back_to_effect_size(tiny_root, lines):
     layer, source, why = _best(tiny_root, lines)
     assert (layer, source) == (1, "effect_size")
     assert "1.10" in why
+
+
+def test_a_steering_file_without_baseline_line_has_baseline_zero(tiny_root):
+    # SPEC 2: "a file without a baseline line uses a baseline trait_mean of 0" (as trait-interp).
+    lines = [_header(), _run(3, 50.0, 90.0), _run(2, 40.0, 90.0)]
+    assert _best(tiny_root, lines) == (3, "steering", "steering delta +50.00")
 
 
 def test_best_layer_without_steering_file(tiny_root):

@@ -24,7 +24,7 @@ TOP_K = 5
 # What passive collection (a projection run's first prefills) flags as massive: the
 # collector's defaults, which a saved running state must match to be carried on.
 DEFAULT_CRITERION = {"threshold": 100.0, "ratio": 1000.0, "reference": "layer", "min_fraction": 0.5}
-_TENSORS = ("sum_abs", "max_abs", "massive_tokens", "massive_sequences", "norm_sum")
+_TENSORS = ("sum", "sum_abs", "max_abs", "massive_tokens", "massive_sequences", "norm_sum")
 
 
 class _LayerStats:
@@ -33,6 +33,7 @@ class _LayerStats:
     def __init__(self, dim: int, device: torch.device):
         self.tokens = 0
         self.sequences = 0
+        self.sum = torch.zeros(dim, dtype=torch.float32, device=device)  # (D,) signed
         self.sum_abs = torch.zeros(dim, dtype=torch.float32, device=device)  # (D,)
         self.max_abs = torch.zeros(dim, dtype=torch.float32, device=device)  # (D,)
         self.massive_tokens = torch.zeros(dim, dtype=torch.long, device=device)  # (D,)
@@ -268,7 +269,8 @@ class CalibrationCollector:
         rows = select.nonzero()[:, 0]  # (N,) batch row of each taken token
         if rows.numel() == 0:
             return
-        x = h.detach()[select].float().abs()  # (N, D)
+        signed = h.detach()[select].float()  # (N, D)
+        x = signed.abs()
         st = self.stats.get(layer)
         if st is None:
             st = self.stats[layer] = _LayerStats(x.shape[1], x.device)
@@ -281,6 +283,7 @@ class CalibrationCollector:
         per_row.index_add_(0, rows, massive.long())  # (B, D)
         st.tokens += x.shape[0]
         st.sequences += int(select.any(dim=1).sum())
+        st.sum += signed.sum(0)
         st.sum_abs += x.sum(0)
         torch.maximum(st.max_abs, x.max(0).values, out=st.max_abs)
         st.massive_tokens += massive.sum(0)
@@ -291,23 +294,27 @@ class CalibrationCollector:
     # --- result ---------------------------------------------------------------------------
 
     def result(self) -> dict:
-        """`{tokens_seen, aggregate}` in the calibration.json layout; layers never reached are
-        left out (a projector that stops early never runs the blocks above its top layer)."""
+        """`{tokens_seen, aggregate}` in the calibration.json layout trait-interp writes and its
+        viewer plots (SPEC 8): top dims ranked by |mean h_d| (the signed mean), per candidate
+        dim a list over layers of |mean h_d| / mean_d'|mean h_d'|, layer norms, the cosine of
+        consecutive layers' mean states; raypipe adds `massive_dims` and the per-layer detail.
+        Layers never reached are left out (a projector that stops early never runs the blocks
+        above its top layer)."""
         with torch.inference_mode():
             top_dims: dict[str, list[int]] = {}
-            magnitude: dict[str, dict[str, float]] = {}
             norms: dict[str, float] = {}
             medians: dict[str, float] = {}
             by_layer: dict[str, list[dict]] = {}
+            means: dict[int, torch.Tensor] = {}
             flagged: set[int] = set()
             for layer in sorted(self.stats):
                 st = self.stats[layer]
                 key = str(layer)
+                mean = st.sum / st.tokens  # (D,) signed mean state
+                means[layer] = mean
                 mean_abs = st.sum_abs / st.tokens  # (D,)
-                k = min(TOP_K, mean_abs.numel())
-                idx = mean_abs.topk(k).indices.tolist()
-                top_dims[key] = idx
-                magnitude[key] = {str(d): float(mean_abs[d]) for d in idx}
+                k = min(TOP_K, mean.numel())
+                top_dims[key] = mean.abs().topk(k).indices.tolist()
                 norms[key] = float(st.norm_sum) / st.tokens
                 median = float(torch.cat(st.medians).median())
                 medians[key] = median
@@ -330,6 +337,18 @@ class CalibrationCollector:
                     )
                 by_layer[key] = entries
                 flagged.update(dims)
+            layers = sorted(means)
+            magnitude: dict[str, list[float]] = {}
+            for d in sorted({d for dims in top_dims.values() for d in dims}):
+                row = []
+                for layer in layers:
+                    avg = float(means[layer].abs().mean())
+                    row.append(abs(float(means[layer][d])) / avg if avg > 0 else 0.0)
+                magnitude[str(d)] = row
+            cosine = {
+                str(a): float(torch.nn.functional.cosine_similarity(means[a], means[b], dim=0))
+                for a, b in zip(layers, layers[1:])
+            }
         return {
             "tokens_seen": self.tokens_seen,
             "aggregate": {
@@ -337,6 +356,7 @@ class CalibrationCollector:
                 "top_dims_by_layer": top_dims,
                 "dim_magnitude_by_layer": magnitude,
                 "layer_norms": norms,
+                "consecutive_cosine": cosine,
                 "massive_dims": sorted(flagged),
                 "massive_by_layer": by_layer,
                 "layer_medians": medians,

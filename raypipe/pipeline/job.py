@@ -19,6 +19,7 @@ from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.spine import BACKENDS, check_chain, run_stages
 from raypipe.store.atomic import sweep_temp_files
 from raypipe.store.calibration import mark_complete
+from raypipe.store.captures import capture_components
 from raypipe.store.parquet import build_parquet, compact, projection_traits
 from raypipe.store.runlock import run_lock
 from raypipe.store.text import printable
@@ -221,12 +222,14 @@ def _output_folders(plan: InferPlan) -> list:
 
 
 def _capture_rows(plan: InferPlan) -> list[dict]:
-    """For --capture a prompt is to do when its raw file is missing, whatever projections exist."""
+    """For --capture a prompt is to do when its raw file lacks the component (one file holds
+    every component), whatever projections exist."""
     comp, force = plan.opts.projection.component, plan.opts.output.force
     out = []
     for r in plan.rows:
         raw = plan.paths.raw_file(plan.variant, comp, r["prompt_set"], r["prompt_id"])
-        out.append({**r, "project": r["generate"] or force or not raw.is_file()})
+        held = comp in capture_components(raw)
+        out.append({**r, "project": r["generate"] or force or not held})
     return out
 
 

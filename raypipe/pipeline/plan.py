@@ -172,6 +172,9 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
             info.n_layers,
             info.hidden_size,
             proj.method,
+            # Steering results sit under the steered (application) variant, as trait-interp
+            # keeps them; the extraction variant is the fallback.
+            steering_variants=(variant.name, config.application_variant),
         )
         dims = _massive_dims(paths, variant.name) if proj.remove_massive_dims else None
     requested = requested_entries(vectors, proj.component, proj.centered)

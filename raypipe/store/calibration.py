@@ -11,7 +11,7 @@ from raypipe.store.atomic import read_json, write_json, write_tensor
 from raypipe.store.outputs import now_iso
 from raypipe.store.text import json_kind, shown_json
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: signed sums (trait-interp's top dims rank by the signed mean)
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,19 @@ def state_file(path: Path) -> Path:
 def calibration_record(
     experiment: str, model: str, variant: str, source: str, result: dict[str, Any]
 ) -> dict[str, Any]:
-    """calibration.json (SPEC section 8) from a collector's `result()`."""
+    """calibration.json (SPEC section 8) from a collector's `result()`. `source` is
+    `"{command}:{prompt set}"`, several joined by " + " (a collection spread over runs);
+    `prompt_set` names the sets, and `is_calibration` is true: this is the variant's
+    calibration file, as trait-interp marks its own."""
+    sets = [part.partition(":")[2] or part for part in source.split(" + ")]
     return {
         "experiment": experiment,
         "model": model,
         "model_variant": variant,
         "source": source,
         "tokens_seen": result["tokens_seen"],
+        "prompt_set": " + ".join(dict.fromkeys(sets)),
+        "is_calibration": True,
         "aggregate": result["aggregate"],
         "timestamp": now_iso(),
     }

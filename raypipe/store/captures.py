@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,8 +57,53 @@ def build_capture(
     }
 
 
+def capture_components(path: Path) -> set[str]:
+    """The components a capture file holds at its first layer (empty when there is no readable
+    file); memory-mapped, so the activations are not read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        acts = obj["response"]["activations"]
+        return {c for comps in acts.values() for c in comps if isinstance(c, str)}
+    except Exception:  # missing, damaged, foreign: none held
+        return set()
+
+
+def find_capture(paths, variant: str, component: str, prompt_set: str, prompt_id: str) -> Path:
+    """The capture to read `component` from: the first of paths.raw_files that holds it, else
+    the first that exists (read_capture then names what it lacks), else the place it belongs."""
+    files = paths.raw_files(variant, component, prompt_set, prompt_id)
+    existing = [f for f in files if f.is_file()]
+    for f in existing:
+        if component in capture_components(f):
+            return f
+    return existing[0] if existing else files[0]
+
+
+def _merged(path: Path, record: dict) -> dict:
+    """`record` with the other components an existing capture of the same tokens holds at its
+    layers: one file per prompt keeps every component, as trait-interp's does."""
+    if not path.is_file():
+        return record
+    try:
+        old = read_capture(path)
+    except InputError:
+        return record  # unreadable: replaced
+    same = all(old[s]["token_ids"] == record[s]["token_ids"] for s in SEGMENTS)
+    if not same:
+        return record  # another token sequence (a regenerated response): replaced
+    out = {}
+    for seg in SEGMENTS:
+        acts = {layer: dict(comps) for layer, comps in old[seg]["activations"].items()}
+        for layer, comps in record[seg]["activations"].items():
+            acts.setdefault(layer, {}).update(comps)
+        out[seg] = {**record[seg], "activations": dict(sorted(acts.items()))}
+    return out
+
+
 def write_capture(path: Path, record: dict) -> Path:
-    return write_tensor(path, record)
+    return write_tensor(path, _merged(Path(path), record))
 
 
 def _layer_key(key, path: Path, field: str) -> int:
@@ -87,8 +133,10 @@ def _segment(obj: dict, seg: str, path: Path) -> dict:
     if len(tokens) != n:
         raise InputError(path, f"{seg}.tokens", f"has {len(tokens)} strings for {n} token ids")
     acts = part.get("activations")
-    if not isinstance(acts, dict) or not acts:
-        raise InputError(path, f"{seg}.activations", "missing, empty or not a dict")
+    if not isinstance(acts, dict):
+        raise InputError(path, f"{seg}.activations", "missing or not a dict")
+    if not acts and seg == "response":
+        raise InputError(path, f"{seg}.activations", "is empty")
     out: dict[int, dict[str, torch.Tensor]] = {}
     for key, comps in acts.items():
         field = f"{seg}.activations.{printable(key)}"  # a key from the file: one line
@@ -109,7 +157,9 @@ def _segment(obj: dict, seg: str, path: Path) -> dict:
 
 
 def read_capture(path: Path) -> dict:
-    """A capture file, loaded without unpickling code, checked so that projecting it is sound."""
+    """A capture file, loaded without unpickling code, checked so that projecting it is sound.
+    `response_only` is True when the prompt has no activations (or no tokens): then only the
+    response is scored."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "capture", "file not found")
@@ -123,8 +173,12 @@ def read_capture(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise InputError(path, "capture", "must be a dict with 'prompt' and 'response'")
     rec = {seg: _segment(obj, seg, path) for seg in SEGMENTS}
-    if not rec["prompt"]["token_ids"]:
-        raise InputError(path, "prompt.token_ids", "the prompt has no tokens")
+    # A response-only capture (trait-interp's --response-only) has no prompt activations.
+    rec["response_only"] = not rec["prompt"]["activations"] or not rec["prompt"]["token_ids"]
+    if rec["response_only"]:
+        if not rec["response"]["token_ids"]:
+            raise InputError(path, "response.token_ids", "a response-only capture has no tokens")
+        return rec
     shapes = {
         seg: {
             (layer, comp): t.shape[1]

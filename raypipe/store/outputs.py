@@ -179,7 +179,28 @@ def projection_record(
             "projection_date": now_iso(),
         },
         "projections": entries,
+        "activation_norms": activation_norms(entries),
     }
+
+
+def _mean(values) -> float:
+    # An empty segment (a response-only capture's prompt) has 0.0, as trait-interp writes it.
+    return float(np.mean(np.asarray(values, dtype=np.float64))) if len(values) else 0.0
+
+
+def activation_norms(entries: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Top-level `activation_norms` (SPEC 7): per segment, layer -> mean |h| over its tokens,
+    from the entries' token norms (one component per file, so entries of a layer agree)."""
+    out: dict[str, dict[str, float]] = {"prompt": {}, "response": {}}
+    for e in sorted(entries, key=lambda e: e["layer"]):
+        norms = e.get("token_norms")
+        if not isinstance(norms, dict):
+            continue
+        for seg in out:
+            values = norms.get(seg)
+            if isinstance(values, list) and all(isinstance(v, int | float) for v in values):
+                out[seg].setdefault(str(e["layer"]), _mean(values))
+    return out
 
 
 def write_projection(path: Path, record: dict) -> Path:
@@ -363,4 +384,10 @@ def merged_projection(
     merged = sorted([*kept.values(), *new.values()], key=_entry_order)
     meta = {**record["metadata"], "n_vectors": len(merged)}
     # Keys of the file's own beyond metadata and projections (a foreign writer's) stay too.
-    return {**old, **record, "metadata": meta, "projections": merged}
+    return {
+        **old,
+        **record,
+        "metadata": meta,
+        "projections": merged,
+        "activation_norms": activation_norms(merged),
+    }

@@ -1,4 +1,5 @@
-"""Contrastive trait data: `datasets/traits/{set}/{category}/{name}/pairs.json`."""
+"""Contrastive trait data: `datasets/traits/{category}/{name}/pairs.json`, trait `category/name`
+(as trait-interp lays out `datasets/traits/`; the starter traits are `starter_traits/{name}`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
-from raypipe.store.paths import check_relpath
+from raypipe.store.paths import check_name, check_relpath
 from raypipe.store.text import check_text
 
 MIN_PAIRS = 4
@@ -27,21 +28,19 @@ class TraitData:
     pairs: tuple[Pair, ...]
 
 
-def list_trait_data(folder: Path) -> list[str]:
+def list_trait_data(traits_dir: Path, trait_set: str) -> list[str]:
+    """The traits `{trait_set}/{name}` of one category folder under `datasets/traits/`."""
+    check_name(trait_set, "--trait-set", "trait_set")
+    folder = traits_dir / trait_set
     if not folder.is_dir():
         raise InputError(folder, "trait_set", "trait set folder not found")
-    return sorted(
-        f"{c.name}/{n.name}"
-        for c in folder.iterdir()
-        if c.is_dir()
-        for n in c.iterdir()
-        if (n / "pairs.json").is_file()
-    )
+    return sorted(f"{trait_set}/{n.name}" for n in folder.iterdir() if (n / "pairs.json").is_file())
 
 
-def load_trait_data(folder: Path, trait: str) -> TraitData:
+def load_trait_data(traits_dir: Path, trait: str) -> TraitData:
+    """`datasets/traits/{trait}/pairs.json` (`traits_dir` is `datasets/traits`)."""
     check_relpath(trait, "--traits", "traits", parts=2)
-    path = folder / trait / "pairs.json"
+    path = traits_dir / trait / "pairs.json"
     data = read_json(path, "pairs")
     if not isinstance(data, dict):
         raise InputError(path, "pairs", "must be a JSON object with a 'pairs' list")

@@ -50,6 +50,22 @@ def sanitize_position(position: str) -> str:
     return out.replace("[", "_").replace(":", "_").replace("]", "")
 
 
+def desanitize_position(folder: str) -> str:
+    """The position a folder name stands for, as trait-interp reads it back (for vector sets
+    without metadata.json): `response_all` -> `response[:]`, `response__5` -> `response[:5]`,
+    `response_-5_` -> `response[-5:]`, `prompt_-1` -> `prompt[-1]`."""
+    if folder.endswith("_all"):
+        return f"{folder[:-4]}[:]"
+    frame, sep, piece = folder.partition("_")
+    if not sep:
+        return folder
+    if piece.startswith("_"):
+        return f"{frame}[:{piece[1:]}]"
+    if piece.endswith("_"):
+        return f"{frame}[{piece[:-1]}:]"
+    return f"{frame}[{piece}]"
+
+
 def experiments_dir(root: Path) -> Path:
     """The folder of every experiment under `root`."""
     return Path(root) / EXPERIMENTS
@@ -74,8 +90,13 @@ class ExperimentPaths:
     def datasets(self) -> Path:
         return self.root / "datasets"
 
+    @property
+    def traits_dir(self) -> Path:
+        """`datasets/traits/`: one folder per trait `category/name`, as trait-interp's."""
+        return self.datasets / "traits"
+
     def trait_data_dir(self, trait_set: str) -> Path:
-        return self.datasets / "traits" / trait_set
+        return self.traits_dir / trait_set
 
     # extraction
     def extraction_dir(self) -> Path:
@@ -139,7 +160,18 @@ class ExperimentPaths:
         return self.projections_dir(variant, trait, prompt_set) / f"{prompt_id}{RECORD_SUFFIX}"
 
     def raw_file(self, variant: str, component: str, prompt_set: str, prompt_id: str) -> Path:
-        return self.inference_dir(variant) / "raw" / component / prompt_set / f"{prompt_id}.pt"
+        """Where a capture is written: `raw/residual/` whatever the component, as trait-interp
+        keeps every component of a prompt in this one file (and reads it only there)."""
+        return self.raw_files(variant, component, prompt_set, prompt_id)[0]
+
+    def raw_files(
+        self, variant: str, component: str, prompt_set: str, prompt_id: str
+    ) -> tuple[Path, ...]:
+        """Where a capture of `component` is looked for: `raw/residual/`, then a folder of the
+        component's own (`raw/attn_contribution/`, as older raypipe runs wrote it)."""
+        raw = self.inference_dir(variant) / "raw"
+        names = dict.fromkeys(("residual", component))
+        return tuple(raw / name / prompt_set / f"{prompt_id}.pt" for name in names)
 
     def calibration_file(self, variant: str) -> Path:
         return self.inference_dir(variant) / "massive_activations" / "calibration.json"

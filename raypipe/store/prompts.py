@@ -142,7 +142,8 @@ def _item(item, path: Path, field: str, system_prompt: str | None, seen: set) ->
             path, f"{field}.{key}", f"is {len(text)} characters (limit {MAX_PROMPT_CHARS})"
         )
     own_system = _opt_str(item, "system_prompt", path, f"{field}.system_prompt")
-    note = _opt_str(item, "note", path, f"{field}.note")
+    # An empty note is no note: the response's prompt_note is null, as trait-interp writes it.
+    note = _opt_str(item, "note", path, f"{field}.note") or None
     return PromptItem(
         id=pid,
         text=text,

@@ -8,15 +8,23 @@ import math
 import re
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from raypipe.errors import InputError
 from raypipe.store.atomic import read_json
-from raypipe.store.paths import ExperimentPaths, check_name, check_relpath, sanitize_position
+from raypipe.store.paths import (
+    ExperimentPaths,
+    check_name,
+    check_relpath,
+    desanitize_position,
+    sanitize_position,
+)
 from raypipe.store.text import brief, check_text, printable
 
-METHOD_PREFERENCE = ("probe", "mean_diff")
+# trait-interp's methods, in the order ties go (any other method folder comes after, by name).
+METHOD_PREFERENCE = ("probe", "mean_diff", "gradient")
 COMPONENTS = ("residual", "attn_contribution")
 MIN_COHERENCE = 77.0
 MAX_VECTOR_FILE_BYTES = 64 * 2**20
@@ -62,8 +70,10 @@ def parse_layers(text: str, n_layers: int, where: str = "--layers") -> LayerSpec
             lo, hi = int(m.group(1)), int(m.group(2))
             if not 0 <= lo <= hi <= 100:
                 raise InputError(where, "layers", f"bad percent range {term!r}")
-            last = n_layers - 1
-            absolute.extend(range(round(lo / 100 * last), round(hi / 100 * last) + 1))
+            # As trait-interp computes it (int(n_layers * p), its float steps included); 100%
+            # is the layer past the last, which it drops: here the last layer.
+            first, end = int(n_layers * (lo / 100)), int(n_layers * (hi / 100))
+            absolute.extend(range(first, min(end, n_layers - 1) + 1))
         elif m := re.fullmatch(r"([0-9]{1,6})-([0-9]{1,6})(?::([0-9]{1,6}))?", term):
             lo, hi, step = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
             if lo > hi or step < 1:
@@ -107,6 +117,7 @@ class VectorSet:
     dir: Path
     layer_files: dict[int, Path]
     metadata: dict
+    has_metadata: bool = True  # False: no metadata.json (older trait-interp trees), baselines 0
 
     def layer_meta(self, layer: int) -> dict:
         return self.metadata.get("layers", {}).get(str(layer), {})
@@ -157,9 +168,11 @@ def _finite(value) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _load_metadata(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(path, "metadata", "missing metadata.json beside the vectors")
+def _load_metadata(path: Path) -> dict | None:
+    """The vector set's metadata.json; None when there is none (older trait-interp trees:
+    baselines 0, as trait-interp reads them)."""
+    if not path.exists():
+        return None
     meta = read_json(path, "metadata")
     if not isinstance(meta, dict):
         raise InputError(path, "metadata", "must be a JSON object")
@@ -176,14 +189,80 @@ def _load_metadata(path: Path) -> dict:
     return meta
 
 
-def _position(meta: dict, path: Path) -> str:
-    """The extraction position: written to every projection file, and a steering path part."""
+def _position(meta: dict, folder: str, path: Path) -> str:
+    """The extraction position: written to every projection file, and a steering path part.
+    The metadata's, else the folder name read back (`response_all` -> `response[:]`)."""
     pos = meta.get("position")
+    if pos is None:
+        pos = desanitize_position(folder)
     if not isinstance(pos, str):
-        raise InputError(path, "position", "missing or not a string")
+        raise InputError(path, "position", f"must be a string, got {brief(pos)}")
     check_text(pos, path, "position", controls=False)
     check_name(sanitize_position(pos), path, "position")
     return pos
+
+
+def _method_order(method: str) -> tuple[int, str]:
+    """Ties go probe, mean_diff, gradient, then any other method by name."""
+    known = method in METHOD_PREFERENCE
+    return (METHOD_PREFERENCE.index(method) if known else len(METHOD_PREFERENCE)), method
+
+
+def find_vector_sets(
+    paths: ExperimentPaths,
+    trait: str,
+    variant: str,
+    component: str,
+    method: str | None = None,
+    position: str | None = None,
+) -> list[VectorSet]:
+    """Every `{pos}/{component}/{method}/` of the trait holding `layer*.pt` files, as trait-interp
+    finds its candidates: any method folder, every position (`method`/`position` restrict it),
+    ordered by method preference then position."""
+    check_relpath(trait, "--traits", "traits", parts=2)
+    base = paths.extraction_dir() / trait / variant / "vectors"
+    if not base.is_dir():
+        raise InputError(base, "traits", f"trait {trait!r} has no vectors for variant {variant!r}")
+    found: list[VectorSet] = []
+    for pos_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        if position is not None and pos_dir.name != sanitize_position(position):
+            continue
+        comp_dir = pos_dir / component
+        if not comp_dir.is_dir():
+            continue
+        for d in sorted(comp_dir.iterdir()):
+            if not d.is_dir() or (method is not None and d.name != method):
+                continue
+            files = {}
+            for f in d.iterdir():
+                if mm := _LAYER_FILE.fullmatch(f.name):
+                    files[int(mm.group(1))] = f
+            if not files:
+                continue
+            check_name(d.name, d, "method")
+            meta_path = d / "metadata.json"
+            meta = _load_metadata(meta_path)
+            pos = _position(meta or {}, pos_dir.name, meta_path)
+            found.append(
+                VectorSet(
+                    trait,
+                    d.name,
+                    pos,
+                    component,
+                    d,
+                    dict(sorted(files.items())),
+                    meta or {},
+                    has_metadata=meta is not None,
+                )
+            )
+    if not found:
+        looked = f"{method or '*'} under {sanitize_position(position) if position else '*'}"
+        raise InputError(
+            base,
+            "traits",
+            f"trait {trait!r} has no {component} vectors (looked for {component}/{looked})",
+        )
+    return sorted(found, key=lambda v: (_method_order(v.method), v.position))
 
 
 def find_vector_set(
@@ -194,33 +273,8 @@ def find_vector_set(
     method: str | None = None,
     position: str | None = None,
 ) -> VectorSet:
-    check_relpath(trait, "--traits", "traits", parts=2)
-    base = paths.extraction_dir() / trait / variant / "vectors"
-    if not base.is_dir():
-        raise InputError(base, "traits", f"trait {trait!r} has no vectors for variant {variant!r}")
-    positions = sorted(p for p in base.iterdir() if p.is_dir())
-    if position is not None:
-        positions = [p for p in positions if p.name == sanitize_position(position)]
-    methods = [method] if method else list(METHOD_PREFERENCE)
-    tried = []
-    for pos_dir in positions:
-        for m in methods:
-            d = pos_dir / component / m
-            tried.append(str(d.relative_to(base)))
-            files = {}
-            if d.is_dir():
-                for f in d.iterdir():
-                    if mm := _LAYER_FILE.fullmatch(f.name):
-                        files[int(mm.group(1))] = f
-            if files:
-                meta = _load_metadata(d / "metadata.json")
-                pos = _position(meta, d / "metadata.json")
-                return VectorSet(trait, m, pos, component, d, dict(sorted(files.items())), meta)
-    raise InputError(
-        base,
-        "traits",
-        f"trait {trait!r} has no {component} vectors (looked in {', '.join(tried) or 'nothing'})",
-    )
+    """The first of find_vector_sets: probe before mean_diff before gradient."""
+    return find_vector_sets(paths, trait, variant, component, method, position)[0]
 
 
 def _open_vector(path: Path):
@@ -432,38 +486,98 @@ def load_steering(path: Path) -> SteeringResults | None:
     return SteeringResults(direction, baseline, tuple(runs))
 
 
+def steering_scores(vset: VectorSet, steering: SteeringResults) -> dict[int, float]:
+    """Layer -> best steering delta of the set's vectors (SPEC 5): runs whose first vector is
+    this layer, method and component, coherence at least MIN_COHERENCE; delta against the
+    baseline line (0 without one), negated for a negative direction."""
+    base = steering.baseline_trait_mean if steering.baseline_trait_mean is not None else 0.0
+    sign = -1.0 if steering.direction == "negative" else 1.0
+    scores: dict[int, float] = {}
+    for run in steering.runs:
+        if (
+            run.layer in vset.layer_files
+            and run.method == vset.method
+            and run.component == vset.component
+            and run.coherence_mean >= MIN_COHERENCE
+        ):
+            delta = sign * (run.trait_mean - base)
+            scores[run.layer] = max(scores.get(run.layer, -math.inf), delta)
+    return scores
+
+
+@dataclass(frozen=True)
+class BestVector:
+    """The vector a trait's `best` stands for: a set (method, position) and a layer in it."""
+
+    vset: VectorSet
+    layer: int
+    source: str  # "steering" or "effect_size"
+    score: float
+
+    @property
+    def why(self) -> str:
+        if self.source == "steering":
+            return f"steering delta {self.score:+.2f}"
+        return f"validation effect size {self.score:.2f}"
+
+
+def choose_best(
+    sets: Sequence[VectorSet], steering: dict[str, SteeringResults | None]
+) -> BestVector | None:
+    """Argmax over (method, position, layer) of the steering delta (`steering` by position),
+    as trait-interp picks; ties to the lower layer, then probe, mean_diff, gradient. Without a
+    usable run, the largest val_effect_size in the metadata (raypipe's addition). None when
+    neither exists."""
+    for source in ("steering", "effect_size"):
+        found = []
+        for vset in sets:
+            if source == "steering":
+                results = steering.get(vset.position)
+                scores = steering_scores(vset, results) if results is not None else {}
+            else:
+                scores = {}
+                for layer in vset.layer_files:
+                    value = _finite(vset.layer_meta(layer).get("val_effect_size"))
+                    if value is not None:
+                        scores[layer] = value
+            found += [(score, layer, vset) for layer, score in scores.items()]
+        if found:
+            score, layer, vset = min(
+                found,
+                key=lambda c: (-c[0], c[1], _method_order(c[2].method), c[2].position),
+            )
+            return BestVector(vset, layer, source, score)
+    return None
+
+
 def best_layer(vset: VectorSet, steering: SteeringResults | None) -> tuple[int, str, str]:
-    """(layer, selection_source, why): steering delta first, else validation effect size."""
-    candidates = sorted(vset.layer_files)
-    if steering is not None and steering.baseline_trait_mean is not None:
-        sign = -1.0 if steering.direction == "negative" else 1.0
-        scores: dict[int, float] = {}
-        for run in steering.runs:
-            if (
-                run.layer in vset.layer_files
-                and run.method == vset.method
-                and run.component == vset.component
-                and run.coherence_mean >= MIN_COHERENCE
-            ):
-                delta = sign * (run.trait_mean - steering.baseline_trait_mean)
-                scores[run.layer] = max(scores.get(run.layer, -math.inf), delta)
-        if scores:
-            layer = max(sorted(scores), key=lambda layer: scores[layer])  # ties: lower layer
-            return layer, "steering", f"steering delta {scores[layer]:+.2f}"
-    effects = {}
-    for layer in candidates:
-        value = _finite(vset.layer_meta(layer).get("val_effect_size"))
-        if value is not None:
-            effects[layer] = value
-    if not effects:
+    """(layer, selection_source, why) within one vector set."""
+    best = choose_best([vset], {vset.position: steering})
+    if best is None:
         raise InputError(
             vset.dir,
             "layers",
             f"trait {vset.trait!r}: no usable steering results and no val_effect_size in "
             "metadata.json to pick a best layer; pass explicit --layers",
         )
-    layer = max(sorted(effects), key=lambda layer: effects[layer])
-    return layer, "effect_size", f"validation effect size {effects[layer]:.2f}"
+    return best.layer, best.source, best.why
+
+
+def trait_steering(
+    paths: ExperimentPaths, trait: str, variants: Sequence[str], positions: Sequence[str]
+) -> tuple[str | None, dict[str, SteeringResults | None]]:
+    """(variant, {position: results}) of a trait's steering results: under the first of
+    `variants` (the application variant first: the model that was steered, where trait-interp
+    keeps them; then the extraction variant) that has a results file at any position."""
+    for variant in dict.fromkeys(variants):
+        files = {pos: paths.steering_results(trait, variant, pos) for pos in positions}
+        if any(f.exists() for f in files.values()):
+            return variant, {pos: load_steering(f) for pos, f in files.items()}
+    return None, {}
+
+
+def _nearest(layer: int, have: Sequence[int]) -> int:
+    return min(have, key=lambda h: (abs(h - layer), h))
 
 
 def resolve_vectors(
@@ -475,36 +589,74 @@ def resolve_vectors(
     n_layers: int,
     hidden_size: int,
     method: str | None = None,
+    steering_variants: Sequence[str] = (),
 ) -> tuple[list[VectorSpec], list[str]]:
-    """Every (trait, layer) vector to project, plus notes for the user (clamps, choices)."""
+    """Every (trait, layer) vector to project, plus notes for the user (clamps, choices).
+
+    `variant` holds the vectors (the extraction variant); steering results are read under
+    `steering_variants` in order, then under `variant`. One vector set per trait: the best
+    vector's (method, position), for `best` offsets and explicit layers alike, as trait-interp
+    projects; explicit layers without any steering or effect size take the preferred set.
+    """
     specs: list[VectorSpec] = []
     notes: list[str] = []
     for trait in dict.fromkeys(traits):
-        vset = find_vector_set(paths, trait, variant, component, method)
+        sets = find_vector_sets(paths, trait, variant, component, method)
+        positions = list(dict.fromkeys(v.position for v in sets))
+        where, steering = trait_steering(paths, trait, [*steering_variants, variant], positions)
+        best = choose_best(sets, steering)
         chosen: dict[int, str] = {}
         if layers.best_offsets:
-            steering = load_steering(paths.steering_results(trait, variant, vset.position))
-            best, source, why = best_layer(vset, steering)
-            notes.append(f"{trait}: best layer {best} ({vset.method}, {why})")
-            for off in layers.best_offsets:
-                layer = best + off
-                if layer > n_layers - 1 or layer < 0:
-                    clamped = min(max(layer, 0), n_layers - 1)
-                    notes.append(
-                        f"{trait}: best{off:+d} = layer {layer} is outside 0-{n_layers - 1}, "
-                        f"clamped to {clamped}"
-                    )
-                    layer = clamped
-                chosen.setdefault(layer, source)
+            if best is None:
+                looked = ", ".join(
+                    str(paths.steering_results(trait, v, p).relative_to(paths.dir))
+                    for v in dict.fromkeys([*steering_variants, variant])
+                    for p in positions
+                )
+                raise InputError(
+                    sets[0].dir.parents[2],
+                    "layers",
+                    f"trait {trait!r}: no usable steering results (looked for {looked}) and no "
+                    "val_effect_size in metadata.json to pick a best layer; pass explicit --layers",
+                )
+            under = f", steering under {where}" if best.source == "steering" else ""
+            notes.append(
+                f"{trait}: best layer {best.layer} ({best.vset.method}, {best.vset.position}, "
+                f"{best.why}{under})"
+            )
+        vset = best.vset if best is not None else sets[0]
+        have = sorted(vset.layer_files)
+        for off in layers.best_offsets:
+            layer = best.layer + off
+            if layer > n_layers - 1 or layer < 0:
+                clamped = min(max(layer, 0), n_layers - 1)
+                notes.append(
+                    f"{trait}: best{off:+d} = layer {layer} is outside 0-{n_layers - 1}, "
+                    f"clamped to {clamped}"
+                )
+                layer = clamped
+            if layer not in vset.layer_files:
+                snapped = _nearest(layer, [h for h in have if h < n_layers] or have)
+                notes.append(
+                    f"{trait}: best{off:+d} = layer {layer} has no {vset.method} vector, "
+                    f"snapped to the nearest, layer {snapped}"
+                )
+                layer = snapped
+            chosen.setdefault(layer, best.source)
         for layer in layers.absolute:
             chosen.setdefault(layer, "layers_arg")
+        if chosen and not vset.has_metadata:
+            notes.append(
+                f"warning: {trait}: {vset.dir} has no metadata.json; its baselines are taken "
+                "as 0 (as trait-interp reads such a tree)"
+            )
         for layer, source in sorted(chosen.items()):
             if layer not in vset.layer_files:
                 raise InputError(
                     vset.dir,
                     "layers",
-                    f"trait {trait!r} has no vector at layer {layer} "
-                    f"(has {min(vset.layer_files)}-{max(vset.layer_files)})",
+                    f"trait {trait!r} has no {vset.method} vector at layer {layer} "
+                    f"(has {_ranges(have)})",
                 )
             path = vset.layer_files[layer]
             load_vector(path, hidden_size)  # validated here, before anything starts
@@ -523,3 +675,15 @@ def resolve_vectors(
                 )
             )
     return specs, notes
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """`0-3, 7, 9-10` of sorted layers."""
+    out, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            out.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(out)
