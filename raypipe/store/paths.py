@@ -141,6 +141,14 @@ class ExperimentPaths:
     def raw_file(self, variant: str, component: str, prompt_set: str, prompt_id: str) -> Path:
         return self.inference_dir(variant) / "raw" / component / prompt_set / f"{prompt_id}.pt"
 
+    def run_log(self, variant: str, prompt_set: str, command: str, stamp: str) -> Path:
+        """What a run printed besides raypipe's own lines (Ray's, HF's, the workers')."""
+        return self.inference_dir(variant) / "logs" / prompt_set / f"{command}-{stamp}.log"
+
+    def extract_log(self, stamp: str) -> Path:
+        # Not under extraction/: trait-interp reads every folder there as a trait category.
+        return self.dir / "logs" / f"extract-{stamp}.log"
+
     def calibration_file(self, variant: str) -> Path:
         return self.inference_dir(variant) / "massive_activations" / "calibration.json"
 
