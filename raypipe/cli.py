@@ -7,6 +7,7 @@ import io
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from raypipe.engine.generate import GenerationOptions
@@ -23,6 +24,8 @@ from raypipe.options import (
     ServeOptions,
     split_traits,
 )
+from raypipe.pipeline.console import session, shown_path
+from raypipe.store.paths import ExperimentPaths
 from raypipe.store.text import printable
 from raypipe.store.vectors import METHOD_PREFERENCE as METHODS
 
@@ -77,6 +80,7 @@ FLAGS = {
     "truncate": "--truncate",
     "val_fraction": "--val-fraction",
     "variant": "--model-variant",
+    "verbose": "--verbose",
 }
 _NAMED = re.compile(r"`([a-z][a-z0-9_]*)`")
 
@@ -102,42 +106,81 @@ def _model_options(args) -> ModelOptions:
     )
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", help="folder holding experiments/ and datasets/ [cwd, $RAYPIPE_ROOT]")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--model-variant", help="variant from config.json [config default]")
-    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 [auto=bf16]")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    p.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4")
-    p.add_argument(
+# `raypipe infer --help` shows its flags in these groups, in this order (as the README lists them).
+GROUPS = {
+    "data": "what to read",
+    "model": "which model, and how to load it",
+    "generation": "the responses",
+    "projection": "the trait scores",
+    "cluster": "where and how wide it runs",
+    "output": "what is written and shown",
+}
+
+
+def _groups(p: argparse.ArgumentParser, names=tuple(GROUPS)) -> dict:
+    return {name: p.add_argument_group(name, GROUPS[name]) for name in names}
+
+
+def _common(p: argparse.ArgumentParser, g: dict | None = None) -> None:
+    g = g or _groups(p, ("data", "model", "output"))
+    data, model = g["data"], g["model"]
+    data.add_argument(
+        "--root", help="folder holding experiments/ and datasets/ [cwd, $RAYPIPE_ROOT]"
+    )
+    data.add_argument("--experiment", required=True, help="folder under experiments/ [required]")
+    model.add_argument("--model-variant", help="variant from config.json [config default]")
+    model.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 [auto=bf16]")
+    model.add_argument("--device", default="auto", help="auto|cpu|cuda [auto]")
+    model.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 [off]")
+    model.add_argument(
         "--device-map",
         choices=DEVICE_MAPS,
         help="split the model over the GPUs a worker has (accelerate) [automatic: split "
         "when a worker has several GPUs, e.g. --gpus-per-replica 2 without --tp]",
     )
-    p.add_argument("--cache-dir", help="converted-model cache [~/.cache/raypipe, $RAYPIPE_CACHE]")
-    p.add_argument("--quiet", action="store_true")
+    model.add_argument(
+        "--cache-dir", help="converted-model cache [~/.cache/raypipe, $RAYPIPE_CACHE]"
+    )
+    g["shown"] = g["output"].add_mutually_exclusive_group()
+    g["shown"].add_argument(
+        "--quiet", action="store_true", help="no progress and no notes, only the summary [off]"
+    )
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-set", required=True, help="path under datasets/inference/")
-    p.add_argument("--regenerate", action="store_true", help="generate even if responses exist")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
+def _verbose(g: dict, what: str) -> None:
+    g["shown"].add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show {what} live on the console too (the log file gets them either way) [off]",
+    )
+
+
+def _run_flags(p: argparse.ArgumentParser, g: dict) -> None:
+    data, gen, cluster, output = g["data"], g["generation"], g["cluster"], g["output"]
+    data.add_argument(
+        "--prompt-set", required=True, help="path under datasets/inference/ [required]"
+    )
+    data.add_argument(
         "--truncate",
         action="store_true",
-        help="cut prompts longer than the context instead of reporting them",
+        help="cut prompts longer than the context instead of reporting them [off]",
     )
-    p.add_argument(
+    gen.add_argument(
+        "--regenerate", action="store_true", help="generate even if responses exist [off]"
+    )
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=50, help="tokens to generate per prompt [50]"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy [0]")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed [0]")
+    output.add_argument(
         "--json",
         default="all",
         choices=("all", "none"),
         help="per-prompt JSON files beside the Parquet tables (trait-interp reads them); none: "
         "the tables only [all]",
     )
-    p.add_argument(
+    cluster.add_argument(
         "--backend",
         default="local",
         choices=BACKENDS,
@@ -145,62 +188,96 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         "one is up for the model, else local | vllm: generate with vLLM (projection stays on "
         "HF) [local]",
     )
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per replica")
-    p.add_argument("--address", help="Ray cluster address [a local Ray on loopback]")
-    p.add_argument("--replicas", type=int, default=1, help="generation and projection replicas")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per batch")
-    p.add_argument("--threads", type=int, help="torch threads per worker [all cores]")
-    p.add_argument(
+    cluster.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per replica [1]"
+    )
+    cluster.add_argument("--address", help="Ray cluster address [a local Ray on loopback]")
+    cluster.add_argument(
+        "--replicas", type=int, default=1, help="generation and projection replicas [1]"
+    )
+    cluster.add_argument("--batch-size", type=int, default=64, help="prompts per batch [64]")
+    cluster.add_argument("--threads", type=int, help="torch threads per worker [all cores]")
+    cluster.add_argument(
         "--gpus-per-replica",
         type=float,
         help="GPUs per actor [1 if the cluster has GPUs when the job starts, else 0]",
     )
+    _verbose(g, "Ray's and HF's logs, bars and warnings")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("infer", help="generate, then project every token onto trait vectors")
-    _common(p)
-    _run_flags(p)
-    p.add_argument(
+    p = sub.add_parser(
+        "infer",
+        help="generate, then project every token onto trait vectors",
+        usage="raypipe infer --experiment E --prompt-set P [flags]",
+        description="Generate responses, then project every token's hidden state onto trait "
+        "vectors. Defaults in brackets.",
+    )
+    g = _groups(p)
+    _common(p, g)
+    _run_flags(p, g)
+    proj = g["projection"]
+    proj.add_argument(
         "--layers",
         default="best,best+5",
         help="best, best+N, best-N, N, A-B, A-B:S, P%%-Q%%, all [best,best+5]",
     )
-    p.add_argument("--traits", help="comma list of category/name [all extracted]")
-    p.add_argument("--method", choices=METHODS, help="only this method [best of all]")
-    p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
-    p.add_argument("--centered", action="store_true", help="subtract each vector's baseline")
-    p.add_argument(
+    proj.add_argument("--traits", help="comma list of category/name [all extracted]")
+    proj.add_argument("--method", choices=METHODS, help="only this method [best of all]")
+    proj.add_argument(
+        "--component",
+        default="residual",
+        choices=("residual", "attn_contribution"),
+        help="hooked output [residual]",
+    )
+    proj.add_argument(
+        "--centered", action="store_true", help="subtract each vector's baseline [off]"
+    )
+    proj.add_argument(
         "--remove-massive-dims",
         action="store_true",
-        help="also write scores with calibrated massive dims removed",
+        help="also write scores with calibrated massive dims removed [off]",
     )
-    p.add_argument("--force", action="store_true", help="overwrite existing projection files")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, help="prefill token budget")
-    p.add_argument(
+    g["output"].add_argument(
+        "--force", action="store_true", help="overwrite existing projection files [off]"
+    )
+    proj.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="prefill token budget [16384]"
+    )
+    proj.add_argument(
         "--compile-prefill",
         action="store_true",
         help="torch.compile the decoder blocks for the prefill: faster on long runs, after a "
-        "one-off compile per worker (about 15 s on the embedded model)",
+        "one-off compile per worker (about 15 s on the embedded model) [off]",
     )
-    p.add_argument(
+    g["cluster"].add_argument(
         "--tp",
         type=int,
         default=1,
         help="tensor-parallel ranks per projection replica (a model too big for one device) [1]",
     )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--capture", action="store_true", help="save raw activations, no projection")
+    mode = proj.add_mutually_exclusive_group()
     mode.add_argument(
-        "--from-activations", action="store_true", help="project saved raw activations (no model)"
+        "--capture", action="store_true", help="save raw activations, no projection [off]"
+    )
+    mode.add_argument(
+        "--from-activations",
+        action="store_true",
+        help="project saved raw activations (no model) [off]",
     )
 
-    p = sub.add_parser("generate", help="generate responses only")
-    _common(p)
-    _run_flags(p)
+    p = sub.add_parser(
+        "generate",
+        help="generate responses only",
+        usage="raypipe generate --experiment E --prompt-set P [flags]",
+        description="Generate responses only. Defaults in brackets.",
+    )
+    g = _groups(p, ("data", "model", "generation", "cluster", "output"))
+    _common(p, g)
+    _run_flags(p, g)
 
     p = sub.add_parser(
         "serve", help="keep the experiment's model loaded on a running Ray cluster (--backend auto)"
@@ -234,20 +311,40 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--stop", action="store_true", help="stop the head raypipe started")
     action.add_argument("--status", action="store_true", help="say whether it runs; exit 1 if not")
 
-    p = sub.add_parser("extract", help="compute mean_diff and probe vectors from contrastive pairs")
-    _common(p)
-    p.add_argument(
+    p = sub.add_parser(
+        "extract",
+        help="compute mean_diff and probe vectors from contrastive pairs",
+        usage="raypipe extract --experiment E [flags]",
+        description="Compute mean_diff and probe vectors at every layer from contrastive pairs. "
+        "Defaults in brackets.",
+    )
+    g = _groups(p, ("data", "model", "projection", "cluster", "output"))
+    _common(p, g)
+    data, out = g["data"], g["output"]
+    data.add_argument(
         "--trait-set",
         default="starter_traits",
-        help="category folder under datasets/traits/ whose traits ({set}/{name}) to extract",
+        help="category folder under datasets/traits/ whose traits ({set}/{name}) to extract "
+        "[starter_traits]",
     )
-    p.add_argument("--traits", help="comma list of category/name [all in the trait set]")
-    p.add_argument("--component", default="residual", choices=("residual", "attn_contribution"))
-    p.add_argument("--position", default="response[:]", help="token positions to average")
-    p.add_argument("--val-fraction", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--force", action="store_true", help="recompute vectors that exist")
+    data.add_argument("--traits", help="comma list of category/name [all in the trait set]")
+    proj = g["projection"]
+    proj.add_argument(
+        "--component",
+        default="residual",
+        choices=("residual", "attn_contribution"),
+        help="hooked output [residual]",
+    )
+    proj.add_argument(
+        "--position", default="response[:]", help="token positions to average [response[:]]"
+    )
+    proj.add_argument(
+        "--val-fraction", type=float, default=0.25, help="pairs held out for validation [0.25]"
+    )
+    proj.add_argument("--seed", type=int, default=0, help="seed of the train/validation split [0]")
+    g["cluster"].add_argument("--batch-size", type=int, default=32, help="pairs per forward [32]")
+    out.add_argument("--force", action="store_true", help="recompute vectors that exist [off]")
+    _verbose(g, "HF's logs, bars and warnings")
 
     p = sub.add_parser("calibrate", help="find massive activation dims on a neutral prompt set")
     _common(p)
@@ -342,9 +439,16 @@ def cmd_infer(args) -> int:
     plan = plan_infer(opts, need_vectors=project)  # and those that need the model variant
     if opts.mode != "from_activations":  # what the workers will import (peft for a LoRA)
         check_packages(plan.model.spec.load_in_4bit, plan.model.spec.lora)
-    summary = run_infer(plan)
-    print_summary(plan, summary, traits_table=opts.mode in ("stream", "from_activations"))
+    log = plan.paths.run_log(plan.variant, plan.prompts.name, args.command, _stamp())
+    with session(log, quiet=args.quiet, verbose=args.verbose) as con:
+        summary = run_infer(plan)
+    tables = opts.mode in ("stream", "from_activations")
+    print_summary(plan, summary, traits_table=tables, log_file=con.log_path)
     return 1 if summary.failed else 0
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 def cmd_extract(args) -> int:
@@ -364,7 +468,11 @@ def cmd_extract(args) -> int:
         force=args.force,
         model=_model_options(args),
     )
-    run_extract(opts, out=io.StringIO() if args.quiet else None)
+    log = ExperimentPaths(opts.root, opts.experiment).extract_log(_stamp())
+    with session(log, quiet=args.quiet, verbose=args.verbose) as con:
+        run_extract(opts, out=io.StringIO() if args.quiet else con.out, console=con)
+    if con.log_path is not None and not args.quiet:
+        print(f"  log: {printable(shown_path(con.log_path))}")
     return 0
 
 

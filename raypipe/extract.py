@@ -76,8 +76,9 @@ def _done(paths: ExperimentPaths, trait: str, variant: str, opts: ExtractOptions
     )
 
 
-def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
-    """Returns {trait: {"layer", "val_acc", "val_effect_size", "method"}} at each best layer."""
+def run_extract(opts: ExtractOptions, out=None, console=None) -> dict[str, dict]:
+    """Returns {trait: {"layer", "val_acc", "val_effect_size", "method"}} at each best layer.
+    The table goes to `out`, above a bar over traits x layers on `console`."""
     import torch
 
     from raypipe.engine.activations import position_range, segment_means
@@ -85,8 +86,10 @@ def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
     from raypipe.engine.hooks import decoder_layers
     from raypipe.engine.models import load_model
     from raypipe.engine.vectors import evaluate, mean_diff, probe
+    from raypipe.pipeline.console import current
 
     out = out or sys.stdout
+    console = console or current()
     paths = ExperimentPaths(opts.root, opts.experiment)
     config = load_experiment(paths)
     variant = config.variant(opts.model.variant, "extraction")
@@ -107,60 +110,63 @@ def run_extract(opts: ExtractOptions, out=None) -> dict[str, dict]:
     chat = uses_chat_template(tok, config.use_chat_template)
     n_layers = len(decoder_layers(model))
     layers = list(range(n_layers))
-    print(f"{'trait':<24} {'pairs':>5} {'best':>4} {'val acc':>8} {'effect':>7}  method", file=out)
-    for trait in todo:
-        td = data[trait]
-        seqs, ranges = [], []
-        for pair in td.pairs:
-            prompt_ids = encode_prompt(tok, format_prompt(tok, pair.prompt, None, chat), chat)
-            for text in (pair.positive, pair.negative):
-                resp = tok(text, add_special_tokens=False)["input_ids"]
-                full = prompt_ids + resp
-                seqs.append(full)
-                ranges.append(position_range(opts.position, len(prompt_ids), len(full)))
-        acts = segment_means(
-            model, seqs, ranges, layers, opts.component, opts.batch_size, tok.pad_token_id or 0
-        )  # (2P, L, D)
-        pos_all, neg_all = acts[0::2], acts[1::2]
-        train, val = split(len(td.pairs), opts.val_fraction, opts.seed)
-        best = None
-        for method in METHODS:
-            vdir = paths.vectors_dir(trait, variant.name, opts.position, opts.component, method)
-            meta_layers = {}
-            for layer in layers:
-                tp, tn = pos_all[train, layer], neg_all[train, layer]
-                v = mean_diff(tp, tn) if method == "mean_diff" else probe(tp, tn)
-                stats = evaluate(v, (tp, tn), (pos_all[val, layer], neg_all[val, layer]))
-                meta_layers[str(layer)] = stats
-                write_tensor(vdir / f"layer{layer}.pt", torch.tensor(v, dtype=torch.float32))
-                if method == "probe" and (best is None or stats["val_effect_size"] > best[1]):
-                    best = (layer, stats["val_effect_size"], stats["val_acc"])
-            # metadata last: its presence marks the vector set complete
-            write_json(
-                vdir / "metadata.json",
-                {
-                    "model": variant.model,
-                    "trait": trait,
-                    "method": method,
-                    "component": opts.component,
-                    "position": opts.position,
-                    "layers": meta_layers,
-                    "timestamp": now_iso(),
-                    "n_train": int(len(train)),
-                    "n_val": int(len(val)),
-                    "seed": opts.seed,
-                    "source": f"datasets/traits/{trait}/pairs.json",
-                },
-            )
-        report[trait] = {
-            "layer": best[0],
-            "val_effect_size": best[1],
-            "val_acc": best[2],
-            "method": "probe",
-        }
-        print(
-            f"{trait:<24} {len(td.pairs):>5} {best[0]:>4} {best[2]:>8.2f} {best[1]:>7.2f}  probe",
-            file=out,
-            flush=True,
-        )
+    with console.progress(len(todo) * n_layers, "trait-layers", "extract") as bar:
+        head = f"{'trait':<24} {'pairs':>5} {'best':>4} {'val acc':>8} {'effect':>7}  method"
+        bar.write(head, file=out)
+        for trait in todo:
+            bar.phase(f"{trait}: hidden states")
+            td = data[trait]
+            seqs, ranges = [], []
+            for pair in td.pairs:
+                prompt_ids = encode_prompt(tok, format_prompt(tok, pair.prompt, None, chat), chat)
+                for text in (pair.positive, pair.negative):
+                    resp = tok(text, add_special_tokens=False)["input_ids"]
+                    full = prompt_ids + resp
+                    seqs.append(full)
+                    ranges.append(position_range(opts.position, len(prompt_ids), len(full)))
+            acts = segment_means(
+                model, seqs, ranges, layers, opts.component, opts.batch_size, tok.pad_token_id or 0
+            )  # (2P, L, D)
+            pos_all, neg_all = acts[0::2], acts[1::2]
+            train, val = split(len(td.pairs), opts.val_fraction, opts.seed)
+            best = None
+            bar.phase(f"{trait}: fitting")
+            for method in METHODS:
+                vdir = paths.vectors_dir(trait, variant.name, opts.position, opts.component, method)
+                meta_layers = {}
+                for layer in layers:
+                    tp, tn = pos_all[train, layer], neg_all[train, layer]
+                    v = mean_diff(tp, tn) if method == "mean_diff" else probe(tp, tn)
+                    stats = evaluate(v, (tp, tn), (pos_all[val, layer], neg_all[val, layer]))
+                    meta_layers[str(layer)] = stats
+                    write_tensor(vdir / f"layer{layer}.pt", torch.tensor(v, dtype=torch.float32))
+                    if method == "probe" and (best is None or stats["val_effect_size"] > best[1]):
+                        best = (layer, stats["val_effect_size"], stats["val_acc"])
+                    if method == METHODS[-1]:  # the slow one: probes
+                        bar.update(bar.done + 1, status=f"{trait}: fitting")
+                # metadata last: its presence marks the vector set complete
+                write_json(
+                    vdir / "metadata.json",
+                    {
+                        "model": variant.model,
+                        "trait": trait,
+                        "method": method,
+                        "component": opts.component,
+                        "position": opts.position,
+                        "layers": meta_layers,
+                        "timestamp": now_iso(),
+                        "n_train": int(len(train)),
+                        "n_val": int(len(val)),
+                        "seed": opts.seed,
+                        "source": f"datasets/traits/{trait}/pairs.json",
+                    },
+                )
+            report[trait] = {
+                "layer": best[0],
+                "val_effect_size": best[1],
+                "val_acc": best[2],
+                "method": "probe",
+            }
+            row = f"{trait:<24} {len(td.pairs):>5} {best[0]:>4} {best[2]:>8.2f} {best[1]:>7.2f}"
+            bar.write(f"{row}  probe", file=out)
     return report

@@ -135,7 +135,8 @@ def test_summary_escapes_what_came_from_inputs(hostile_root: Path, top: int):
         shown = printable(HOSTILE[top].replace("\n", " "))[:57]
         row = [line for line in lines if line.startswith(f"  {r['trait']}")]
         assert len(row) == 1 and f"[{top}] {shown}" in row[0], (row, shown)
-    layer_col = re.findall(r"^  \S+\s+(\d+)\s", "\n".join(lines[-2:]), re.M)
+    table = "\n".join(lines[lines.index("  next:") - 3 : lines.index("  next:")])  # then next:
+    layer_col = re.findall(r"^  \S+\s+(\d+)\s", table, re.M)
     assert layer_col == ["1", "1"]  # best by effect size in the tiny metadata
 
     reread = json.loads(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from raypipe.engine.models import resolve_model_path
 from raypipe.errors import user_error
 from raypipe.options import RunOptions
-from raypipe.pipeline import localray
+from raypipe.pipeline import console, localray
 from raypipe.pipeline.backends import Job, backend_for
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.spine import BACKENDS, check_chain, run_stages
@@ -22,7 +22,6 @@ from raypipe.store.calibration import mark_complete
 from raypipe.store.captures import capture_components
 from raypipe.store.parquet import build_parquet, compact, projection_traits
 from raypipe.store.runlock import run_lock
-from raypipe.store.text import printable
 
 
 @dataclass
@@ -55,7 +54,8 @@ def ray_session(run: RunOptions) -> Iterator[None]:
         _configure_data(run)
         yield
         return
-    kwargs = dict(log_to_driver=True, logging_level="WARNING")
+    # Workers' output comes to this driver, whose console sends it to the run's log file.
+    kwargs = dict(log_to_driver=True, logging_level="WARNING", runtime_env=_WORKER_ENV)
     joined = None
     env_address = os.environ.get("RAY_ADDRESS", "")
     if run.address and run.address != "local":
@@ -92,6 +92,9 @@ def ray_session(run: RunOptions) -> Iterator[None]:
             over.set()
         if not run.address:
             ray.shutdown()
+
+
+_WORKER_ENV = {"worker_process_setup_hook": console.WORKER_SETUP_HOOK}
 
 
 def _configure_data(run: RunOptions) -> None:
@@ -133,8 +136,7 @@ def _cluster_gpus() -> float:
 
 
 def log(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(f"[raypipe] {printable(msg)}", file=sys.stderr, flush=True)
+    console.note(msg, quiet)  # above the progress bar, when one is up
 
 
 def run_infer(plan: InferPlan) -> Summary:
@@ -167,8 +169,12 @@ def _run_infer(plan: InferPlan) -> Summary:
         if mode != "from_activations":
             # Convert an alias once, here, rather than racing in every worker.
             resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
-        with ray_session(run):
-            _execute(plan, rows, summary)
+        progress = console.current().progress(
+            len(rows), desc=plan.prompts.name, quiet=run.quiet, status="starting Ray"
+        )
+        with progress as bar, ray_session(run):
+            bar.phase("waiting for the first batch")
+            _execute(plan, rows, summary, bar)
     # The workers wrote the tables' rows in parts as they went: fold them in.
     tables = compact(plan.paths, plan.variant, plan.prompts.name)
     for err in unreadable:
@@ -250,7 +256,7 @@ def _served_by(plan: InferPlan) -> str | None:
     return name
 
 
-def _execute(plan: InferPlan, rows: list[dict], summary: Summary) -> None:
+def _execute(plan: InferPlan, rows: list[dict], summary: Summary, bar) -> None:
     import ray
 
     run = plan.opts.run
@@ -286,10 +292,11 @@ def _execute(plan: InferPlan, rows: list[dict], summary: Summary) -> None:
             summary.generated += bool(row["generated"])
         summary.seconds = time.perf_counter() - start
         summary.timeline.append((summary.seconds, summary.tokens))
-        log(
-            f"{seen}/{len(rows)} prompts | generated {summary.generated} | failed "
-            f"{summary.failed} | {summary.tokens_per_second:,.0f} tok/s",
-            run.quiet,
+        bar.update(
+            seen,
+            generated=summary.generated,
+            failed=summary.failed,
+            **{"tok/s": f"{summary.tokens_per_second:,.0f}"},
         )
     if calibration is not None:
         mark_complete(calibration.path)  # every prompt of the run was seen

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
 import sys
+from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 
+from raypipe.pipeline.console import shown_path
 from raypipe.pipeline.job import Summary
 from raypipe.pipeline.plan import InferPlan
 from raypipe.store.text import printable
+
+VIZ_URL = "http://127.0.0.1:8765/"  # `raypipe viz` with its defaults
 
 
 def trait_table(plan: InferPlan) -> list[dict]:
@@ -58,7 +69,73 @@ def trait_table(plan: InferPlan) -> list[dict]:
     return out
 
 
-def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=None) -> None:
+def shell_word(text: str) -> str:
+    """`text` as one word for bash: in double quotes where that reads well, else in single."""
+    if "!" in text or not text.isprintable():  # history expansion; newlines and the like
+        return shlex.quote(text)
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
+
+
+def _raypipe_command() -> str:
+    """How to run raypipe from here: `raypipe` when that is this one, else its script's path."""
+    script = Path(sys.executable).parent / "raypipe"
+    found = shutil.which("raypipe")
+    if found and script.exists() and os.path.samefile(found, script):
+        return "raypipe"
+    if script.exists():
+        return shlex.quote(shown_path(script))
+    return f"{shlex.quote(shown_path(sys.executable))} -m raypipe.cli"
+
+
+def duckdb_command(
+    table: Path, sql_for, cli: str | None = None, module: bool | None = None
+) -> list[str]:
+    """The shell lines that run `sql_for(from_clause)` on a Parquet file with DuckDB: its CLI
+    when one is on PATH, else this Python's duckdb module (installed first when missing)."""
+    literal = "'" + shown_path(table).replace("'", "''") + "'"
+    sql = sql_for(literal)
+    cli = shutil.which("duckdb") if cli is None else cli
+    if cli:
+        return [f"duckdb -c {shell_word(sql)}"]
+    python = shlex.quote(shown_path(sys.executable))
+    have = importlib.util.find_spec("duckdb") is not None if module is None else module
+    run = f"{python} -c " + shell_word(f"import duckdb; duckdb.sql({json.dumps(sql)}).show()")
+    return [run] if have else [f"{python} -m pip install duckdb", run]
+
+
+def _scores_sql(source: str) -> str:
+    return (
+        "SELECT trait, method, layer, count(*) AS prompts, "
+        "round(avg(list_avg(response_scores)), 3) AS mean_response_score "
+        f"FROM {source} GROUP BY ALL ORDER BY ALL"
+    )
+
+
+def _responses_sql(source: str) -> str:
+    return (
+        "SELECT prompt_id, len(token_ids) - prompt_end AS new_tokens, "
+        f"left(response, 60) AS response FROM {source} ORDER BY prompt_id LIMIT 10"
+    )
+
+
+def next_commands(plan: InferPlan) -> list[str]:
+    """What a user runs next: the dashboard on this prompt set, and DuckDB on its table."""
+    p, v, name = plan.paths, plan.variant, plan.prompts.name
+    root = "" if os.path.abspath(p.root) == os.path.abspath(os.getcwd()) else p.root
+    viz = f"{_raypipe_command()} viz" + (f" --root {shlex.quote(shown_path(root))}" if root else "")
+    query = urlencode({"experiment": p.experiment, "variant": v, "prompt_set": name})
+    lines = [f"{viz}    # then open {VIZ_URL}#/overview?{query}"]
+    scores, responses = p.parquet_file(v, "projections", name), p.parquet_file(v, "responses", name)
+    if scores.is_file():
+        lines += duckdb_command(scores, _scores_sql)
+    elif responses.is_file():
+        lines += duckdb_command(responses, _responses_sql)
+    return lines
+
+
+def print_summary(
+    plan: InferPlan, s: Summary, traits_table: bool = True, out=None, log_file=None
+) -> None:
     """Prompt text, ids, error messages, trait names and paths come from inputs or the model:
     each is escaped (printable) before it is padded, and every line once more as it is printed,
     so no escape sequence or bidi control reaches the terminal and a message's newline cannot
@@ -86,9 +163,9 @@ def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=No
         p(f"  ... and {len(s.failures) - 20} more failures")
     for name, where in s.outputs.items():
         p(f"  {e(name)}: {e(where)}")
-    if not traits_table:
-        return
-    rows = trait_table(plan)
+    if log_file is not None:
+        p(f"  log: {e(shown_path(log_file))}")
+    rows = trait_table(plan) if traits_table else []
     if rows:
         p("")
         p(f"  {'trait':<24} {'layer':>5} {'mean resp':>10}  highest-scoring prompt")
@@ -97,3 +174,7 @@ def print_summary(plan: InferPlan, s: Summary, traits_table: bool = True, out=No
             text = text if len(text) <= 60 else text[:57] + "..."
             trait, top_id = e(r["trait"]), e(r["top_id"])
             p(f"  {trait:<24} {r['layer']:>5} {r['mean']:>10.3f}  [{top_id}] {text}")
+    p("")
+    p("  next:")
+    for line in next_commands(plan):
+        p(f"    {line}")

@@ -173,6 +173,14 @@ class ExperimentPaths:
         names = dict.fromkeys(("residual", component))
         return tuple(raw / name / prompt_set / f"{prompt_id}.pt" for name in names)
 
+    def run_log(self, variant: str, prompt_set: str, command: str, stamp: str) -> Path:
+        """What a run printed besides raypipe's own lines (Ray's, HF's, the workers')."""
+        return self.inference_dir(variant) / "logs" / prompt_set / f"{command}-{stamp}.log"
+
+    def extract_log(self, stamp: str) -> Path:
+        # Not under extraction/: trait-interp reads every folder there as a trait category.
+        return self.dir / "logs" / f"extract-{stamp}.log"
+
     def calibration_file(self, variant: str) -> Path:
         return self.inference_dir(variant) / "massive_activations" / "calibration.json"
 
