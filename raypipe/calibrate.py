@@ -105,7 +105,7 @@ def run_calibrate(
     chat = uses_chat_template(tok, config.use_chat_template)
     context = getattr(text_config(lm.config), "max_position_embeddings", None)
     seqs = []
-    for item in prompts.items:
+    for item in prompts.iter_items():
         ids = encode_prompt(tok, format_prompt(tok, item.text, item.system_prompt, chat), chat)
         seqs.append(ids[:context] if context else ids)
     collector = CalibrationCollector(lm, budget=max_tokens, ratio=ratio)

@@ -117,10 +117,10 @@ def collect_status(plan: InferPlan, note: str | None = None) -> dict:
     """Counts for one prompt set: what the next `infer` with these flags would skip or do."""
     paths: ExperimentPaths = plan.paths
     variant, name = plan.variant, plan.prompts.name
-    ids = [item.id for item in plan.prompts.items]
+    ids = plan.prompts.ids
     responses_dir = paths.responses_dir(variant, name)
     # The plan's rule: a row to generate is a response missing (files, or the tables).
-    missing_responses = [r["prompt_id"] for r in plan.rows if r["generate"]]
+    missing_responses = [i for i in ids if i in plan.generate]
 
     traits = {}
     for trait, missing in plan.missing.items():

@@ -16,10 +16,10 @@ from raypipe.options import RunOptions
 from raypipe.pipeline import console, localray
 from raypipe.pipeline.backends import Job, backend_for
 from raypipe.pipeline.plan import InferPlan
+from raypipe.pipeline.source import ROW_COLUMNS, prompt_dataset
 from raypipe.pipeline.spine import BACKENDS, check_chain, run_stages
 from raypipe.store.atomic import sweep_temp_files
 from raypipe.store.calibration import mark_complete
-from raypipe.store.captures import capture_components
 from raypipe.store.parquet import build_parquet, compact, projection_traits
 from raypipe.store.runlock import run_lock
 
@@ -103,6 +103,8 @@ def _configure_data(run: RunOptions) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not run.quiet
     ctx.print_on_execution_start = False
+    # Rows meet the model stages in the prompt set's order, in the same batches on every run.
+    ctx.execution_options.preserve_order = True
     # A stage's own error (a full disk, raypipe's errors) reaches the driver as itself, so the
     # CLI can print it in one line; Ray Data would wrap it in a UserCodeException whose cause
     # is lost on the way.
@@ -159,22 +161,19 @@ def _run_infer(plan: InferPlan) -> Summary:
     # A killed run's finished parts go into the tables first: the stages read existing
     # responses from the table alone (with --json none).
     unreadable = _start_tables(plan)
-    if mode == "from_activations":
-        rows = [r for r in plan.rows if r["project"]]  # no model: nothing is generated
-    else:
-        todo = _capture_rows(plan) if mode == "capture" else plan.rows
-        rows = [r for r in todo if r["generate"] or (project and r["project"])]
-    summary = Summary(total=len(plan.rows), skipped=len(plan.rows) - len(rows))
-    if rows:
+    generate, project = plan.work()
+    todo = len(generate | project)
+    summary = Summary(total=len(plan.prompts.ids), skipped=len(plan.prompts.ids) - todo)
+    if todo:
         if mode != "from_activations":
             # Convert an alias once, here, rather than racing in every worker.
             resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
         progress = console.current().progress(
-            len(rows), desc=plan.prompts.name, quiet=run.quiet, status="starting Ray"
+            todo, desc=plan.prompts.name, quiet=run.quiet, status="starting Ray"
         )
         with progress as bar, ray_session(run):
             bar.phase("waiting for the first batch")
-            _execute(plan, rows, summary, bar)
+            _execute(plan, generate, project, summary, bar)
     # The workers wrote the tables' rows in parts as they went: fold them in.
     tables = compact(plan.paths, plan.variant, plan.prompts.name)
     for err in unreadable:
@@ -227,18 +226,6 @@ def _output_folders(plan: InferPlan) -> list:
     ]
 
 
-def _capture_rows(plan: InferPlan) -> list[dict]:
-    """For --capture a prompt is to do when its raw file lacks the component (one file holds
-    every component), whatever projections exist."""
-    comp, force = plan.opts.projection.component, plan.opts.output.force
-    out = []
-    for r in plan.rows:
-        raw = plan.paths.raw_file(plan.variant, comp, r["prompt_set"], r["prompt_id"])
-        held = comp in capture_components(raw)
-        out.append({**r, "project": r["generate"] or force or not held})
-    return out
-
-
 def _served_by(plan: InferPlan) -> str | None:
     """--backend auto: the name of a model server up for this model, else None; says which."""
     from raypipe.pipeline.server import describe, find_server, server_name
@@ -256,24 +243,24 @@ def _served_by(plan: InferPlan) -> str | None:
     return name
 
 
-def _execute(plan: InferPlan, rows: list[dict], summary: Summary, bar) -> None:
-    import ray
-
+def _execute(
+    plan: InferPlan, generate: frozenset, project: frozenset, summary: Summary, bar
+) -> None:
     run = plan.opts.run
     job = Job(
         plan=plan,
         mode=plan.opts.mode,
         gpus=run.gpus_per_replica if run.gpus_per_replica is not None else _cluster_gpus(),
-        generates=plan.opts.mode != "from_activations" and any(r["generate"] for r in rows),
+        generates=bool(generate),
         served=_served_by(plan)
         if run.backend == "auto" and plan.opts.mode != "from_activations"
         else None,
     )
     stages = BACKENDS[backend_for(job)](job)
-    check_chain(stages, tuple(rows[0]))
+    check_chain(stages, ROW_COLUMNS)
     # Ray Data's actor pools restart dead actors and retry their tasks (max_restarts=-1,
     # max_task_retries=-1 by default), so a killed worker costs no rows.
-    ds = run_stages(ray.data.from_items(rows), stages)
+    ds = run_stages(prompt_dataset(plan.prompts, generate, project), stages)
     calibration = plan.calibration if job.then == "project" else None
     start = time.perf_counter()
     seen = 0

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypipe.engine.models import ModelSpec, load_config, text_config
 from raypipe.errors import InputError
@@ -14,16 +18,16 @@ from raypipe.store.calibration import (
     massive_dims,
     read_state,
 )
+from raypipe.store.captures import capture_components
 from raypipe.store.experiment import ExperimentConfig, load_experiment
 from raypipe.store.outputs import (
-    ProjectionContents,
     ProjectionSettings,
     projection_contents,
     read_response,
     requested_entries,
 )
-from raypipe.store.parquet import current
-from raypipe.store.paths import ExperimentPaths
+from raypipe.store.parquet import SCHEMAS, current
+from raypipe.store.paths import RECORD_SUFFIX, ExperimentPaths
 from raypipe.store.prompts import PromptSet, load_prompt_set
 from raypipe.store.vectors import VectorSpec, list_traits, parse_layers, resolve_vectors
 
@@ -48,9 +52,20 @@ class InferPlan:
     notes: tuple[str, ...]
     massive_dims: tuple[int, ...] | None
     calibration: CalibrationTarget | None  # None: complete already, or nothing is projected
-    rows: tuple[dict, ...]  # one per prompt: what the stages need and what is to be done
+    # What is left, per prompt id (the rows themselves are read by the job's workers):
+    generate: frozenset[str]  # the responses to generate
+    project: frozenset[str]  # the prompts the model stage is to run on (--capture: raw files)
     # trait -> ids of the prompts whose file lacks a requested (method, layer) entry
     missing: dict[str, tuple[str, ...]]
+
+    def work(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(to generate, to send through the model stage) for this run's mode."""
+        mode = self.opts.mode
+        if mode == "from_activations":
+            return frozenset(), self.project  # no model: nothing is generated
+        if mode == "generate":
+            return self.generate, frozenset()
+        return self.generate, self.project
 
 
 def model_info(model: str, lora: str | None, m: ModelOptions) -> ModelInfo:
@@ -81,12 +96,17 @@ def _massive_dims(paths: ExperimentPaths, variant: str) -> tuple[int, ...]:
 
 
 def _calibration(
-    paths: ExperimentPaths, variant: str, model: str, prompts: PromptSet, rows: list[dict]
+    paths: ExperimentPaths,
+    variant: str,
+    model: str,
+    prompts: PromptSet,
+    generate: frozenset[str],
+    project: set[str],
 ) -> CalibrationTarget | None:
     """The calibration this run collects (SPEC 8: the first run of a variant), or None when it
-    is complete. It goes on from a killed run's count: prompts it has not counted are marked
-    to project, up to the token budget, even where their projection files are complete (the
-    writer leaves those files alone)."""
+    is complete. It goes on from a killed run's count: prompts it has not counted are added
+    to `project`, up to the token budget, even where their projection files are complete
+    (the writer leaves those files alone). Reads at most the budget's worth of responses."""
     path = paths.calibration_file(variant)
     if calibration_complete(path):
         return None
@@ -97,50 +117,153 @@ def _calibration(
         variant=variant,
         source=f"raypipe infer:{prompts.name}",
         prompt_set=prompts.name,
-        expected=frozenset(item.id for item in prompts.items),
+        expected=frozenset(prompts.ids),
     )
     saved = read_state(target)
     counted = {tuple(k) for k in saved["counted"]} if saved else set()
     left = target.budget - (saved["collector"]["tokens_seen"] if saved else 0)
-    for row in rows:
+    for pid in prompts.ids:
         if left <= 0:
             break
-        if (prompts.name, row["prompt_id"]) in counted:
+        if (prompts.name, pid) in counted:
             continue
-        if not row["generate"]:
+        if pid not in generate:
             # (One to generate has no length yet: counting it as none errs towards sending
             # more prompts than the budget needs, never fewer.)
             try:
-                response = read_response(
-                    paths.response_file(variant, prompts.name, row["prompt_id"])
-                )
+                response = read_response(paths.response_file(variant, prompts.name, pid))
             except InputError:
                 # Sent through, the generate stage would write it anew: not for calibration.
                 continue
             left -= len(response["token_ids"])
-        row["project"] = True
+        project.add(pid)
     return target
 
 
-def _stored(paths: ExperimentPaths, variant: str, prompt_set: str):
-    """(response ids, {(prompt id, trait): ProjectionContents}) of the Parquet tables: the
-    same rule for "done" as the files'; cleaned scores are not in the table, so a run that
-    removes massive dims finds none held."""
-    responses = current(paths, variant, "responses", prompt_set, ["prompt_id"])
+def _listing(folder: Path, suffix: str = RECORD_SUFFIX) -> set[str]:
+    """The stems of the `*{suffix}` files in `folder`: one directory read, not a stat per id."""
+    try:
+        with os.scandir(folder) as it:
+            return {e.name[: -len(suffix)] for e in it if e.name.endswith(suffix) and e.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _uncaptured(paths: ExperimentPaths, variant: str, prompts: PromptSet, component: str) -> set:
+    """--capture: the prompts whose raw file lacks `component` (one file holds every component
+    it took); a file there is opened (memory-mapped) only to see which components it holds."""
+    folder = paths.raw_file(variant, component, prompts.name, "_").parent
+    files = _listing(folder, ".pt")
+    return {
+        i
+        for i in prompts.ids
+        if i not in files
+        or component not in capture_components(paths.raw_file(variant, component, prompts.name, i))
+    }
+
+
+def _table(paths: ExperimentPaths, variant: str, table: str, prompt_set: str, cols, json_files):
+    """`current()` of a table; one that cannot be read holds nothing where the files are the
+    record (the files are read instead), and is a one-line error where it is the record."""
+    try:
+        return current(paths, variant, table, prompt_set, cols)
+    except Exception as e:  # a damaged or foreign file where a table or part belongs
+        if not json_files:
+            where = paths.parquet_file(variant, table, prompt_set)
+            why = f"not a readable Parquet table ({type(e).__name__}); with --json none it "
+            raise InputError(where, table, why + "is the record of what exists") from None
+        names = list(dict.fromkeys(["prompt_id", *cols]))
+        schema = SCHEMAS[table]
+        return pa.schema([schema.field(n) for n in names]).empty_table()
+
+
+def _held(
+    paths: ExperimentPaths, variant: str, prompt_set: str, requested: dict, json_files: bool
+) -> dict:
+    """trait -> (ids holding every requested entry, {other settings: ids holding entries under
+    them}, ids with any row) from the projections table (its finished parts included): the
+    same rule for "done" as a file's (ProjectionContents), computed on the columns at once."""
     cols = ["prompt_id", "trait", "method", "layer", "component", "centered", "position"]
-    table = current(paths, variant, "projections", prompt_set, cols).to_pydict()
-    held: dict[tuple[str, str], list] = {}
-    for pid, trait, method, layer, comp, centered, pos in zip(*(table[c] for c in cols)):
-        settings = ProjectionSettings(comp, bool(centered), pos)
-        held.setdefault((pid, trait), []).append((settings, (method, int(layer), None)))
-    contents = {}
-    for key, entries in held.items():
-        # A (prompt, trait) in the table holds one setting, as a file does (the writer
-        # replaced the others); should two meet, the entries of the latest one count.
-        settings = entries[-1][0]
-        kept = tuple(e for s, e in entries if s == settings)
-        contents[key] = ProjectionContents(settings, kept)
-    return set(responses.column("prompt_id").to_pylist()), contents
+    table = _table(paths, variant, "projections", prompt_set, cols, json_files)
+    out = {}
+    for trait, (settings, wanted) in requested.items():
+        rows = table.filter(pc.equal(table["trait"], trait))
+        ids = rows["prompt_id"]
+        same = pc.and_(
+            pc.and_(
+                pc.equal(rows["component"], settings.component),
+                pc.equal(rows["centered"], settings.centered),
+            ),
+            pc.equal(rows["position"], settings.position),
+        )
+        keys = pc.binary_join_element_wise(
+            rows["method"], pc.cast(rows["layer"], pa.string()), "\x00"
+        )
+        wanted_keys = pa.array([f"{m}\x00{lay}" for m, lay in wanted])
+        keep = pc.and_(same, pc.is_in(keys, value_set=wanted_keys))
+        good = pa.table({"prompt_id": pc.filter(ids, keep), "key": pc.filter(keys, keep)})
+        counts = good.group_by("prompt_id").aggregate([("key", "count_distinct")])
+        full = pc.filter(counts["prompt_id"], pc.equal(counts["key_count_distinct"], len(wanted)))
+        other: dict[ProjectionSettings, set[str]] = {}
+        diff = rows.filter(pc.invert(same))
+        for comp, centered, pos, pid in zip(
+            *(diff[c].to_pylist() for c in ("component", "centered", "position", "prompt_id"))
+        ):
+            other.setdefault(ProjectionSettings(comp, bool(centered), pos), set()).add(pid)
+        out[trait] = (set(full.to_pylist()), other, set(ids.unique().to_pylist()))
+    return out
+
+
+def _what_is_left(
+    paths: ExperimentPaths,
+    variant: str,
+    prompts: PromptSet,
+    requested: dict,
+    dims: tuple[int, ...] | None,
+    json_files: bool,
+    regenerate: bool,
+):
+    """(ids to generate, trait -> ids missing a requested entry, {(trait, other settings):
+    files}) with one rule: a response or projection exists when its file does (with --json
+    none: when the tables hold it); what a projection file holds is read from the projections
+    table, which the writers keep with the files, and from the file itself only where the
+    table has no row for it (files trait-interp wrote, or cleaned scores the table lacks)."""
+    ids = prompts.ids
+    if regenerate:
+        return frozenset(ids), {t: ids for t in requested}, {}
+    if json_files:
+        have = _listing(paths.responses_dir(variant, prompts.name))
+    else:
+        table = _table(paths, variant, "responses", prompts.name, ["prompt_id"], False)
+        have = set(table["prompt_id"].to_pylist())
+    generate = frozenset(i for i in ids if i not in have)
+    held = _held(paths, variant, prompts.name, requested, json_files) if requested else {}
+    missing: dict[str, tuple[str, ...]] = {}
+    replaced: dict[tuple[str, ProjectionSettings | None], int] = {}
+    for trait, (settings, wanted) in requested.items():
+        full, other, in_table = held[trait]
+        if json_files:
+            files = _listing(paths.projections_dir(variant, trait, prompts.name))
+        else:
+            files = in_table
+        # Cleaned scores are not in the table: a run that removes massive dims reads files.
+        read = (files if dims else files - in_table) if json_files else set()
+        done = set() if dims else (full & files)
+        for pid in read & set(ids):
+            contents = projection_contents(paths.projection_file(variant, trait, prompts.name, pid))
+            if contents is None:
+                continue
+            if not contents.missing(settings, wanted, dims):
+                done.add(pid)
+            elif contents.settings != settings and pid not in generate:
+                key = (trait, contents.settings)
+                replaced[key] = replaced.get(key, 0) + 1
+        for old, pids in other.items():
+            n = len((pids & files) - generate - read)
+            if n:
+                replaced[(trait, old)] = replaced.get((trait, old), 0) + n
+        missing[trait] = tuple(i for i in ids if i not in done)
+    return generate, missing, replaced
 
 
 def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
@@ -178,46 +301,21 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
         )
         dims = _massive_dims(paths, variant.name) if proj.remove_massive_dims else None
     requested = requested_entries(vectors, proj.component, proj.centered)
-    missing: dict[str, list[str]] = {t: [] for t in requested}
-    replaced: dict[tuple[str, ProjectionSettings | None], int] = {}
-    rows = []
-    # Without JSON files the tables are the record of what exists.
-    tables = None if out.json else _stored(paths, variant.name, prompts.name)
-    for item in prompts.items:
-        if tables is None:
-            response = paths.response_file(variant.name, prompts.name, item.id)
-            generate = out.regenerate or not response.is_file()
+    generate, missing, replaced = _what_is_left(
+        paths, variant.name, prompts, requested, dims, out.json, out.regenerate
+    )
+    project: set[str] = set()
+    if need_vectors:
+        if opts.mode == "capture":
+            left = _uncaptured(paths, variant.name, prompts, proj.component)
+            project = set(generate) | (set(prompts.ids) if out.force else left)
+        elif out.force:
+            project = set(prompts.ids)
         else:
-            generate = out.regenerate or item.id not in tables[0]
-        todo = generate or out.force
-        for trait, (settings, wanted) in requested.items():
-            path = paths.projection_file(variant.name, trait, prompts.name, item.id)
-            if out.regenerate:
-                held = None
-            elif tables is None:
-                held = projection_contents(path)
-            else:
-                held = tables[1].get((item.id, trait))
-            if held is None or held.missing(settings, wanted, dims):
-                missing[trait].append(item.id)
-                todo = True
-            if held is not None and held.settings != settings and not generate:
-                key = (trait, held.settings)
-                replaced[key] = replaced.get(key, 0) + 1
-        rows.append(
-            {
-                "prompt_set": prompts.name,
-                "prompt_id": item.id,
-                "text": item.text,
-                "system_prompt": item.system_prompt,
-                "note": item.note,
-                "generate": generate,
-                "project": need_vectors and todo,
-            }
-        )
+            project = set(generate).union(*missing.values())
     calibration = None
     if need_vectors:
-        calibration = _calibration(paths, variant.name, info.spec.model, prompts, rows)
+        calibration = _calibration(paths, variant.name, info.spec.model, prompts, generate, project)
     for (trait, old), n in replaced.items():
         new = requested[trait][0]
         had = old.differences(new) if old else "no stated settings"
@@ -236,6 +334,7 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
         notes=tuple(notes),
         massive_dims=dims,
         calibration=calibration,
-        rows=tuple(rows),
-        missing={t: tuple(ids) for t, ids in missing.items()},
+        generate=generate,
+        project=frozenset(project),
+        missing=missing,
     )

@@ -23,16 +23,17 @@ VIZ_URL = "http://127.0.0.1:8765/"  # `raypipe viz` with its defaults
 
 
 def trait_table(plan: InferPlan) -> list[dict]:
-    """Per trait at its best layer: mean response score and the prompt that scored highest."""
+    """Per trait at its best layer: mean response score and the prompt that scored highest
+    (computed on the table's columns: a run of any size is read as arrays, not row dicts)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     path = plan.paths.parquet_file(plan.variant, "projections", plan.prompts.name)
     if not path.is_file():
         return []
-    table = pq.read_table(
-        path, columns=["prompt_id", "trait", "layer", "selection_source", "response_scores"]
-    ).to_pylist()
-    texts = {item.id: item.text for item in plan.prompts.items}
+    table = pq.read_table(path, columns=["prompt_id", "trait", "layer", "response_scores"])
+    lengths = pc.list_value_length(table["response_scores"])
+    table = table.filter(pc.fill_null(pc.greater(lengths, 0), False))
     best = {}
     for v in plan.vectors:
         if v.selection_source != "layers_arg":
@@ -41,32 +42,39 @@ def trait_table(plan: InferPlan) -> list[dict]:
             best.setdefault(v.trait, None)
     out = []
     for trait, layer in best.items():
-        rows = [
-            r
-            for r in table
-            if r["trait"] == trait
-            and (layer is None or r["layer"] == layer)
-            and r["response_scores"]
-        ]
-        if layer is None and rows:
-            layer = rows[0]["layer"]
-            rows = [r for r in rows if r["layer"] == layer]
-        if not rows:
+        rows = table.filter(pc.equal(table["trait"], trait))
+        if layer is None and rows.num_rows:
+            layer = rows["layer"][0].as_py()
+        rows = rows.filter(pc.equal(rows["layer"], layer))
+        if not rows.num_rows:
             continue
-        means = np.array([float(np.mean(r["response_scores"])) for r in rows])
-        top = rows[int(means.argmax())]
+        scores = rows["response_scores"].combine_chunks()
+        lengths = pc.list_value_length(scores).to_numpy()
+        flat = pc.list_flatten(scores).to_numpy(zero_copy_only=False).astype(np.float64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        means = np.add.reduceat(flat, starts) / lengths
+        top = int(means.argmax())
+        top_id = rows["prompt_id"][top].as_py()
         out.append(
             {
                 "trait": trait,
                 "layer": layer,
-                "n": len(rows),
+                "n": rows.num_rows,
                 "mean": float(means.mean()),
-                "top_id": top["prompt_id"],
-                "top_score": float(means.max()),
-                "top_prompt": texts.get(top["prompt_id"], ""),
+                "top_id": top_id,
+                "top_score": float(means[top]),
+                "top_prompt": _text_of(plan, top_id),
             }
         )
     return out
+
+
+def _text_of(plan: InferPlan, prompt_id: str) -> str:
+    """One prompt's text, read from the set (which the driver does not hold)."""
+    for item in plan.prompts.iter_items():
+        if item.id == prompt_id:
+            return item.text
+    return ""
 
 
 def shell_word(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,24 @@ class PromptItem:
 
 @dataclass(frozen=True)
 class PromptSet:
+    """A validated prompt set. Only its ids are held: the items are read again from the file
+    when wanted (`iter_items`), and a run's workers read them themselves (JSON Lines and
+    Parquet in parts: see raypipe.pipeline.source), so a large set never sits in the driver.
+    A .json set is one JSON document (SPEC 3), read whole wherever it is read."""
+
     name: str  # the path under datasets/inference, e.g. "starter_prompts/general"
     path: Path
-    items: tuple[PromptItem, ...]
+    ids: tuple[str, ...]  # in the file's order
+    system_prompt: str | None = None  # a .json set's top-level one (SPEC 3)
+
+    def iter_items(self) -> Iterator[PromptItem]:
+        for field, raw in raw_items(self.path):
+            yield normalize_item(raw, self.path, field, self.system_prompt)
+
+    @property
+    def items(self) -> tuple[PromptItem, ...]:
+        """Every item, read now: for small sets (tests, one-off tools)."""
+        return tuple(self.iter_items())
 
 
 def _opt_str(item: dict, key: str, where: Path, field: str) -> str | None:
@@ -54,65 +70,98 @@ def prompt_set_path(datasets_dir: Path, name: str) -> Path:
     return found[0]
 
 
-def _jsonl_items(path: Path) -> list:
+def _json_items(path: Path) -> tuple[list, str | None]:
+    data = read_json(path, "prompt_set")
+    system_prompt = None
+    if isinstance(data, dict):
+        system_prompt = _opt_str(data, "system_prompt", path, "system_prompt")
+        if "prompts" not in data:
+            raise InputError(path, "prompts", "missing (expected a list of prompts)")
+        data = data["prompts"]
+    if not isinstance(data, list):
+        raise InputError(path, "prompts", f"must be a list, got {type(data).__name__}")
+    return data, system_prompt
+
+
+def parse_line(path: Path, field: str, line: bytes):
+    """A line of a JSON Lines set (`field` names it: "line 3"): its item, None if blank."""
     import json
 
+    if not line.strip():
+        return None
     try:
-        raw = path.read_bytes()
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(path, field, f"not valid UTF-8 (byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise InputError(path, field, f"malformed JSON: {type(e).__name__}") from None
+
+
+def _jsonl_items(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        f = path.open("rb")
     except OSError as e:
         raise InputError(path, "prompt_set", f"cannot read: {e.strerror}") from None
-    items = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line.decode("utf-8")))
-        except UnicodeDecodeError as e:
-            raise InputError(path, f"line {n}", f"not valid UTF-8 (byte {e.start})") from None
-        except (ValueError, RecursionError) as e:
-            raise InputError(path, f"line {n}", f"malformed JSON: {type(e).__name__}") from None
-    return items
+    with f:
+        # Lines end at b"\n" alone (JSON text may hold U+2028 or a lone "\r" unescaped).
+        for n, line in enumerate(f, 1):
+            item = parse_line(path, f"line {n}", line)
+            if item is not None:
+                yield f"line {n}", item
 
 
-def _parquet_items(path: Path) -> list:
+PARQUET_BATCH = 4096  # rows read at a time: a large set is never read whole
+
+
+def _parquet_items(path: Path) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        f = pq.ParquetFile(path)
+        batches = f.iter_batches(batch_size=PARQUET_BATCH)
+        row = 0
+        for batch in batches:
+            for item in batch.to_pylist():
+                yield f"row {row}", item
+                row += 1
     except Exception as e:  # not Parquet, truncated, unreadable
         why = f"not a readable Parquet file ({type(e).__name__})"
         raise InputError(path, "prompt_set", why) from None
-    return table.to_pylist()
+
+
+def raw_items(path: Path) -> Iterator[tuple[str, object]]:
+    """(field label for errors, item as read) of every item of the set's file, in order."""
+    if path.suffix == ".json":
+        items, _ = _json_items(path)
+        for i, item in enumerate(items):
+            yield f"prompts[{i}]", item
+    elif path.suffix == ".jsonl":
+        yield from _jsonl_items(path)
+    else:
+        yield from _parquet_items(path)
 
 
 def load_prompt_set(datasets_dir: Path, prompt_set: str) -> PromptSet:
+    """Every item checked, in one pass that holds only the ids (SPEC 3)."""
     name = check_relpath(prompt_set, "--prompt-set", "prompt_set")
     path = prompt_set_path(datasets_dir, name)
-    system_prompt = None
     if path.suffix == ".json":
-        data = read_json(path, "prompt_set")
-        if isinstance(data, dict):
-            system_prompt = _opt_str(data, "system_prompt", path, "system_prompt")
-            if "prompts" not in data:
-                raise InputError(path, "prompts", "missing (expected a list of prompts)")
-            items = data["prompts"]
-        else:
-            items = data
-        label = "prompts[{}]"
-    elif path.suffix == ".jsonl":
-        items, label = _jsonl_items(path), "line {}"
+        items, system_prompt = _json_items(path)
+        rows = ((f"prompts[{i}]", item) for i, item in enumerate(items))
     else:
-        items, label = _parquet_items(path), "row {}"
-    if not isinstance(items, list):
-        raise InputError(path, "prompts", f"must be a list, got {type(items).__name__}")
-    if not items:
-        raise InputError(path, "prompts", "is empty")
-    out: list[PromptItem] = []
+        system_prompt, rows = None, raw_items(path)
+    ids: list[str] = []
     seen: set[str] = set()
-    for i, item in enumerate(items):
-        field = label.format(i + 1 if path.suffix == ".jsonl" else i)
-        out.append(_item(item, path, field, system_prompt, seen))
-    return PromptSet(name=name, path=path, items=tuple(out))
+    for field, raw in rows:
+        ids.append(_item(raw, path, field, system_prompt, seen).id)
+    if not ids:
+        raise InputError(path, "prompts", "is empty")
+    return PromptSet(name=name, path=path, ids=tuple(ids), system_prompt=system_prompt)
+
+
+def normalize_item(raw, path: Path, field: str, system_prompt: str | None) -> PromptItem:
+    """An item of a set load_prompt_set checked already (ids were unique there)."""
+    return _item(raw, path, field, system_prompt, set())
 
 
 def _item(item, path: Path, field: str, system_prompt: str | None, seen: set) -> PromptItem:
