@@ -91,6 +91,24 @@ def run(root: Path, n: int, args) -> dict:
     }
 
 
+def as_format(path: Path, fmt: str) -> None:
+    """The same items in a .jsonl or .parquet file instead of the .json one."""
+    if fmt == "json":
+        return
+    data = json.loads(path.read_text())
+    items = data["prompts"] if isinstance(data, dict) else data
+    if fmt == "jsonl":
+        path.with_suffix(".jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = sorted({k for i in items for k in i})
+        table = pa.table({c: [str(i[c]) if c == "id" else i.get(c) for i in items] for c in cols})
+        pq.write_table(table, path.with_suffix(".parquet"))
+    path.unlink()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="2000,20000,100000", help="prompt counts, comma list")
@@ -98,6 +116,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.1, help="seconds between RSS samples")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
+    p.add_argument(
+        "--prompt-format",
+        choices=("json", "jsonl", "parquet"),
+        default="json",
+        help="the prompt set's file: one JSON document, or read by the workers in parts",
+    )
     p.add_argument("extra", nargs="*", help="more `raypipe infer` flags (after --)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,7 +131,13 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="raypipe-scale-"))
     try:
         model = save_tiny_model(base / "model")
-        results = [run(build_root(base, model, n, n), n, args) for n in sizes]
+        results = []
+        for n in sizes:
+            root = build_root(base, model, n, n)
+            as_format(
+                root / "datasets" / "inference" / "bench" / "synthetic.json", args.prompt_format
+            )
+            results.append(run(root, n, args))
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
@@ -128,6 +158,7 @@ def main() -> None:
                 "tail_fraction": round(large["tail_s"] / large["seconds"], 4),
                 "prompts_per_s": round(large["prompts_per_s"], 1),
                 "sizes": sizes,
+                "prompt_format": args.prompt_format,
             }
         )
     )
