@@ -213,7 +213,8 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
             }
         )
     calibration = None
-    if need_vectors:
+    # (vLLM's hooks return scores only: the HF prefill collects calibration, --backend local.)
+    if need_vectors and opts.run.backend != "vllm":
         calibration = _calibration(paths, variant.name, info.spec.model, prompts, rows)
     for (trait, old), n in replaced.items():
         new = requested[trait][0]
