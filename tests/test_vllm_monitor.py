@@ -239,3 +239,53 @@ def test_component_vllm_cannot_hook_is_refused_before_loading(tmp_path):
     check_component(spec, "residual")
     with pytest.raises(OptionError, match="attn_contribution: vLLM's gpt2 model"):
         check_component(spec, "attn_contribution")
+
+
+def test_backend_vllm_is_one_pool_and_collects_no_calibration(tiny_root):
+    """`--backend vllm` plans one model stage (generation + projection in one engine) and
+    leaves passive calibration to the HF prefill, which the local backend still collects."""
+    import dataclasses
+
+    from raypipe.options import InferOptions, OutputOptions, ProjectionOptions, RunOptions
+    from raypipe.pipeline.backends import Job, backend_for
+    from raypipe.pipeline.plan import plan_infer
+    from raypipe.pipeline.spine import BACKENDS, check_chain
+    from raypipe.pipeline.stages import GenerateStage
+
+    opts = InferOptions(
+        output=OutputOptions(root=tiny_root, experiment="tiny", prompt_set="tests/small"),
+        projection=ProjectionOptions(layers="1,2"),
+        run=RunOptions(backend="vllm"),
+    )
+    plan = plan_infer(opts)
+    assert plan.calibration is None
+    assert plan_infer(dataclasses.replace(opts, run=RunOptions())).calibration is not None
+    job = Job(plan, mode="stream", gpus=0, generates=True)
+    stages = BACKENDS[backend_for(job)](job)
+    assert [s.name for s in stages] == ["vllm", "write_projections"]
+    check_chain(stages, GenerateStage.NEEDS)
+
+
+def test_unhookable_component_fails_before_any_model_loads(tmp_path, capsys):
+    from raypipe.cli import main
+    from tests.tiny import write_prompt_set, write_vectors
+
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(
+        '{"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 99}'
+    )
+    exp = tmp_path / "experiments" / "g"
+    exp.mkdir(parents=True)
+    (exp / "config.json").write_text(
+        '{"defaults": {"extraction": "base", "application": "base"},'
+        f' "model_variants": {{"base": {{"model": "{model}"}}}}}}'
+    )
+    write_vectors(exp, ["behavior/alpha"], n_layers=2, hidden=64)
+    write_prompt_set(tmp_path, "tests/one", ["say one thing"])
+    args = ["infer", "--root", str(tmp_path), "--experiment", "g", "--prompt-set", "tests/one"]
+    code = main([*args, "--backend", "vllm", "--component", "attn_contribution", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert "attn_contribution: vLLM's gpt2 model" in err and len(err.splitlines()) == 1, err
+    assert not (exp / "inference").exists()
