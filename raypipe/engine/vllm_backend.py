@@ -361,6 +361,7 @@ class VLLMMonitor:
         massive_dims: list[int] | None = None,
     ) -> None:
         """Hooks for these vectors in the engine's model, replacing those installed."""
+        self.installed = (vectors, component, massive_dims)
         self.n, self.cleaned = len(vectors), bool(massive_dims)
         payload = {
             "vectors": [(int(layer), np.asarray(v, dtype=np.float32)) for layer, v in vectors],
