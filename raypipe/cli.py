@@ -185,8 +185,8 @@ def _run_flags(p: argparse.ArgumentParser, g: dict) -> None:
         default="local",
         choices=BACKENDS,
         help="local: load the model in this job | auto: use a `raypipe serve` model server when "
-        "one is up for the model, else local | vllm: generate with vLLM (projection stays on "
-        "HF) [local]",
+        "one is up for the model, else local | vllm: generate and project in one vLLM engine "
+        "(hooks in its model; --capture keeps the HF capture) [local]",
     )
     cluster.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per replica [1]"

@@ -181,7 +181,7 @@ class InferOptions:
         if run.backend == "vllm" and not vllm_backend.available():
             raise OptionError(
                 "backend",
-                "vllm is not installed (CPU: `make vllm`; GPU: pip install 'raypipe[vllm]')",
+                "vllm is not installed (CPU: `make venv`; GPU: pip install 'raypipe[vllm]')",
             )
         if self.mode == "from_activations" and self.output.regenerate:
             raise OptionError("regenerate", "no model runs with `from_activations`")
@@ -219,6 +219,8 @@ class InferOptions:
             return
         if self.run.backend == "vllm":
             vllm_backend.check_spec(spec)
+            if self.mode == "stream":  # projected inside vLLM's model
+                vllm_backend.check_component(spec, self.projection.component)
         if self.run.tp > 1:
             check_tp_load(spec.load_in_4bit, spec.lora)
             check_tp(load_config(spec.model, spec.cache_dir), self.run.tp)

@@ -1,4 +1,5 @@
-"""vLLM backend vs the HF Responder on the embedded model: same prompt ids, same greedy tokens."""
+"""vLLM backend vs the HF engine on the embedded model: same prompt ids, same greedy tokens, and
+the scores of one-pass monitoring inside vLLM equal the HF projector's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from raypipe.errors import InputError
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: seconds
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("RAYPIPE_CACHE", "~/.cache/raypipe")).expanduser()
@@ -43,11 +47,24 @@ def hf(items):
     return model, tok, responder.respond(items)
 
 
-@pytest.fixture(scope="module")
-def vllm_responder():
-    from raypipe.engine.vllm_backend import VLLMResponder
+# Layers of the embedded model's 30: the first, the middle and the last (before the final norm).
+LAYERS = (0, 14, 29)
 
-    responder = VLLMResponder(_spec(), OPTS, None, context=8192)
+
+@pytest.fixture(scope="module")
+def vectors() -> list[tuple[int, list[float]]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [(layer, torch.randn(576, generator=g).tolist()) for layer in LAYERS for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def vllm_responder(vectors):
+    """The engine `--backend vllm` runs: generation with raypipe's hooks in vLLM's model."""
+    from raypipe.engine.vllm_backend import VLLMMonitor
+
+    responder = VLLMMonitor(_spec(), OPTS, None, vectors, context=8192)
     yield responder
     responder.close()
 
@@ -93,6 +110,38 @@ def test_same_prompt_ids_and_greedy_tokens(items, hf, vllm_responder):
         assert gap < 0.1, f"prompt {i}: HF prefers {top[0]} by {gap:.3f} logits"
     print(f"vLLM vs HF (fp32, greedy, {OPTS.max_new_tokens} new tokens): {exact}/{N_PROMPTS} exact")
     assert exact >= 0.8 * N_PROMPTS
+
+
+def test_one_pass_scores_equal_hf_projector(items, hf, vllm_responder, vectors):
+    """Eight prompts of different lengths in one generate call: every prompt and generated
+    token's score equals HF's (the projector, and hidden_states[L+1] . v^ below the top)."""
+    import numpy as np
+    import torch
+
+    from raypipe.engine.projector import Projector
+
+    model, _, _ = hf
+    out = vllm_responder.respond(items[:8])
+    seqs = [r.token_ids for r in out]
+    got = vllm_responder.take_scores(seqs)
+    ref = Projector(model, vectors).project(seqs)
+    assert len({r.prompt_end for r in out}) > 4
+    worst = 0.0
+    for res, g, r in zip(out, got, ref):
+        assert g.scores.shape == r.scores.shape == (len(vectors), len(res.token_ids))
+        for a, b in ((g.scores, r.scores), (g.norms, r.norms)):
+            scale = np.abs(b).max(axis=1, keepdims=True)
+            worst = max(worst, float((np.abs(a - b) / scale).max()))
+        with torch.inference_mode():
+            hs = model(torch.tensor([res.token_ids]), output_hidden_states=True).hidden_states
+        for i, (layer, v) in enumerate(vectors):
+            if layer < 29:
+                v = torch.tensor(v)
+                direct = (hs[layer + 1][0] @ (v / v.norm())).numpy()
+                scale = np.abs(direct).max()
+                worst = max(worst, float(np.abs(g.scores[i] - direct).max() / scale))
+    print(f"one-pass vLLM vs HF scores, fp32: worst relative error {worst:.2e}")
+    assert worst < 1e-4
 
 
 def test_sampling_is_seeded(items, vllm_responder):

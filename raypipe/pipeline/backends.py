@@ -224,9 +224,19 @@ def local(job: Job) -> list[Stage]:
 
 @backend("vllm")
 def vllm(job: Job) -> list[Stage]:
-    """vLLM generates (tensor_parallel_size GPUs a replica); projection runs on the HF model."""
-    gpus = job.gpus * job.plan.opts.run.tensor_parallel_size
-    return _split(job, generate_stage(job, gpus=gpus), then_stage(job) if job.then else None)
+    """One vLLM engine per replica (tensor_parallel_size GPUs) generates and projects in the
+    same forward passes, hooks inside its model: one model copy. --capture keeps the HF
+    capture stage after vLLM's generation."""
+    from raypipe.pipeline.vllm_stage import VLLMStage
+
+    run = job.plan.opts.run
+    gpus = job.gpus * run.tensor_parallel_size
+    if job.then != "project":
+        return _split(job, generate_stage(job, gpus=gpus), then_stage(job) if job.then else None)
+    args = dict(generate=job.generate_args(), project=job.then_args())
+    resources = job.model_resources(run.generate_replicas, gpus)
+    stage = Stage("vllm", VLLMStage, args, VLLMStage.NEEDS, VLLMStage.PRODUCES, resources)
+    return [stage, *projection_writer(job)]
 
 
 @backend("tp")

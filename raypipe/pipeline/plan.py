@@ -314,7 +314,8 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
         else:
             project = set(generate).union(*missing.values())
     calibration = None
-    if need_vectors:
+    # (vLLM's hooks return scores only: the HF prefill collects calibration, --backend local.)
+    if need_vectors and opts.run.backend != "vllm":
         calibration = _calibration(paths, variant.name, info.spec.model, prompts, generate, project)
     for (trait, old), n in replaced.items():
         new = requested[trait][0]

@@ -1,0 +1,247 @@
+"""Projection inside vLLM's own model: the worker side of one-pass monitoring.
+
+`MonitorWorker` is given to vLLM as `worker_extension_cls`: vLLM mixes it into its worker class
+(every tensor-parallel rank), and the engine reaches it with `collective_rpc`. Installing puts
+forward hooks on the decoder layers of the model the worker holds. Each forward step (a prefill
+chunk, decodes, or both mixed) the hooks score every row of the step on the device, with the
+same math as the HF projector (projector.layer_scores), and keep per request only the scores and
+squared norms, on the host, by absolute position. `raypipe_collect` hands them over as bytes
+(pickled numpy arrays; vLLM's RPC should carry no tensors) and forgets them.
+
+Facts this rests on (vllm 0.32, see docs/vllm.md):
+- Hooks fire only in eager mode (`enforce_eager=True`); compiled graphs skip them silently.
+- An exception in a hook kills the engine: the hooks catch everything and report it at collect.
+- vLLM's Llama-style decoder layer returns (mlp_out, residual): their sum is the block output,
+  HF's hidden_states[L+1] (before the final norm, as the HF projector's hook sees it).
+- Which rows belong to which request is the model runner's: `req_ids`, `query_start_loc` and
+  `num_computed_tokens` of the step. V1 and V2 runners keep them in different places; both are
+  read right after the runner prepares its inputs (`_prepare_inputs` / `prepare_inputs`), so a
+  dummy step (no request) is never attributed to the last real one.
+- After the all-reduce the residual is whole on every tensor-parallel rank: rank 0 alone hooks.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from raypipe.engine.projector import layer_scores
+
+COMPONENT_POINTS = {"residual": "block", "attn_contribution": "attention"}
+
+
+@dataclass
+class Layout:
+    """Rows of one forward step: request i owns rows qsl[i]:qsl[i+1], positions start[i]..."""
+
+    req_ids: list[str]
+    qsl: np.ndarray  # (R + 1,) int
+    start: np.ndarray  # (R,) int: tokens of each request computed before this step
+
+
+def _v1_layout(runner) -> Layout:
+    n = runner.input_batch.num_reqs
+    return Layout(
+        list(runner.input_batch.req_ids[:n]),
+        np.array(runner.query_start_loc.np[: n + 1], dtype=np.int64),
+        np.array(runner.input_batch.num_computed_tokens_cpu[:n], dtype=np.int64),
+    )
+
+
+def _v2_layout(batch) -> Layout:
+    n = batch.num_reqs
+    return Layout(
+        list(batch.req_ids[:n]),
+        np.array(batch.query_start_loc_np[: n + 1], dtype=np.int64),
+        np.array(batch.num_computed_tokens_np[:n], dtype=np.int64),
+    )
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a vLLM model (`model.model.layers` for the Llama family)."""
+    for _, module in model.named_modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return layers
+    raise TypeError(f"{type(model).__name__}: no decoder stack with .layers and .embed_tokens")
+
+
+def hook_module(block: torch.nn.Module, component: str) -> torch.nn.Module:
+    """Where vLLM's block computes the component (see hooks.hook_point for HF's)."""
+    if component == "residual":
+        return block
+    if component == "attn_contribution":
+        # Gemma 2/3 normalise the attention output before it joins the residual.
+        if hasattr(block, "pre_feedforward_layernorm") and hasattr(
+            block, "post_attention_layernorm"
+        ):
+            return block.post_attention_layernorm
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "o_proj"):
+            return attn  # its forward returns o_proj's output: what attention adds
+        raise TypeError(f"{type(block).__name__}: no attention output to hook in vLLM's model")
+    raise ValueError(f"unknown component {component!r}")
+
+
+def _hidden(output, component: str) -> torch.Tensor:
+    if isinstance(output, tuple | list):
+        if component == "residual" and len(output) == 2 and output[1] is not None:
+            return output[0] + output[1]  # (N, D): vLLM defers the residual add to the next norm
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        raise TypeError(f"hooked module returned {type(output).__name__}, not an (N, D) tensor")
+    return output
+
+
+class _Monitor:
+    """The hooks of one worker and what they collected."""
+
+    def __init__(self, runner, cfg: dict):
+        self.runner = runner
+        self.component = cfg["component"]
+        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+        blocks = decoder_layers(model)
+        vectors = cfg["vectors"]  # [(layer, np.ndarray (D,))]
+        device = next(model.parameters()).device
+        self.layers = sorted({layer for layer, _ in vectors})
+        if self.layers[-1] >= len(blocks) or self.layers[0] < 0:
+            raise ValueError(f"layer {self.layers[-1]} is not in a model of {len(blocks)} layers")
+        self.top = self.layers[-1]
+        self.n = len(vectors)
+        self.bank: dict[int, torch.Tensor] = {}
+        grouped: list[int] = []
+        for layer in self.layers:
+            rows = [i for i, (lay, _) in enumerate(vectors) if lay == layer]
+            mat = torch.stack([torch.as_tensor(vectors[i][1], dtype=torch.float32) for i in rows])
+            mat = mat / mat.norm(dim=1, keepdim=True)  # (K_L, D)
+            self.bank[layer] = mat.T.contiguous().to(device)  # (D, K_L)
+            grouped.extend(rows)
+        inverse = torch.empty(self.n, dtype=torch.long)
+        inverse[torch.tensor(grouped)] = torch.arange(self.n)
+        self.inverse = inverse.to(device)
+        self.norm_rows = torch.tensor(
+            [self.layers.index(vectors[i][0]) for i in range(self.n)], dtype=torch.long
+        ).to(device)
+        dims = cfg.get("massive_dims")
+        self.dims = None
+        if dims:
+            self.dims = torch.tensor(sorted(set(dims)), dtype=torch.long, device=device)
+        self.layout: Layout | None = None
+        self.step: dict[int, list[torch.Tensor]] = {}
+        self.store: dict[str, list[np.ndarray]] = {}  # req_id -> [(n, 1 + 2S[+2S]) chunks]
+        self.error: str | None = None
+        self.handles = [
+            hook_module(blocks[layer], self.component).register_forward_hook(self._hook(layer))
+            for layer in self.layers
+        ]
+        self._tap()
+
+    def _tap(self) -> None:
+        """Record the step's layout right after the runner prepares its inputs."""
+        runner = self.runner
+        name = "prepare_inputs" if hasattr(runner, "req_states") else "_prepare_inputs"
+        original = getattr(runner, name, None)
+        if original is None:
+            raise TypeError(f"{type(runner).__name__} has no {name}: an unknown model runner")
+        v2 = name == "prepare_inputs"
+
+        def tapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            try:
+                self.layout = _v2_layout(out) if v2 else _v1_layout(runner)
+            except Exception:  # never break the engine; the step goes unrecorded, and says so
+                self.error = self.error or traceback.format_exc()
+                self.layout = None
+            return out
+
+        setattr(runner, name, tapped)
+        self.untap = lambda: vars(runner).pop(name, None)
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            if self.error is not None or self.layout is None:
+                return None
+            try:
+                self._on_layer(layer, _hidden(output, self.component))
+            except Exception:
+                self.error = traceback.format_exc()
+            return None
+
+        return hook
+
+    def _on_layer(self, layer: int, h: torch.Tensor) -> None:
+        rows = int(self.layout.qsl[-1])
+        if rows > h.shape[0]:
+            raise RuntimeError(f"layer {layer}: step has {h.shape[0]} rows, layout says {rows}")
+        dims = self.dims
+        self.step[layer] = layer_scores(h[:rows].float(), self.bank[layer], dims)
+        if layer == self.top:
+            self._finish_step()
+
+    def _finish_step(self) -> None:
+        lay, parts = self.layout, [self.step[layer] for layer in self.layers]
+        self.layout, self.step = None, {}
+        cols = []
+        for kind in range(0, len(parts[0]), 2):  # (scores, sq) then (cleaned, cleaned sq)
+            scores = torch.cat([p[kind] for p in parts], dim=-1)[:, self.inverse]  # (N, S)
+            sq = torch.stack([p[kind + 1] for p in parts], dim=-1)[:, self.norm_rows]
+            cols += [scores, sq.clamp_min(0).sqrt()]
+        block = torch.cat(cols, dim=-1).cpu().numpy()  # one host transfer per step
+        for i, rid in enumerate(lay.req_ids):
+            a, b = int(lay.qsl[i]), int(lay.qsl[i + 1])
+            if b > a:
+                pos = np.arange(lay.start[i], lay.start[i] + b - a, dtype=np.float32)[:, None]
+                self.store.setdefault(rid, []).append(np.concatenate([pos, block[a:b]], axis=1))
+
+    def collect(self, external_ids: list[str] | None, drop_rest: bool) -> dict[str, np.ndarray]:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.store.clear()
+            raise RuntimeError(f"raypipe's vLLM hooks failed:\n{error}")
+        wanted = None if external_ids is None else set(external_ids)
+        out = {}
+        for rid in list(self.store):
+            ext = rid if wanted is None or rid in wanted else rid.rsplit("-", 1)[0]
+            if wanted is None or ext in wanted:
+                out[ext] = np.concatenate(self.store.pop(rid))
+        if drop_rest:
+            self.store.clear()
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.untap()
+
+
+class MonitorWorker:
+    """vLLM `worker_extension_cls`: its methods become `collective_rpc` calls on every rank."""
+
+    def raypipe_install(self, payload: bytes) -> int:
+        """Hooks for the vectors in `payload` (replacing any installed): rank 0 only."""
+        self.raypipe_remove()
+        if getattr(self, "rank", 0) != 0:
+            return 0
+        self._raypipe_monitor = _Monitor(self.model_runner, pickle.loads(payload))
+        return len(self._raypipe_monitor.handles)
+
+    def raypipe_collect(
+        self, external_ids: list[str] | None = None, drop_rest: bool = False
+    ) -> bytes:
+        """{request id: (n, 1 + 2S [+ 2S]) float32 rows: position, scores, norms [, cleaned
+        scores, cleaned norms]} of the finished requests named (all when None), as bytes;
+        `drop_rest`: forget every other request's rows too."""
+        monitor = getattr(self, "_raypipe_monitor", None)
+        if monitor is None:
+            return pickle.dumps(None)
+        return pickle.dumps(monitor.collect(external_ids, drop_rest))
+
+    def raypipe_remove(self) -> None:
+        monitor = getattr(self, "_raypipe_monitor", None)
+        if monitor is not None:
+            monitor.remove()
+            self._raypipe_monitor = None
