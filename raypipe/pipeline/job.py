@@ -103,8 +103,6 @@ def _configure_data(run: RunOptions) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not run.quiet
     ctx.print_on_execution_start = False
-    # Rows meet the model stages in the prompt set's order, in the same batches on every run.
-    ctx.execution_options.preserve_order = True
     # A stage's own error (a full disk, raypipe's errors) reaches the driver as itself, so the
     # CLI can print it in one line; Ray Data would wrap it in a UserCodeException whose cause
     # is lost on the way.

@@ -2,9 +2,10 @@
 
 The driver checked every item (load_prompt_set) and decided, per prompt id, what is left to
 do (plan.Work). Here Ray Data reads the set itself: a JSON Lines file in byte ranges cut at
-line ends, a Parquet file by Ray's own reader, a .json set (one JSON document, SPEC 3) from
-its items. Each block's items are put in the stages' shape, and the prompts with nothing
-left are dropped there, in the workers: the driver holds the ids, never the rows.
+line ends, a Parquet file by Ray's own reader; each block's items are put in the stages'
+shape, and the prompts with nothing left are dropped there, in the workers: the driver holds
+the ids, never the rows. A .json set (SPEC 3) is one JSON document, read whole wherever it is
+read: the driver builds its rows with work left, in the set's order.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raypipe.store.prompts import PromptItem, PromptSet, normalize_item, parse_line
+from raypipe.store.prompts import PromptSet, normalize_item, parse_line
 
 ROW_COLUMNS = ("prompt_set", "prompt_id", "text", "system_prompt", "note", "generate", "project")
 JSONL_CHUNK = 4 << 20  # bytes of a JSON Lines set per read task
@@ -89,12 +90,22 @@ def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozen
     elif kind == ".parquet":
         ds = ray.data.read_parquet(str(prompts.path))
     else:
-        # One JSON document, read whole by whoever reads it: here, once, by the driver.
-        items = [
-            {"prompt_id": i.id, "text": i.text, "system_prompt": i.system_prompt, "note": i.note}
+        # One JSON document, read whole by whoever reads it: here, once, by the driver, which
+        # keeps only the rows with work left (in the set's order, as the stages batch them).
+        rows = [
+            {
+                "prompt_set": prompts.name,
+                "prompt_id": i.id,
+                "text": i.text,
+                "system_prompt": i.system_prompt,
+                "note": i.note,
+                "generate": i.id in generate,
+                "project": i.id in project,
+            }
             for i in prompts.iter_items()
+            if i.id in generate or i.id in project
         ]
-        ds = ray.data.from_items(items)
+        return ray.data.from_items(rows)
     kwargs = dict(
         kind=kind,
         path=str(prompts.path),
@@ -109,10 +120,7 @@ def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozen
 
 
 def _items(batch: pa.Table, kind: str, path: Path, system_prompt):
-    if kind == ".json":
-        for row in batch.to_pylist():  # items the driver normalized
-            yield PromptItem(row["prompt_id"], row["text"], row["system_prompt"], row["note"])
-    elif kind == ".jsonl":
+    if kind == ".jsonl":
         for line, at in zip(batch.column("line").to_pylist(), batch.column("at").to_pylist()):
             raw = parse_line(path, f"line at byte {at}", line)
             if raw is not None:
