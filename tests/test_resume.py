@@ -178,8 +178,10 @@ def strip_dates(obj):
 
 
 def tree(root: Path) -> dict[str, Path]:
+    """The run's outputs (its logs, named by the time each run started, are not outputs)."""
     base = out_dir(root)
-    return {str(p.relative_to(base)): p for p in sorted(base.rglob("*")) if p.is_file()}
+    files = (p for p in sorted(base.rglob("*")) if p.is_file())
+    return {str(p.relative_to(base)): p for p in files if p.relative_to(base).parts[0] != "logs"}
 
 
 def assert_same_output(root: Path, ref: Path, n_prompts: int = len(PROMPTS)) -> None:
