@@ -31,8 +31,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return decoder_stack(model).layers
 
 
-def hook_point(block: nn.Module, component: str) -> nn.Module:
-    """residual: the block's output. attn_contribution: what attention adds to the residual."""
+def hook_point(block: nn.Module, component: str, whole_attention: bool = False) -> nn.Module:
+    """residual: the block's output. attn_contribution: what attention adds to the residual
+    (`whole_attention`: the attention module itself where its forward returns o_proj's output,
+    as vLLM's does: its o_proj returns an (output, bias) pair)."""
     if component == "residual":
         return block
     if component == "attn_contribution":
@@ -44,7 +46,7 @@ def hook_point(block: nn.Module, component: str) -> nn.Module:
             return block.post_attention_layernorm
         attn = getattr(block, "self_attn", None)
         if attn is not None and hasattr(attn, "o_proj"):
-            return attn.o_proj
+            return attn if whole_attention else attn.o_proj
         raise TypeError(f"{type(block).__name__}: cannot find the attention output projection")
     raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raypipe.engine.hooks import hook_point
 from raypipe.engine.projector import layer_scores
 
 COMPONENT_POINTS = {"residual": "block", "attn_contribution": "attention"}
@@ -71,20 +72,9 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def hook_module(block: torch.nn.Module, component: str) -> torch.nn.Module:
-    """Where vLLM's block computes the component (see hooks.hook_point for HF's)."""
-    if component == "residual":
-        return block
-    if component == "attn_contribution":
-        # Gemma 2/3 normalise the attention output before it joins the residual.
-        if hasattr(block, "pre_feedforward_layernorm") and hasattr(
-            block, "post_attention_layernorm"
-        ):
-            return block.post_attention_layernorm
-        attn = getattr(block, "self_attn", None)
-        if attn is not None and hasattr(attn, "o_proj"):
-            return attn  # its forward returns o_proj's output: what attention adds
-        raise TypeError(f"{type(block).__name__}: no attention output to hook in vLLM's model")
-    raise ValueError(f"unknown component {component!r}")
+    """Where vLLM's block computes the component: hooks.hook_point's rule, with vLLM's
+    attention module standing for its o_proj (which returns an (output, bias) pair)."""
+    return hook_point(block, component, whole_attention=True)
 
 
 def _hidden(output, component: str) -> torch.Tensor:
