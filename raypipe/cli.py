@@ -205,6 +205,15 @@ def _run_flags(p: argparse.ArgumentParser, g: dict) -> None:
     _verbose(g, "Ray's and HF's logs, bars and warnings")
 
 
+def _component_flag(group) -> None:
+    group.add_argument(
+        "--component",
+        default="residual",
+        choices=("residual", "attn_contribution"),
+        help="hooked output [residual]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raypipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,12 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proj.add_argument("--traits", help="comma list of category/name [all extracted]")
     proj.add_argument("--method", choices=METHODS, help="only this method [best of all]")
-    proj.add_argument(
-        "--component",
-        default="residual",
-        choices=("residual", "attn_contribution"),
-        help="hooked output [residual]",
-    )
+    _component_flag(proj)
     proj.add_argument(
         "--centered", action="store_true", help="subtract each vector's baseline [off]"
     )
@@ -329,12 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--traits", help="comma list of category/name [all in the trait set]")
     proj = g["projection"]
-    proj.add_argument(
-        "--component",
-        default="residual",
-        choices=("residual", "attn_contribution"),
-        help="hooked output [residual]",
-    )
+    _component_flag(proj)
     proj.add_argument(
         "--position", default="response[:]", help="token positions to average [response[:]]"
     )
