@@ -26,7 +26,7 @@ HIDDEN, N_LAYERS = 576, 30  # SmolLM2-135M
 EXPERIMENT = "smollm2"
 PROMPT_SET = "starter_prompts/general"
 VARIANTS = ("instruct", "lora")
-TRAITS = ("behavior/refusal", "emotion/optimism", "tone/formality")
+TRAITS = ("starter_traits/refusal", "starter_traits/optimism", "starter_traits/formality")
 N_PROMPTS = 5
 N_PAIRS = 16
 MAX_NEW_TOKENS = 32
@@ -95,11 +95,9 @@ def build_real_tree(root: Path) -> dict[str, Any]:
     shutil.copy(REPO / "datasets/inference/neutral/calibration.json", calibration)
     for trait in TRAITS:
         # The first N_PAIRS of about 66 pairs per trait: real vectors, a quarter of the time.
-        data = json.loads(
-            (REPO / "datasets/traits/starter_traits" / trait / "pairs.json").read_text()
-        )
+        data = json.loads((REPO / "datasets/traits" / trait / "pairs.json").read_text())
         data["pairs"] = data["pairs"][:N_PAIRS]
-        target = root / "datasets/traits/starter_traits" / trait / "pairs.json"
+        target = root / "datasets/traits" / trait / "pairs.json"
         target.parent.mkdir(parents=True)
         target.write_text(json.dumps(data))
     adapter = make_lora_adapter(root / "adapters" / "lora")
