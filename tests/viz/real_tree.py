@@ -26,7 +26,8 @@ HIDDEN, N_LAYERS = 576, 30  # SmolLM2-135M
 EXPERIMENT = "smollm2"
 PROMPT_SET = "starter_prompts/general"
 VARIANTS = ("instruct", "lora")
-TRAITS = ("starter_traits/refusal", "starter_traits/optimism", "starter_traits/formality")
+# In name order, as the dashboard lists them.
+TRAITS = ("starter_traits/formality", "starter_traits/optimism", "starter_traits/refusal")
 N_PROMPTS = 5
 N_PAIRS = 16
 MAX_NEW_TOKENS = 32
@@ -140,9 +141,12 @@ def describe_real_tree(root: Path) -> dict[str, Any]:
     data = json.loads((root / "datasets/inference" / f"{PROMPT_SET}.json").read_text())
     ids = [str(p["id"]) for p in data["prompts"]]
     layers: dict[str, list[int]] = {}
+    methods: dict[str, list[str]] = {}
     for trait in TRAITS:
         path = exp / "inference/instruct/projections" / trait / PROMPT_SET / f"{ids[0]}.json"
-        layers[trait] = [e["layer"] for e in json.loads(path.read_text())["projections"]]
+        entries = json.loads(path.read_text())["projections"]
+        layers[trait] = [e["layer"] for e in entries]
+        methods[trait] = [e["method"] for e in entries]
     cal = json.loads((exp / "inference/instruct/massive_activations/calibration.json").read_text())
     own = ids[-1]
     token_ids = [
@@ -159,6 +163,7 @@ def describe_real_tree(root: Path) -> dict[str, Any]:
         "prompt_ids": ids,
         "traits": list(TRAITS),
         "layers": layers,  # per trait, in file order: the best layer first
+        "methods": methods,  # per trait, the method of each of those entries
         "massive_dims": cal["aggregate"]["massive_dims"],
         "own_prompt": own,  # the prompt the LoRA variant answered itself
         "diverging_prompt": own if token_ids[0] != token_ids[1] else None,

@@ -308,7 +308,8 @@ def test_overview(page, shots) -> None:
     trait = next(t for t in tree["traits"] if len(tree["layers"][t]) > 1)
     second = tree["layers"][trait][1]
     card = page.locator(f'.trait-card[data-trait="{trait}"]')
-    card.locator("select.layer-select").select_option(label=f"L{second} probe")
+    method = tree["methods"][trait][1]
+    card.locator("select.layer-select").select_option(label=f"L{second} {method}")
     total = 0
     for hit in card.locator("rect.hist-hit").all():
         hit.hover()
