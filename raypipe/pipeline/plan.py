@@ -307,8 +307,10 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
     project: set[str] = set()
     if need_vectors:
         if opts.mode == "capture":
-            left = _uncaptured(paths, variant.name, prompts, proj.component)
-            project = set(generate) | (set(prompts.ids) if out.force else left)
+            if out.force:
+                project = set(prompts.ids)
+            else:
+                project = set(generate) | _uncaptured(paths, variant.name, prompts, proj.component)
         elif out.force:
             project = set(prompts.ids)
         else:
