@@ -170,3 +170,76 @@ def test_status_reads_a_tables_only_set_from_its_tables(ray_session, tiny_root, 
     assert main([*args, "--layers", "3", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert all(t["missing"] == len(PROMPTS) for t in st["projections"].values())
+
+
+def _fold_case(paths, parts: list[tuple[list[dict], list[bool]]], old: list[dict] | None):
+    """Writes `old` as the table (compacted), then `parts`: returns the part files."""
+    if old:
+        parquet.write_part(paths, V, "projections", SET, old, [True] * len(old))
+        parquet.compact(paths, V, SET)
+    return [parquet.write_part(paths, V, "projections", SET, r, f) for r, f in parts]
+
+
+FOLD_CASES = {
+    # A fresh run: every prompt in one part.
+    "fresh": ([([_row("0", "t/a", 1, 1.0)], [True]), ([_row("1", "t/a", 1, 2.0)], [True])], None),
+    # A resume: the old table loses the rows the parts replace, keeps the rest.
+    "resume": (
+        [([_row("0", "t/a", 2, 5.0)], [True]), ([_row("2", "t/a", 1, 6.0)], [False])],
+        [_row("0", "t/a", 1, 1.0), _row("1", "t/a", 1, 1.0), _row("2", "t/a", 1, 1.0)],
+    ),
+    # A batch Ray retried: the same prompt in two parts (the later one wins).
+    "retried": (
+        [([_row("0", "t/a", 1, 1.0)], [True]), ([_row("0", "t/a", 1, 9.0)], [True])],
+        None,
+    ),
+    # A later part replaces a prompt's whole trait that an earlier part wrote.
+    "replaced": (
+        [
+            ([_row("0", "t/a", 1, 1.0), _row("0", "t/a", 2, 1.0)], [True, True]),
+            ([_row("0", "t/a", 2, 3.0)], [True]),
+        ],
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLD_CASES))
+def test_folding_as_the_run_goes_gives_the_table_compaction_gives(tmp_path, case):
+    """TableFold appends parts while a run writes them, and its finished table is compaction's
+    exactly, in every case: where appending cannot be exact (a prompt in two parts) it falls
+    back to the whole compaction, whose parts were never deleted before."""
+    parts, old = FOLD_CASES[case]
+    ref, got = ExperimentPaths(tmp_path / "ref", "e"), ExperimentPaths(tmp_path / "got", "e")
+    _fold_case(ref, parts, old)
+    want = parquet.compact(ref, V, SET)["projections"][1]
+    fold = parquet.TableFold(got, V, SET, "projections")
+    written = []
+    for rows, flags in parts:  # folded one part at a time, as the driver does
+        if old and not written:
+            _fold_case(got, [], old)
+        written.append(parquet.write_part(got, V, "projections", SET, rows, flags))
+        assert fold.step() == 1
+    path, count = fold.finish()
+    assert (count, _table(got)) == (want, _table(ref))
+    assert path == got.parquet_file(V, "projections", SET)
+    assert not any(p.exists() for p in written)  # folded in, gone
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_fold_given_up_leaves_the_parts_and_the_old_table(tmp_path):
+    """A run that fails: its temp table goes, the old table and the parts stay for the next
+    run's compaction."""
+    paths = ExperimentPaths(tmp_path, "e")
+    parts, old = FOLD_CASES["resume"]
+    written = _fold_case(paths, parts, old)
+    before = pq.read_table(paths.parquet_file(V, "projections", SET)).num_rows
+    fold = parquet.TableFold(paths, V, SET, "projections")
+    assert fold.step() == 2
+    fold.abandon()
+    target = paths.parquet_file(V, "projections", SET)
+    assert pq.read_table(target).num_rows == before and all(p.exists() for p in written)
+    assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]
+    parquet.compact(paths, V, SET)
+    # The old table's prompt 0 goes whole (its part replaces the trait), prompt 2's row by key.
+    assert _table(paths) == [("0", "t/a", 2, 5.0), ("1", "t/a", 1, 1.0), ("2", "t/a", 1, 6.0)]

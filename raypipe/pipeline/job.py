@@ -20,7 +20,7 @@ from raypipe.pipeline.source import ROW_COLUMNS, prompt_dataset
 from raypipe.pipeline.spine import BACKENDS, check_chain, run_stages
 from raypipe.store.atomic import sweep_temp_files
 from raypipe.store.calibration import mark_complete
-from raypipe.store.parquet import build_parquet, compact, projection_traits
+from raypipe.store.parquet import TABLES, TableFold, build_parquet, compact, projection_traits
 from raypipe.store.runlock import run_lock
 
 
@@ -162,18 +162,24 @@ def _run_infer(plan: InferPlan) -> Summary:
     generate, project = plan.work()
     todo = len(generate | project)
     summary = Summary(total=len(plan.prompts.ids), skipped=len(plan.prompts.ids) - todo)
-    if todo:
-        if mode != "from_activations":
-            # Convert an alias once, here, rather than racing in every worker.
-            resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
-        progress = console.current().progress(
-            todo, desc=plan.prompts.name, quiet=run.quiet, status="starting Ray"
-        )
-        with progress as bar, ray_session(run):
-            bar.phase("waiting for the first batch")
-            _execute(plan, generate, project, summary, bar)
-    # The workers wrote the tables' rows in parts as they went: fold them in.
-    tables = compact(plan.paths, plan.variant, plan.prompts.name)
+    # The workers write the tables' rows in parts as they go; the driver folds them into the
+    # new tables while it waits for the next batch, so the end has only the last parts left.
+    folds = [TableFold(plan.paths, plan.variant, plan.prompts.name, t) for t in TABLES]
+    try:
+        if todo:
+            if mode != "from_activations":
+                # Convert an alias once, here, rather than racing in every worker.
+                resolve_model_path(plan.model.spec.model, plan.model.spec.cache_dir)
+            progress = console.current().progress(
+                todo, desc=plan.prompts.name, quiet=run.quiet, status="starting Ray"
+            )
+            with progress as bar, ray_session(run):
+                bar.phase("waiting for the first batch")
+                _execute(plan, generate, project, summary, bar, folds)
+        tables = {fold.table: fold.finish() for fold in folds}
+    finally:
+        for fold in folds:  # a run that failed: its parts stay for the next one to fold
+            fold.abandon()
     for err in unreadable:
         # Finished work elsewhere stays in the tables; the broken file is named, not fatal.
         summary.failed += 1
@@ -241,8 +247,11 @@ def _served_by(plan: InferPlan) -> str | None:
     return name
 
 
+FOLD_EVERY_S = 2.0  # how often the driver folds the workers' finished parts into the tables
+
+
 def _execute(
-    plan: InferPlan, generate: frozenset, project: frozenset, summary: Summary, bar
+    plan: InferPlan, generate: frozenset, project: frozenset, summary: Summary, bar, folds
 ) -> None:
     run = plan.opts.run
     job = Job(
@@ -261,7 +270,7 @@ def _execute(
     ds = run_stages(prompt_dataset(plan.prompts, generate, project), stages)
     calibration = plan.calibration if job.then == "project" else None
     start = time.perf_counter()
-    seen = 0
+    seen, folded = 0, start
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         for row in batch.to_dict("records"):
             seen += 1
@@ -283,5 +292,9 @@ def _execute(
             failed=summary.failed,
             **{"tok/s": f"{summary.tokens_per_second:,.0f}"},
         )
+        if time.perf_counter() - folded > FOLD_EVERY_S:
+            for fold in folds:
+                fold.step()
+            folded = time.perf_counter()
     if calibration is not None:
         mark_complete(calibration.path)  # every prompt of the run was seen

@@ -76,26 +76,44 @@ def write_tensor(path: Path, obj: Any) -> Path:
 
 def write_with(path: Path, write: Callable[[str], None]) -> Path:
     """For writers that need a file name (pyarrow): `write(tmp_name)` fills it, then rename."""
-    path = Path(path)
-    fd, tmp = _open_temp(path)
-    os.close(fd)
+    temp = TempFile(path)
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write(temp.name)
     except BaseException as e:
+        temp.discard()
+        if isinstance(e, OSError):
+            raise OutputError(temp.path, _reason(e)) from e
+        raise
+    return temp.commit()
+
+
+class TempFile:
+    """A temp file beside `path` that a writer fills over time (by name), then `commit`s
+    (fsync, rename into place) or `discard`s; a killed writer's is swept by the next run."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        fd, self.name = _open_temp(self.path)
+        os.close(fd)
+
+    def commit(self) -> Path:
         try:
-            os.unlink(tmp)
+            fd = os.open(self.name, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before the rename makes it visible
+            finally:
+                os.close(fd)
+            os.replace(self.name, self.path)
+        except OSError as e:
+            self.discard()
+            raise OutputError(self.path, _reason(e)) from e
+        return self.path
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.name)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError):
-            raise OutputError(path, _reason(e)) from e
-        raise
-    return path
 
 
 def _abandoned(path: Path, now: float) -> bool:

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raypipe.errors import InputError
-from raypipe.store.atomic import write_with
+from raypipe.errors import InputError, OutputError
+from raypipe.store.atomic import TempFile, write_with
 from raypipe.store.outputs import read_projection, read_response
 from raypipe.store.paths import PART_SUFFIX, ExperimentPaths
 
@@ -230,25 +230,101 @@ def _joined(data: pa.Table, columns: tuple[str, ...]) -> pa.Array:
     return pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
 
 
-def _newest(table: str, new: pa.Table, part: pa.Array) -> tuple[pa.Table, pa.Array, pa.Array]:
-    """The parts' rows (`part`: each row's part, in write order), newest per key (later parts,
-    later rows win), less the rows a later part's `replaces` rows cleared; with the keys they
-    hold and the groups they clear in the table."""
-    order = pa.array(np.arange(len(new)))
-    keys, groups = _joined(new, KEYS[table]), _joined(new, GROUPS[table])
+def _key_columns(table: str) -> list[str]:
+    return list(dict.fromkeys([*KEYS[table], *GROUPS[table], REPLACES]))
+
+
+def _keep(keys: pa.Array, groups: pa.Array, flags: pa.Array, part: pa.Array):
+    """Which of the parts' rows stay (`part`: each row's part, in write order): the newest per
+    key (later parts, later rows win), less the rows a later part's `replaces` rows cleared.
+    Returns (keep mask, the keys kept, the groups cleared in the old table). Keys alone: a
+    table's scores are never in memory for this."""
+    order = pa.array(np.arange(len(keys)))
     last = pa.table({"k": keys, "i": order}).group_by("k").aggregate([("i", "max")])
     keep = pc.is_in(order, value_set=last.column("i_max"))
     # Rows with `replaces` stand for their group's whole content as of their part: the
     # group's rows in earlier parts go (and all of its rows in the table).
-    flagged = pc.filter(pa.table({"g": groups, "p": part}), new.column(REPLACES))
+    flagged = pc.filter(pa.table({"g": groups, "p": part}), flags)
     if flagged.num_rows:
         latest = flagged.group_by("g").aggregate([("p", "max")])
         at = pc.index_in(groups, value_set=latest.column("g"))  # null: a group never replaced
         cut_at = pc.fill_null(pc.take(latest.column("p_max"), at), -1)
         keep = pc.and_(keep, pc.greater_equal(part, cut_at))
-    cleared = pc.unique(flagged.column("g"))
-    kept = pc.filter(new, keep)
-    return kept.drop_columns([REPLACES]), pc.unique(_joined(kept, KEYS[table])), cleared
+    return keep, pc.unique(pc.filter(keys, keep)), pc.unique(flagged.column("g"))
+
+
+def _part_keys(table: str, data: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
+    return _joined(data, KEYS[table]), _joined(data, GROUPS[table]), data.column(REPLACES)
+
+
+def _concat(arrays: list) -> pa.Array:
+    chunks = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
+    return pa.concat_arrays(chunks)
+
+
+def _newest(table: str, new: pa.Table, part: pa.Array) -> tuple[pa.Table, pa.Array, pa.Array]:
+    """`_keep` applied to rows in memory (small sets: what `current` reads)."""
+    keep, keys, cleared = _keep(*_part_keys(table, new), part)
+    return pc.filter(new, keep).drop_columns([REPLACES]), keys, cleared
+
+
+def _stale(table: str, old: pa.Table, keys: pa.Array, cleared: pa.Array) -> pa.Array:
+    """Rows of the old table that the parts' rows replace."""
+    return pc.or_(
+        pc.is_in(_joined(old, KEYS[table]), value_set=keys),
+        pc.is_in(_joined(old, GROUPS[table]), value_set=cleared),
+    )
+
+
+class _RowGroups:
+    """A ParquetWriter fed tables of any size, written in row groups of ROWS_PER_GROUP."""
+
+    def __init__(self, name: str, schema: pa.Schema):
+        self.writer = pq.ParquetWriter(name, schema, compression="zstd")
+        self.schema, self.buf, self.held, self.count = schema, [], 0, 0
+
+    def add(self, data: pa.Table) -> None:
+        if data.num_rows:
+            self.buf.append(data.select(self.schema.names).cast(self.schema))
+            self.held += data.num_rows
+            self.count += data.num_rows
+        if self.held >= ROWS_PER_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buf:
+            self.writer.write_table(pa.concat_tables(self.buf), row_group_size=ROWS_PER_GROUP)
+        self.buf, self.held = [], 0
+
+    def close(self) -> int:
+        self._flush()
+        if self.count == 0:
+            self.writer.write_table(self.schema.empty_table())
+        self.writer.close()
+        return self.count
+
+    def abort(self) -> None:
+        self.writer.close()
+
+
+def _add_old(out: _RowGroups, table: str, target: Path, keys, cleared) -> None:
+    """The old table, streamed row group by row group, less the rows the parts replace."""
+    if not target.is_file():
+        return
+    schema = SCHEMAS[table]
+    for batch in pq.ParquetFile(target).iter_batches(ROWS_PER_GROUP):
+        old = pa.Table.from_batches([batch], schema=schema)
+        out.add(pc.filter(old, pc.invert(_stale(table, old, keys, cleared))))
+
+
+def _drop_parts(parts: list[Path]) -> None:
+    for p in parts:  # only now: killed before this, the next compaction folds them again
+        p.unlink(missing_ok=True)
+    if parts:
+        try:
+            parts[0].parent.rmdir()
+        except OSError:
+            pass
 
 
 def compact(
@@ -265,8 +341,9 @@ def compact(
 
 
 def _compact(paths: ExperimentPaths, variant: str, prompt_set: str, table: str, create: bool):
-    """Parts go once their rows are in. The old table streams through row group by row group:
-    memory holds the new rows and their keys, never the whole table."""
+    """Parts go once their rows are in. Two passes over the parts, one part in memory at a
+    time: their keys first (what stays), then their rows; the old table streams through row
+    group by row group. Memory holds keys, never a table's scores."""
     target = paths.parquet_file(variant, table, prompt_set)
     schema = SCHEMAS[table]
     parts = _parts(paths, variant, table, prompt_set)
@@ -277,39 +354,119 @@ def _compact(paths: ExperimentPaths, variant: str, prompt_set: str, table: str, 
             write_with(target, lambda tmp: pq.write_table(schema.empty_table(), tmp))
         return target, pq.ParquetFile(target).metadata.num_rows
     with_flag = schema.append(pa.field(REPLACES, pa.bool_()))
-    read = [pq.read_table(p, schema=with_flag) for p in parts]
-    part = pa.array(np.repeat(np.arange(len(read)), [t.num_rows for t in read]))
-    rows, keys, cleared = _newest(table, pa.concat_tables(read), part)
+    cols = _key_columns(table)
+    got = [_part_keys(table, pq.read_table(p, columns=cols, schema=with_flag)) for p in parts]
+    sizes = [len(k) for k, _, _ in got]
+    part = pa.array(np.repeat(np.arange(len(parts)), sizes))
+    keep, keys, cleared = _keep(*(_concat([g[i] for g in got]) for i in range(3)), part)
+    del got
     count = 0
 
     def fill(tmp: str) -> None:
         nonlocal count
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            if target.is_file():
-                for batch in pq.ParquetFile(target).iter_batches(ROWS_PER_GROUP):
-                    old = pa.Table.from_batches([batch], schema=schema)
-                    stale = pc.or_(
-                        pc.is_in(_joined(old, KEYS[table]), value_set=keys),
-                        pc.is_in(_joined(old, GROUPS[table]), value_set=cleared),
-                    )
-                    old = pc.filter(old, pc.invert(stale))
-                    if old.num_rows:
-                        writer.write_table(old)
-                        count += old.num_rows
-            for start in range(0, rows.num_rows, ROWS_PER_GROUP):
-                writer.write_table(rows.slice(start, ROWS_PER_GROUP))
-            count += rows.num_rows
-            if count == 0:
-                writer.write_table(schema.empty_table())
+        out = _RowGroups(tmp, schema)
+        try:
+            _add_old(out, table, target, keys, cleared)
+            start = 0
+            for p, n in zip(parts, sizes):
+                rows = pq.read_table(p, schema=with_flag).drop_columns([REPLACES])
+                out.add(pc.filter(rows, keep.slice(start, n)))
+                start += n
+        except BaseException:
+            out.abort()
+            raise
+        count = out.close()
 
     write_with(target, fill)
-    for p in parts:  # only now: killed before this, the next compaction folds them again
-        p.unlink(missing_ok=True)
-    try:
-        parts[0].parent.rmdir()
-    except OSError:
-        pass
+    _drop_parts(parts)
     return target, count
+
+
+class TableFold:
+    """Compaction that goes on while a run writes its parts: `step` appends the parts finished
+    since the last step to the new table (a temp file), so the run's end has only its last parts
+    and the old table left to fold. Appending is exact when no part's row replaces another
+    part's: every prompt's rows in one part, each key once (a batch Ray retried after a worker
+    died writes its prompts twice). `finish` checks that and otherwise does the whole compaction
+    from the parts, which stay on disk until the new table is in place. Memory holds a few
+    strings per prompt (its id), not per row. Rows: this run's first, then the old table's."""
+
+    def __init__(self, paths: ExperimentPaths, variant: str, prompt_set: str, table: str):
+        self.paths, self.variant, self.prompt_set, self.table = paths, variant, prompt_set, table
+        self.target = paths.parquet_file(variant, table, prompt_set)
+        self.schema = SCHEMAS[table]
+        self.folded: list[Path] = []
+        self.ids: list[pa.Array] = []  # each part's prompt ids, once each
+        self.exact = True
+        self.temp: TempFile | None = None
+        self.out: _RowGroups | None = None
+
+    def step(self) -> int:
+        """Append the parts finished since the last step; returns how many."""
+        seen = {p.name for p in self.folded}
+        new = [
+            p
+            for p in _parts(self.paths, self.variant, self.table, self.prompt_set)
+            if p.name not in seen
+        ]
+        if new and self.out is None:
+            self.temp = TempFile(self.target)
+            self.out = _RowGroups(self.temp.name, self.schema)
+        with_flag = self.schema.append(pa.field(REPLACES, pa.bool_()))
+        for p in new:
+            data = pq.read_table(p, schema=with_flag)
+            keys = _joined(data, KEYS[self.table])
+            self.exact &= pc.count_distinct(keys).as_py() == data.num_rows
+            self.ids.append(pc.unique(data.column("prompt_id")))
+            self.out.add(data.drop_columns([REPLACES]))
+            self.folded.append(p)
+        return len(new)
+
+    def finish(self) -> tuple[Path, int]:
+        """The table with every part folded in (as `compact` makes it)."""
+        try:
+            self.step()
+        except BaseException:
+            self.abandon()
+            raise
+        if self.out is None:  # no part: the old table as it is (or an empty one)
+            return _compact(self.paths, self.variant, self.prompt_set, self.table, True)
+        ids = _concat(self.ids)
+        if not (self.exact and pc.count_distinct(ids).as_py() == len(ids)):
+            self.abandon()
+            return _compact(self.paths, self.variant, self.prompt_set, self.table, True)
+        try:
+            if self.target.is_file():
+                # What the old table loses: the keys the parts hold, the groups they replace.
+                cols = _key_columns(self.table)
+                with_flag = self.schema.append(pa.field(REPLACES, pa.bool_()))
+                got = [
+                    _part_keys(self.table, pq.read_table(p, columns=cols, schema=with_flag))
+                    for p in self.folded
+                ]
+                keys, groups, flags = (_concat([g[i] for g in got]) for i in range(3))
+                cleared = pc.unique(pc.filter(groups, flags))
+                _add_old(self.out, self.table, self.target, pc.unique(keys), cleared)
+            count = self.out.close()
+        except BaseException as e:
+            self.abandon()
+            if isinstance(e, OSError):
+                raise OutputError(self.target, os.strerror(e.errno) if e.errno else str(e)) from e
+            raise
+        self.out = None
+        self.temp.commit()
+        self.temp = None
+        _drop_parts(self.folded)
+        return self.target, count
+
+    def abandon(self) -> None:
+        """Drop the temp table (the parts stay: the next compaction folds them)."""
+        if self.out is not None:
+            self.out.abort()
+            self.out = None
+        if self.temp is not None:
+            self.temp.discard()
+            self.temp = None
 
 
 def current(
@@ -330,10 +487,7 @@ def current(
     rows, keys, cleared = _newest(table, pa.concat_tables(read), part)
     if old is None:
         return rows
-    stale = pc.or_(
-        pc.is_in(_joined(old, KEYS[table]), value_set=keys),
-        pc.is_in(_joined(old, GROUPS[table]), value_set=cleared),
-    )
+    stale = _stale(table, old, keys, cleared)
     return pa.concat_tables([pc.filter(old, pc.invert(stale)).select(names), rows])
 
 
