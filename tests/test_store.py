@@ -975,3 +975,27 @@ def test_json_files_have_trait_interps_layout_one_line_per_array(tmp_path):
     with pytest.raises(ValueError):
         atomic.write_json(tmp_path / "nan.json", {"x": [float("nan")]})
     assert not (tmp_path / "nan.json").exists()
+
+
+def test_json_files_written_together_are_whole_or_absent(tmp_path):
+    """write_json_files: every file as write_json writes it; where one cannot be written, an
+    error naming it, and none of the batch visible, no temp file left."""
+    from raypipe.errors import OutputError
+
+    files = [(tmp_path / "a" / f"{i}.json", {"i": i, "s": [i, i + 0.5]}) for i in range(20)]
+    atomic.write_json_files(files)
+    for path, obj in files:
+        assert path.read_text(encoding="utf-8") == atomic.dumps_compact(obj)
+    (tmp_path / "blocked").write_text("a file where a folder must go")
+    bad = [
+        (tmp_path / "b" / "0.json", {"x": 1}),
+        (tmp_path / "blocked" / "1.json", {"x": 2}),
+        (tmp_path / "b" / "2.json", {"x": 3}),
+    ]
+    with pytest.raises(OutputError, match="blocked/1.json"):
+        atomic.write_json_files(bad)
+    assert list((tmp_path / "b").iterdir()) == []
+    with pytest.raises(ValueError):  # a NaN: refused before any file is made
+        atomic.write_json_files([(tmp_path / "c" / "0.json", {"x": float("nan")})])
+    assert not (tmp_path / "c").exists()
+    atomic.write_json_files([])

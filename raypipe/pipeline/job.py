@@ -250,6 +250,10 @@ def _served_by(plan: InferPlan) -> str | None:
 FOLD_EVERY_S = 2.0  # how often the driver folds the workers' finished parts into the tables
 
 
+def _length(ids) -> int:
+    return 0 if ids is None or (isinstance(ids, float) and ids != ids) else len(ids)
+
+
 def _execute(
     plan: InferPlan, generate: frozenset, project: frozenset, summary: Summary, bar, folds
 ) -> None:
@@ -272,18 +276,22 @@ def _execute(
     start = time.perf_counter()
     seen, folded = 0, start
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        for row in batch.to_dict("records"):
-            seen += 1
-            status = row["status"] if "status" in row else ("failed" if row["error"] else "done")
-            if status == "failed":
-                summary.failed += 1
-                summary.failures.append((row["prompt_id"], row["error"]))
-            elif status == "skipped":
-                summary.skipped += 1
-            else:
-                summary.done += 1
-                summary.tokens += int(row.get("n_tokens") or len(row.get("token_ids") or []))
-            summary.generated += bool(row["generated"])
+        # The summary columns, counted per column: a few small values per prompt.
+        seen += len(batch)
+        if "status" in batch:
+            status = batch["status"]
+        else:  # a generation-only job's rows: failed where they hold an error
+            status = batch["error"].notna().map({True: "failed", False: "done"})
+        failed, done = status == "failed", status == "done"
+        summary.failed += int(failed.sum())
+        summary.failures += zip(batch["prompt_id"][failed], batch["error"][failed], strict=True)
+        summary.skipped += int((status == "skipped").sum())
+        summary.done += int(done.sum())
+        if "n_tokens" in batch:
+            summary.tokens += int(batch["n_tokens"][done].fillna(0).sum())
+        else:
+            summary.tokens += int(batch["token_ids"][done].map(_length).sum())
+        summary.generated += int(batch["generated"].fillna(False).astype(bool).sum())
         summary.seconds = time.perf_counter() - start
         summary.timeline.append((summary.seconds, summary.tokens))
         bar.update(

