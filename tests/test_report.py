@@ -143,3 +143,23 @@ def test_summary_escapes_what_came_from_inputs(hostile_root: Path, top: int):
         plan.paths.projection_file(plan.variant, "behavior/alpha", "tests/hostile", "0").read_text()
     )
     assert reread["metadata"]["prompt_id"] == "0"  # files are written, never escaped
+
+
+def test_trait_table_reads_the_prompt_set_once(hostile_root: Path, monkeypatch):
+    """The top prompt of every trait comes from one pass over the set (the driver holds only
+    ids): a pass per trait read a 100,000-prompt .json set again for each, after the run."""
+    from raypipe.store.prompts import PromptSet
+
+    plan = _plan(hostile_root)
+    _write_scores(plan, {str(i): float(i) for i in range(len(HOSTILE))})
+    passes = []
+    real = PromptSet.iter_items
+
+    def counted(self):
+        passes.append(1)
+        yield from real(self)
+
+    monkeypatch.setattr(PromptSet, "iter_items", counted)
+    rows = trait_table(plan)
+    assert len(rows) == 2 and len(passes) == 1
+    assert {r["top_prompt"] for r in rows} == {HOSTILE[len(HOSTILE) - 1]}

@@ -63,18 +63,25 @@ def trait_table(plan: InferPlan) -> list[dict]:
                 "mean": float(means.mean()),
                 "top_id": top_id,
                 "top_score": float(means[top]),
-                "top_prompt": _text_of(plan, top_id),
             }
         )
+    texts = _texts_of(plan, {row["top_id"] for row in out})
+    for row in out:
+        row["top_prompt"] = texts.get(row["top_id"], "")
     return out
 
 
-def _text_of(plan: InferPlan, prompt_id: str) -> str:
-    """One prompt's text, read from the set (which the driver does not hold)."""
+def _texts_of(plan: InferPlan, ids: set[str]) -> dict[str, str]:
+    """Those prompts' texts, read from the set (which the driver does not hold) in one pass."""
+    found: dict[str, str] = {}
+    if not ids:
+        return found
     for item in plan.prompts.iter_items():
-        if item.id == prompt_id:
-            return item.text
-    return ""
+        if item.id in ids:
+            found[item.id] = item.text
+            if len(found) == len(ids):
+                break
+    return found
 
 
 def shell_word(text: str) -> str:
