@@ -11,7 +11,7 @@ import pytest
 
 from raypipe.pipeline import source
 from raypipe.pipeline.source import ROW_COLUMNS, _line_starts, _read_lines, prompt_dataset
-from raypipe.store.prompts import load_prompt_set
+from raypipe.store.prompts import PromptSet, load_prompt_set
 
 # Line ends inside the text that str.splitlines would cut at, a CRLF line, blank lines.
 ITEMS = [
@@ -63,6 +63,7 @@ def test_the_dataset_holds_the_work_left_and_nothing_else(tmp_path, ray_session,
         path = datasets / "inference" / "set.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"system_prompt": "set level", "prompts": ITEMS}))
+        monkeypatch.setattr(source, "JSON_BLOCK", 5)  # several blocks
     else:
         path = datasets / "inference" / "set.parquet"
         path.parent.mkdir(parents=True)
@@ -74,6 +75,8 @@ def test_the_dataset_holds_the_work_left_and_nothing_else(tmp_path, ray_session,
     want = {item.id: item for item in prompts.items}
     generate = frozenset(["b", "p3", "last"])
     project = frozenset(["0", "b", "p3", "p39", "last"])
+    # Every format is read in the workers: the driver never goes through the items.
+    monkeypatch.setattr(PromptSet, "iter_items", _not_in_the_driver)
     rows = prompt_dataset(prompts, generate, project).take_all()
     assert sorted(r["prompt_id"] for r in rows) == sorted(generate | project)
     for r in rows:
@@ -87,6 +90,10 @@ def test_the_dataset_holds_the_work_left_and_nothing_else(tmp_path, ray_session,
         assert r["prompt_set"] == "set"
         assert (r["generate"], r["project"]) == (item.id in generate, item.id in project)
     assert want["0"].text == "first\u2028still the first"
+
+
+def _not_in_the_driver(self):
+    raise AssertionError(f"the driver read the items of {self.path}")
 
 
 def test_a_set_with_nothing_left_gives_no_rows(tmp_path, ray_session):

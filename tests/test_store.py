@@ -999,3 +999,63 @@ def test_json_files_written_together_are_whole_or_absent(tmp_path):
         atomic.write_json_files([(tmp_path / "c" / "0.json", {"x": float("nan")})])
     assert not (tmp_path / "c").exists()
     atomic.write_json_files([])
+
+
+JSON_DOCUMENTS = [
+    "[]",
+    '[{"id": 1}]',
+    ' [ {"id":1} , {"id":"b","x":[1,2,{"y":"]"}]} ] ',
+    '{"prompts": [{"id": 1}], "system_prompt": "s"}',
+    '{"system_prompt": 3, "prompts": []}',
+    '{"prompts": 5}',
+    '{"x": [1,2]}',
+    "{}",
+    "5",
+    "",
+    "[1,",
+    "[1,]",
+    '{"a": 1,}',
+    "{1: 2}",
+    "[1] x",
+    '{"prompts": [1]} ]',
+    '{"prompts": [1], "prompts": [2]}',
+    '[{"id": 1e999999}]',
+    "[" * 100000 + "]" * 100000,
+    '[{"a": 1}\n,\n{"b": 2] ]',
+    "\ufeff[]",
+    "[1 2]",
+    "[" + "1" * 5000 + "]",
+    "[NaN]",
+]
+
+
+@pytest.mark.parametrize("text", JSON_DOCUMENTS, ids=lambda t: repr(t[:20]))
+def test_a_json_set_read_item_by_item_reads_as_the_whole_document(tmp_path, text):
+    """A .json set is parsed a value at a time (its items are never all held as objects):
+    the same items, system prompt and, for a broken document, the same one-line error as
+    json.loads of the whole document gives."""
+    from raypipe.store import prompts
+
+    path = tmp_path / "s.json"
+    path.write_text(text, encoding="utf-8")
+
+    def whole():
+        data = atomic.read_json(path, "prompt_set")
+        system_prompt = None
+        if isinstance(data, dict):
+            system_prompt = prompts._opt_str(data, "system_prompt", path, "system_prompt")
+            if "prompts" not in data:
+                raise InputError(path, "prompts", "missing (expected a list of prompts)")
+            data = data["prompts"]
+        if not isinstance(data, list):
+            raise InputError(path, "prompts", f"must be a list, got {type(data).__name__}")
+        return data, system_prompt
+
+    def outcome(read):
+        try:
+            items, system_prompt = read()
+            return list(items), system_prompt
+        except InputError as e:
+            return str(e)
+
+    assert outcome(lambda: prompts._json_items(path)) == outcome(whole)

@@ -2,10 +2,10 @@
 
 The driver checked every item (load_prompt_set) and decided, per prompt id, what is left to
 do (plan.Work). Here Ray Data reads the set itself: a JSON Lines file in byte ranges cut at
-line ends, a Parquet file by Ray's own reader; each block's items are put in the stages'
-shape, and the prompts with nothing left are dropped there, in the workers: the driver holds
-the ids, never the rows. A .json set (SPEC 3) is one JSON document, read whole wherever it is
-read: the driver builds its rows with work left, in the set's order.
+line ends, a Parquet file by Ray's own reader, a .json set (SPEC 3: one JSON document) by one
+read task that gives its items out a block at a time, in the set's order; each block's items
+are put in the stages' shape, and the prompts with nothing left are dropped there, in the
+workers: the driver holds the ids, never the rows.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from raypipe.store.prompts import PromptSet, normalize_item, parse_line
+from raypipe.store.prompts import PromptItem, PromptSet, normalize_item, parse_line
 
 ROW_COLUMNS = ("prompt_set", "prompt_id", "text", "system_prompt", "note", "generate", "project")
 JSONL_CHUNK = 4 << 20  # bytes of a JSON Lines set per read task
+JSON_BLOCK = 4096  # items of a .json set per block its read task gives out
+ITEM_COLUMNS = ("id", "text", "system_prompt", "note")
 
 
 def _line_starts(path: Path, chunk: int) -> list[int]:
@@ -80,6 +82,43 @@ def _jsonl_dataset(path: Path):
     return ray.data.read_datasource(JsonLines())
 
 
+def _read_json_items(prompts: PromptSet, block_size: int):
+    """A .json set's items, normalized, a block at a time (the document is read as text and
+    its items one by one: see store.prompts)."""
+    cols: dict[str, list] = {c: [] for c in ITEM_COLUMNS}
+
+    def block() -> pa.Table:
+        return pa.table({c: pa.array(cols[c], pa.string()) for c in ITEM_COLUMNS})
+
+    for item in prompts.iter_items():
+        for c in ITEM_COLUMNS:
+            cols[c].append(getattr(item, c))
+        if len(cols["id"]) >= block_size:
+            yield block()
+            cols = {c: [] for c in ITEM_COLUMNS}
+    if cols["id"]:
+        yield block()
+
+
+def _json_dataset(prompts: PromptSet):
+    import ray
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    size = prompts.path.stat().st_size
+
+    class JsonDocument(Datasource):
+        def estimate_inmemory_data_size(self):
+            return size
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(len(prompts.ids), size, [str(prompts.path)], None)
+            read = lambda n=JSON_BLOCK: _read_json_items(prompts, n)  # noqa: E731
+            return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
+
+    return ray.data.read_datasource(JsonDocument())
+
+
 def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozenset[str]):
     """The rows of the set that have work left, in the stages' columns (ROW_COLUMNS)."""
     import ray
@@ -90,22 +129,7 @@ def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozen
     elif kind == ".parquet":
         ds = ray.data.read_parquet(str(prompts.path))
     else:
-        # One JSON document, read whole by whoever reads it: here, once, by the driver, which
-        # keeps only the rows with work left (in the set's order, as the stages batch them).
-        rows = [
-            {
-                "prompt_set": prompts.name,
-                "prompt_id": i.id,
-                "text": i.text,
-                "system_prompt": i.system_prompt,
-                "note": i.note,
-                "generate": i.id in generate,
-                "project": i.id in project,
-            }
-            for i in prompts.iter_items()
-            if i.id in generate or i.id in project
-        ]
-        return ray.data.from_items(rows)
+        ds = _json_dataset(prompts)
     kwargs = dict(
         kind=kind,
         path=str(prompts.path),
@@ -125,6 +149,9 @@ def _items(batch: pa.Table, kind: str, path: Path, system_prompt):
             raw = parse_line(path, f"line at byte {at}", line)
             if raw is not None:
                 yield normalize_item(raw, path, f"line at byte {at}", system_prompt)
+    elif kind == ".json":  # normalized by its read task
+        for row in batch.to_pylist():
+            yield PromptItem(**row)
     else:
         for raw in batch.to_pylist():
             yield normalize_item(raw, path, "row", system_prompt)

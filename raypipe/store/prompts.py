@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raypipe.errors import InputError
-from raypipe.store.atomic import read_json
 from raypipe.store.paths import check_name, check_relpath
 from raypipe.store.text import brief, check_text
 
@@ -70,17 +69,144 @@ def prompt_set_path(datasets_dir: Path, name: str) -> Path:
     return found[0]
 
 
-def _json_items(path: Path) -> tuple[list, str | None]:
-    data = read_json(path, "prompt_set")
-    system_prompt = None
-    if isinstance(data, dict):
-        system_prompt = _opt_str(data, "system_prompt", path, "system_prompt")
-        if "prompts" not in data:
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(path, "prompt_set", f"cannot read: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, "file", f"not valid UTF-8 (byte {e.start})") from None
+
+
+_SPACE = " \t\n\r"
+
+
+class _Doc:
+    """One JSON document read a value at a time (json's own decoder on each): a set's items
+    one by one, so a large .json set is never held as Python objects, only as its text."""
+
+    def __init__(self, path: Path):
+        import json
+
+        self.path, self.text = path, _read_text(path)
+        self.decoder = json.JSONDecoder()
+
+    def fail(self, e) -> InputError:
+        import json
+
+        if isinstance(e, json.JSONDecodeError):
+            return InputError(self.path, f"line {e.lineno}", f"malformed JSON: {e.msg}")
+        if isinstance(e, RecursionError):
+            return InputError(self.path, "file", "malformed JSON: nested too deeply")
+        return InputError(self.path, "file", "malformed JSON: a number with too many digits")
+
+    def skip(self, i: int) -> int:
+        n = len(self.text)
+        while i < n and self.text[i] in _SPACE:
+            i += 1
+        return i
+
+    def value(self, i: int) -> tuple[object, int]:
+        import json
+
+        try:
+            return self.decoder.raw_decode(self.text, i)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            raise self.malformed() from None
+
+    def expect(self, i: int, char: str) -> int:
+        """The position after `char` at (or after white space from) `i`."""
+        i = self.skip(i)
+        if not self.text.startswith(char, i):
+            raise self.malformed()
+        return i + 1
+
+    def key(self, i: int) -> tuple[str, int]:
+        if not self.text.startswith('"', i):
+            raise self.malformed()
+        return self.value(i)  # type: ignore[return-value]
+
+    def malformed(self) -> InputError:
+        """The document's first error, in json's own words (as reading it whole gives)."""
+        import json
+
+        try:
+            json.loads(self.text)
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            return self.fail(e)
+        return InputError(self.path, "file", "malformed JSON")
+
+    def array(self, i: int) -> Iterator[object]:
+        """The items of the array at `i` ("["); then `self.after` is the position after it."""
+        i = self.skip(self.expect(i, "["))
+        if not self.text.startswith("]", i):
+            while True:
+                item, i = self.value(self.skip(i))
+                yield item
+                i = self.skip(i)
+                if self.text.startswith("]", i):
+                    break
+                i = self.expect(i, ",")
+        self.after = i + 1
+
+    def walk(self, i: int) -> tuple[object, int]:
+        """The value at `i`, an array item by item (checked, not kept: None), the rest whole."""
+        if self.text.startswith("[", i):
+            for _ in self.array(i):
+                pass
+            return None, self.after
+        return self.value(i)
+
+    def end(self, i: int) -> None:
+        if self.skip(i) < len(self.text):
+            raise self.malformed()
+
+
+def _json_items(path: Path) -> tuple[Iterator[object], str | None]:
+    """A .json set's items (read one at a time, from its text) and its system prompt: a bare
+    list, or an object with "prompts" (and "system_prompt"). The whole document is checked
+    to be one valid JSON value (a pass that keeps no item) before an item is given out."""
+    doc = _Doc(path)
+    i = doc.skip(0)
+    top: dict[str, tuple[int, object]] = {}  # key: (where its value starts, the value)
+    if doc.text.startswith("{", i):
+        i = doc.skip(i + 1)
+        if doc.text.startswith("}", i):
+            i += 1
+        else:
+            while True:
+                key, i = doc.key(doc.skip(i))
+                i = doc.skip(doc.expect(i, ":"))
+                at = i
+                value, i = doc.walk(i)  # a list's items are checked, not kept
+                top[key] = (at, value)  # a repeated key: the last one counts, as in json.loads
+                i = doc.skip(i)
+                if doc.text.startswith("}", i):
+                    i += 1
+                    break
+                i = doc.expect(i, ",")
+        doc.end(i)
+        system_prompt = _opt_str(
+            {k: v for k, (_, v) in top.items() if k == "system_prompt"},
+            "system_prompt",
+            path,
+            "system_prompt",
+        )
+        if "prompts" not in top:
             raise InputError(path, "prompts", "missing (expected a list of prompts)")
-        data = data["prompts"]
-    if not isinstance(data, list):
-        raise InputError(path, "prompts", f"must be a list, got {type(data).__name__}")
-    return data, system_prompt
+        at, value = top["prompts"]
+        if not doc.text.startswith("[", at):
+            raise InputError(path, "prompts", f"must be a list, got {type(value).__name__}")
+    elif doc.text.startswith("[", i):
+        at, system_prompt = i, None
+        doc.end(doc.walk(i)[1])
+    else:
+        value, end = doc.value(i)
+        doc.end(end)
+        raise InputError(path, "prompts", f"must be a list, got {type(value).__name__}")
+    return doc.array(at), system_prompt
 
 
 def parse_line(path: Path, field: str, line: bytes):
