@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,19 @@ TMP_MARK = ".tmp-"
 STALE_TEMP_S = 24 * 3600  # a temp file this old is abandoned whoever wrote it
 
 
+_HOST: tuple[int, str] | None = None  # (pid, host name) of this process
+
+
 def _tmp_prefix(path: Path) -> str:
     # Host and pid name the writer, so a later run can tell an abandoned temp file (its writer
     # was killed) from one being written right now by another process.
-    return f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}-"
+    global _HOST
+    if _HOST is None or _HOST[0] != os.getpid():
+        _HOST = (os.getpid(), socket.gethostname())
+    return f".{path.name}{TMP_MARK}{_HOST[1]}-{_HOST[0]}-"
+
+
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
 
 
 def _reason(e: OSError) -> str:
@@ -30,7 +40,15 @@ def _reason(e: OSError) -> str:
 def _open_temp(path: Path) -> tuple[int, str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
+        prefix = _tmp_prefix(path)
+        # What tempfile.mkstemp does, less its overhead (a third of a millisecond a file).
+        for _ in range(100):
+            name = str(path.parent / f"{prefix}{secrets.token_hex(4)}")
+            try:
+                return os.open(name, _TEMP_FLAGS, 0o600), name
+            except FileExistsError:
+                continue
+        raise FileExistsError(errno.EEXIST, "no unused temp file name", str(path.parent))
     except OSError as e:
         raise OutputError(path, _reason(e)) from e
 
