@@ -61,10 +61,10 @@ class Unhooked:
         self.mon = mon
         r = mon.responder
         self.responder = Responder(None, r.tokenizer, opts, r.chat, r.context, r.truncate)
-        self.responder.generator = VLLMGenerator(mon.llm, opts, r.generator.eos)
+        self.responder.generator = VLLMGenerator(mon.engine, opts, r.generator.eos)
 
     def respond(self, items):
-        self.mon.llm.collective_rpc("raypipe_remove")
+        self.mon.engine.rpc("raypipe_remove")
         try:
             return self.responder.respond(items)
         finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ from raypipe.engine.hooks import hook_point
 from raypipe.engine.projector import layer_scores
 
 COMPONENT_POINTS = {"residual": "block", "attn_contribution": "attention"}
+TRACE_STEPS = 4096  # steps whose request ids raypipe_trace keeps
 
 
 @dataclass
@@ -87,45 +89,29 @@ def _hidden(output, component: str) -> torch.Tensor:
     return output
 
 
-class _Monitor:
-    """The hooks of one worker and what they collected."""
+class _Hooks:
+    """Hooks on some decoder layers of one worker's model, the layout tap, and what they kept:
+    per request, chunks of rows by absolute position. Subclasses say what a step keeps."""
 
-    def __init__(self, runner, cfg: dict):
+    def __init__(self, runner, component: str, layers: list[int]):
         self.runner = runner
-        self.component = cfg["component"]
+        self.component = component
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
         blocks = decoder_layers(model)
-        vectors = cfg["vectors"]  # [(layer, np.ndarray (D,))]
-        device = next(model.parameters()).device
-        self.layers = sorted({layer for layer, _ in vectors})
+        self.device = next(model.parameters()).device
+        self.layers = sorted(set(layers))
         if self.layers[-1] >= len(blocks) or self.layers[0] < 0:
-            raise ValueError(f"layer {self.layers[-1]} is not in a model of {len(blocks)} layers")
+            bad = self.layers[-1] if self.layers[-1] >= len(blocks) else self.layers[0]
+            raise ValueError(f"layer {bad} is not in a model of {len(blocks)} layers")
         self.top = self.layers[-1]
-        self.n = len(vectors)
-        self.bank: dict[int, torch.Tensor] = {}
-        grouped: list[int] = []
-        for layer in self.layers:
-            rows = [i for i, (lay, _) in enumerate(vectors) if lay == layer]
-            mat = torch.stack([torch.as_tensor(vectors[i][1], dtype=torch.float32) for i in rows])
-            mat = mat / mat.norm(dim=1, keepdim=True)  # (K_L, D)
-            self.bank[layer] = mat.T.contiguous().to(device)  # (D, K_L)
-            grouped.extend(rows)
-        inverse = torch.empty(self.n, dtype=torch.long)
-        inverse[torch.tensor(grouped)] = torch.arange(self.n)
-        self.inverse = inverse.to(device)
-        self.norm_rows = torch.tensor(
-            [self.layers.index(vectors[i][0]) for i in range(self.n)], dtype=torch.long
-        ).to(device)
-        dims = cfg.get("massive_dims")
-        self.dims = None
-        if dims:
-            self.dims = torch.tensor(sorted(set(dims)), dtype=torch.long, device=device)
         self.layout: Layout | None = None
-        self.step: dict[int, list[torch.Tensor]] = {}
-        self.store: dict[str, list[np.ndarray]] = {}  # req_id -> [(n, 1 + 2S[+2S]) chunks]
+        self.step: dict[int, object] = {}
+        self.store: dict[str, list] = {}  # req_id -> chunks, see _keep
+        # Request ids of each recorded step (the latest ones): which requests shared a step.
+        self.trace: deque[tuple[str, ...]] = deque(maxlen=TRACE_STEPS)
         self.error: str | None = None
         self.handles = [
-            hook_module(blocks[layer], self.component).register_forward_hook(self._hook(layer))
+            hook_module(blocks[layer], component).register_forward_hook(self._hook(layer))
             for layer in self.layers
         ]
         self._tap()
@@ -156,38 +142,44 @@ class _Monitor:
             if self.error is not None or self.layout is None:
                 return None
             try:
-                self._on_layer(layer, _hidden(output, self.component))
+                h = _hidden(output, self.component)
+                rows = int(self.layout.qsl[-1])
+                if rows > h.shape[0]:
+                    raise RuntimeError(f"layer {layer}: step has {h.shape[0]} rows, layout {rows}")
+                self.step[layer] = self._on_layer(layer, h[:rows])
+                if layer == self.top:
+                    self._finish_step()
             except Exception:
                 self.error = traceback.format_exc()
             return None
 
         return hook
 
-    def _on_layer(self, layer: int, h: torch.Tensor) -> None:
-        rows = int(self.layout.qsl[-1])
-        if rows > h.shape[0]:
-            raise RuntimeError(f"layer {layer}: step has {h.shape[0]} rows, layout says {rows}")
-        dims = self.dims
-        self.step[layer] = layer_scores(h[:rows].float(), self.bank[layer], dims)
-        if layer == self.top:
-            self._finish_step()
+    def _on_layer(self, layer: int, h: torch.Tensor):  # h: (N, D) the step's rows
+        raise NotImplementedError
+
+    def _step_rows(self, parts: list) -> object:
+        """The step's kept rows, sliceable by row: what `_keep` splits among the requests."""
+        raise NotImplementedError
 
     def _finish_step(self) -> None:
         lay, parts = self.layout, [self.step[layer] for layer in self.layers]
         self.layout, self.step = None, {}
-        cols = []
-        for kind in range(0, len(parts[0]), 2):  # (scores, sq) then (cleaned, cleaned sq)
-            scores = torch.cat([p[kind] for p in parts], dim=-1)[:, self.inverse]  # (N, S)
-            sq = torch.stack([p[kind + 1] for p in parts], dim=-1)[:, self.norm_rows]
-            cols += [scores, sq.clamp_min(0).sqrt()]
-        block = torch.cat(cols, dim=-1).cpu().numpy()  # one host transfer per step
+        block = self._step_rows(parts)
+        self.trace.append(tuple(lay.req_ids))
         for i, rid in enumerate(lay.req_ids):
             a, b = int(lay.qsl[i]), int(lay.qsl[i + 1])
             if b > a:
-                pos = np.arange(lay.start[i], lay.start[i] + b - a, dtype=np.float32)[:, None]
-                self.store.setdefault(rid, []).append(np.concatenate([pos, block[a:b]], axis=1))
+                pos = np.arange(lay.start[i], lay.start[i] + b - a, dtype=np.int64)
+                self.store.setdefault(rid, []).append(self._keep(pos, block, a, b))
 
-    def collect(self, external_ids: list[str] | None, drop_rest: bool) -> dict[str, np.ndarray]:
+    def _keep(self, pos: np.ndarray, block, a: int, b: int):
+        raise NotImplementedError
+
+    def _joined(self, chunks: list):
+        raise NotImplementedError
+
+    def collect(self, external_ids: list[str] | None, drop_rest: bool) -> dict:
         if self.error is not None:
             error, self.error = self.error, None
             self.store.clear()
@@ -195,9 +187,9 @@ class _Monitor:
         wanted = None if external_ids is None else set(external_ids)
         out = {}
         for rid in list(self.store):
-            ext = rid if wanted is None or rid in wanted else rid.rsplit("-", 1)[0]
+            ext = rid if wanted is None or rid in wanted else external_id(rid)
             if wanted is None or ext in wanted:
-                out[ext] = np.concatenate(self.store.pop(rid))
+                out[ext] = self._joined(self.store.pop(rid))
         if drop_rest:
             self.store.clear()
         return out
@@ -208,6 +200,84 @@ class _Monitor:
         self.untap()
 
 
+class _Scorer(_Hooks):
+    """Scores and norms of every row onto the unit vectors of its layer, on the device."""
+
+    def __init__(self, runner, cfg: dict):
+        vectors = cfg["vectors"]  # [(layer, np.ndarray (D,))]
+        super().__init__(runner, cfg["component"], [layer for layer, _ in vectors])
+        device = self.device
+        self.n = len(vectors)
+        self.bank: dict[int, torch.Tensor] = {}
+        grouped: list[int] = []
+        for layer in self.layers:
+            rows = [i for i, (lay, _) in enumerate(vectors) if lay == layer]
+            mat = torch.stack([torch.as_tensor(vectors[i][1], dtype=torch.float32) for i in rows])
+            mat = mat / mat.norm(dim=1, keepdim=True)  # (K_L, D)
+            self.bank[layer] = mat.T.contiguous().to(device)  # (D, K_L)
+            grouped.extend(rows)
+        inverse = torch.empty(self.n, dtype=torch.long)
+        inverse[torch.tensor(grouped)] = torch.arange(self.n)
+        self.inverse = inverse.to(device)
+        self.norm_rows = torch.tensor(
+            [self.layers.index(vectors[i][0]) for i in range(self.n)], dtype=torch.long
+        ).to(device)
+        dims = cfg.get("massive_dims")
+        self.dims = None
+        if dims:
+            self.dims = torch.tensor(sorted(set(dims)), dtype=torch.long, device=device)
+
+    def _on_layer(self, layer: int, h: torch.Tensor) -> list[torch.Tensor]:
+        return layer_scores(h.float(), self.bank[layer], self.dims)
+
+    def _step_rows(self, parts: list) -> np.ndarray:
+        cols = []
+        for kind in range(0, len(parts[0]), 2):  # (scores, sq) then (cleaned, cleaned sq)
+            scores = torch.cat([p[kind] for p in parts], dim=-1)[:, self.inverse]  # (N, S)
+            sq = torch.stack([p[kind + 1] for p in parts], dim=-1)[:, self.norm_rows]
+            cols += [scores, sq.clamp_min(0).sqrt()]
+        return torch.cat(cols, dim=-1).cpu().numpy()  # one host transfer per step
+
+    def _keep(self, pos: np.ndarray, block: np.ndarray, a: int, b: int) -> np.ndarray:
+        return np.concatenate([pos.astype(np.float32)[:, None], block[a:b]], axis=1)
+
+    def _joined(self, chunks: list) -> np.ndarray:
+        return np.concatenate(chunks)
+
+
+class _Capturer(_Hooks):
+    """The raw rows of the hooked component at each layer, in the model dtype, on the host."""
+
+    def __init__(self, runner, cfg: dict):
+        super().__init__(runner, cfg["component"], list(cfg["capture_layers"]))
+
+    def _on_layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        # Copied at once: no later in-place op of the model can change what is kept.
+        return h.detach().to("cpu", copy=True)  # (N, D)
+
+    def _step_rows(self, parts: list) -> list[torch.Tensor]:
+        return parts
+
+    def _keep(self, pos: np.ndarray, block: list, a: int, b: int):
+        return pos, [t[a:b] for t in block]
+
+    def _joined(self, chunks: list) -> tuple:
+        """(positions (n,), {layer: (dtype name, (n, D) numpy)}): numpy has no bfloat16, so
+        half types travel as their int16 bits."""
+        pos = np.concatenate([c[0] for c in chunks])
+        out = {}
+        for k, layer in enumerate(self.layers):
+            t = torch.cat([c[1][k] for c in chunks])
+            name = str(t.dtype).removeprefix("torch.")
+            out[layer] = (name, t.view(torch.int16).numpy() if t.element_size() == 2 else t.numpy())
+        return pos, out
+
+
+def external_id(internal: str) -> str:
+    """The id a request was given: vLLM adds '-' and 8 random characters to it."""
+    return internal.rsplit("-", 1)[0]
+
+
 class MonitorWorker:
     """vLLM `worker_extension_cls`: its methods become `collective_rpc` calls on every rank."""
 
@@ -216,19 +286,39 @@ class MonitorWorker:
         self.raypipe_remove()
         if getattr(self, "rank", 0) != 0:
             return 0
-        self._raypipe_monitor = _Monitor(self.model_runner, pickle.loads(payload))
+        cfg = pickle.loads(payload)
+        kind = _Capturer if cfg.get("capture_layers") else _Scorer
+        self._raypipe_monitor = kind(self.model_runner, cfg)
         return len(self._raypipe_monitor.handles)
 
     def raypipe_collect(
         self, external_ids: list[str] | None = None, drop_rest: bool = False
     ) -> bytes:
-        """{request id: (n, 1 + 2S [+ 2S]) float32 rows: position, scores, norms [, cleaned
-        scores, cleaned norms]} of the finished requests named (all when None), as bytes;
-        `drop_rest`: forget every other request's rows too."""
+        """{request id: rows} of the finished requests named (all when None), as bytes;
+        `drop_rest`: forget every other request's rows too. Scoring hooks: (n, 1 + 2S [+ 2S])
+        float32 rows: position, scores, norms [, cleaned scores, cleaned norms]. Capture
+        hooks: (positions, {layer: (dtype, (n, D) array)}) (_Capturer._joined)."""
         monitor = getattr(self, "_raypipe_monitor", None)
         if monitor is None:
             return pickle.dumps(None)
         return pickle.dumps(monitor.collect(external_ids, drop_rest))
+
+    def raypipe_drop(self) -> None:
+        """Forget every request's rows (those of requests no caller waits for), keeping a
+        hook error for the next collect."""
+        monitor = getattr(self, "_raypipe_monitor", None)
+        if monitor is not None:
+            monitor.store.clear()
+
+    def raypipe_trace(self) -> bytes:
+        """The external request ids of each recent step (oldest first), then forgotten: which
+        requests shared the engine's steps."""
+        monitor = getattr(self, "_raypipe_monitor", None)
+        if monitor is None:
+            return pickle.dumps(None)
+        steps = [tuple(external_id(r) for r in step) for step in monitor.trace]
+        monitor.trace.clear()
+        return pickle.dumps(steps)
 
     def raypipe_remove(self) -> None:
         monitor = getattr(self, "_raypipe_monitor", None)

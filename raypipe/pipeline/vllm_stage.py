@@ -1,81 +1,133 @@
-"""`--backend vllm`: generation and projection in one vLLM engine per replica (one model copy).
+"""`--backend vllm`: generation and projection (or capture) in one vLLM engine per replica.
 
 Each actor holds one engine with raypipe's hooks in its model (engine/vllm_hooks.py). A batch's
-rows that need a response are generated and scored in the same forward passes; rows whose
-response exists already (re-projection: new layers or traits) are scored by a prefill on the
-same engine. Responses are on disk before their projections, as in FusedStage.
+rows that need a response are generated and scored (or captured) in the same forward passes;
+rows whose response exists already (re-projection: new layers or traits) go through a prefill
+on the same engine. Responses are on disk before their projections, as in FusedStage.
 
-Keeping the engine full: vLLM batches every request it is given continuously, so the stage asks
-Ray Data for large blocks (`--batch-size`, 64 rows by default) and hands each whole block to
-the engine in one call; within a block, requests of every length share each step.
+Keeping the engine full: `__call__` is async, and Ray Data runs up to `blocks` calls of one
+actor at once (the stage's Resources.max_concurrency). Each call's work runs on a thread of the
+stage's own pool and hands its requests to the engine's loop (engine/vllm_loop.py), which steps
+the requests of every block in flight together: a block that finishes early makes room for the
+next one, and the engine never drains between blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
 from raypipe.pipeline.stages import (
+    SUMMARY_COLUMNS,
     GenerateStage,
     ProjectStage,
     _frame,
     _rows,
+    capture_summary,
     put_scores,
     require,
     stage_vectors,
+    write_captures,
     write_responses,
 )
 
+BLOCKS_IN_FLIGHT = 4  # Ray blocks one engine works on at once
+
 
 class VLLMStage:
-    """Generate + project (or prefill-only project) on one vLLM engine with hooks."""
+    """Generate + project or capture (or prefill-only) on one vLLM engine with hooks."""
 
     NEEDS = GenerateStage.NEEDS
     PRODUCES = GenerateStage.PRODUCES + ProjectStage.SCORE_COLUMNS
+    CAPTURE_PRODUCES = SUMMARY_COLUMNS
 
-    def __init__(self, generate: dict, project: dict):
+    def __init__(
+        self,
+        generate: dict,
+        project: dict | None = None,
+        capture: dict | None = None,
+        blocks: int = BLOCKS_IN_FLIGHT,
+    ):
         from raypipe.engine.vllm_backend import VLLMMonitor
 
+        if (project is None) == (capture is None):
+            raise ValueError("VLLMStage: give exactly one of project and capture")
         tp = generate.get("tensor_parallel_size", 1)
         if tp == 1:
             # The engine core in this actor's process: starts in seconds, and no engine
             # process outlives a killed actor.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         spec = generate["spec"]
-        dims = project.get("massive_dims")
-        self.monitor = VLLMMonitor(
-            spec,
-            generate["opts"],
-            generate["chat_config"],
-            stage_vectors(spec, project["vectors"]),
-            component=project["component"],
-            massive_dims=list(dims) if dims else None,
-            context=generate["context"],
-            truncate=generate["truncate"],
-            tensor_parallel_size=tp,
+        common = dict(
+            context=generate["context"], truncate=generate["truncate"], tensor_parallel_size=tp
         )
+        if capture is not None:
+            self.sink = capture["sink"]
+            self.monitor = VLLMMonitor(
+                spec,
+                generate["opts"],
+                generate["chat_config"],
+                None,
+                component=self.sink.component,
+                capture_layers=list(capture["layers"]),
+                **common,
+            )
+        else:
+            self.sink = None
+            dims = project.get("massive_dims")
+            self.monitor = VLLMMonitor(
+                spec,
+                generate["opts"],
+                generate["chat_config"],
+                stage_vectors(spec, project["vectors"]),
+                component=project["component"],
+                massive_dims=list(dims) if dims else None,
+                **common,
+            )
         self.source = generate["source"]
         self.generate = GenerateStage(**generate)
-        self.generate.responder = self.monitor  # its respond() also keeps the scores
+        self.generate.responder = self.monitor  # its respond() also keeps what the hooks saw
+        self.pool = ThreadPoolExecutor(max_workers=blocks, thread_name_prefix="raypipe-vllm-block")
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # The block's work waits on the engine, which serves every block in flight at once.
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.run, batch)
+
+    def run(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """One block, start to end (what __call__ runs on the stage's pool)."""
         require(batch, "vllm", self.NEEDS)
         rows = _rows(write_responses(self.generate(batch), self.source))
-        for row in rows:
-            for col in ProjectStage.SCORE_COLUMNS:
-                row[col] = None
+        if self.sink is None:
+            for row in rows:
+                for col in ProjectStage.SCORE_COLUMNS:
+                    row[col] = None
         todo = [r for r in rows if r["project"] and r["error"] is None]
-        if todo:
-            seqs = [list(map(int, r["token_ids"])) for r in todo]
-            try:
-                put_scores(todo, self.monitor.take_scores(seqs))
-            except ValueError:
-                if len(todo) == 1:
-                    raise
-                for row, seq in zip(todo, seqs):  # one sequence vLLM cannot take fails alone
-                    try:
-                        put_scores([row], self.monitor.take_scores([seq]))
-                    except ValueError as e:
-                        row["error"] = f"{type(e).__name__}: {e}"
+        got = self._take(todo)
+        done = [(r, g) for r, g in zip(todo, got) if r["error"] is None]
+        if self.sink is not None:
+            write_captures(self.sink, [r for r, _ in done], [g for _, g in done])
+            return capture_summary(rows)
+        put_scores([r for r, _ in done], [g for _, g in done])
         return _frame(rows, self.PRODUCES)
+
+    def _take(self, todo: list[dict]) -> list:
+        """What the hooks kept for each row (a prefill for the rest); a sequence vLLM cannot
+        take fails alone: its row gets the error, and None."""
+        seqs = [list(map(int, r["token_ids"])) for r in todo]
+        if not seqs:
+            return []
+        try:
+            return self.monitor.take(seqs)
+        except ValueError:
+            pass
+        out = []
+        for row, seq in zip(todo, seqs):
+            try:
+                out.extend(self.monitor.take([seq]))
+            except ValueError as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                out.append(None)
+        return out
