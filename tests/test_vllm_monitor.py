@@ -247,9 +247,10 @@ def test_component_vllm_cannot_hook_is_refused_before_loading(tmp_path):
         check_component(spec, "attn_contribution")
 
 
-def test_backend_vllm_is_one_pool_and_collects_no_calibration(tiny_root):
-    """`--backend vllm` plans one model stage (generation + projection in one engine) and
-    leaves passive calibration to the HF prefill, which the local backend still collects."""
+def test_backend_vllm_is_one_pool_and_plans_calibration(tiny_root):
+    """`--backend vllm` plans one model stage (generation + projection in one engine, several
+    blocks in flight) that collects passive calibration as the local backend does; --capture
+    too is that one stage (no HF copy of the model)."""
     import dataclasses
 
     from raypipe.options import InferOptions, OutputOptions, ProjectionOptions, RunOptions
@@ -264,11 +265,17 @@ def test_backend_vllm_is_one_pool_and_collects_no_calibration(tiny_root):
         run=RunOptions(backend="vllm"),
     )
     plan = plan_infer(opts)
-    assert plan.calibration is None
+    assert plan.calibration is not None
     assert plan_infer(dataclasses.replace(opts, run=RunOptions())).calibration is not None
     job = Job(plan, mode="stream", gpus=0, generates=True)
     stages = BACKENDS[backend_for(job)](job)
     assert [s.name for s in stages] == ["vllm", "write_projections"]
+    assert stages[0].resources.max_concurrency > 1
+    assert stages[0].args["project"]["calibration"] == plan.calibration
+    check_chain(stages, GenerateStage.NEEDS)
+    capture = plan_infer(dataclasses.replace(opts, mode="capture"))
+    stages = BACKENDS["vllm"](Job(capture, mode="capture", gpus=0, generates=True))
+    assert [s.name for s in stages] == ["vllm"]
     check_chain(stages, GenerateStage.NEEDS)
 
 
@@ -303,14 +310,12 @@ TRAITS32 = ["behavior/alpha", "tone/beta"]
 STAGE_LAYERS = "1,3"
 
 
-@pytest.fixture(scope="module")
-def vllm_root(tmp_path_factory, model_dir) -> Path:
+def make_root(root: Path, model_dir: Path) -> Path:
     """An experiment on the head_dim-32 model, for the stage as the backend builds it."""
     import json
 
     from tests.tiny import write_prompt_set, write_vectors
 
-    root = tmp_path_factory.mktemp("vroot")
     exp = root / "experiments" / "t32"
     exp.mkdir(parents=True)
     (exp / "config.json").write_text(
@@ -326,8 +331,14 @@ def vllm_root(tmp_path_factory, model_dir) -> Path:
     return root
 
 
-def stage_job(root: Path, mode: str):
-    """The vllm backend's stage for a run of `mode` on the experiment: (its Stage, its plan)."""
+@pytest.fixture(scope="module")
+def vllm_root(tmp_path_factory, model_dir) -> Path:
+    return make_root(tmp_path_factory.mktemp("vroot"), model_dir)
+
+
+def stage_job(root: Path, mode: str, backend: str = "vllm"):
+    """The backend's model stage for a run of `mode` on the experiment: (its Stage, its plan)
+    (local: the job, whose then_args build the HF stages)."""
     from raypipe.options import (
         InferOptions,
         ModelOptions,
@@ -344,11 +355,13 @@ def stage_job(root: Path, mode: str):
         model=ModelOptions(dtype="float32"),
         generation=OPTS,
         projection=ProjectionOptions(layers=STAGE_LAYERS),
-        run=RunOptions(backend="vllm", batch_size=3),
+        run=RunOptions(backend=backend, batch_size=3),
         mode=mode,
     )
     plan = plan_infer(opts)
     job = Job(plan, mode=mode, gpus=0, generates=True)
+    if backend != "vllm":
+        return job, plan
     (stage, *_) = BACKENDS["vllm"](job)
     return stage, plan
 
@@ -485,3 +498,53 @@ def test_capture_files_equal_hf_capture(vllm_root, hf, tmp_path):
                 assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
                 scale = b.abs().max(dim=-1, keepdim=True).values.clamp_min(1e-6)
                 assert float(((a - b).abs() / scale).max()) < REL, (pid, seg, layer)
+
+
+def test_passive_calibration_equals_hf(model_dir, hf, tmp_path):
+    """SPEC 8 on vLLM: the first run of a variant collects calibration (two blocks in flight),
+    and calibration.json equals what the HF prefill collects from the same sequences."""
+    import json
+
+    from raypipe.pipeline.stages import ProjectStage
+    from raypipe.pipeline.vllm_stage import VLLMStage
+    from raypipe.store.calibration import calibration_complete
+
+    declared, plan = stage_job(make_root(tmp_path / "v", model_dir), "stream")
+    assert plan.calibration is not None
+    stage = VLLMStage(**declared.args)
+    try:
+        outs = run_blocks(stage, block([0, 1, 2]), block([3, 4, 5]))
+    finally:
+        stage.monitor.close()
+    assert calibration_complete(plan.calibration.path)  # every prompt of the set counted
+
+    job, ref_plan = stage_job(make_root(tmp_path / "h", model_dir), "stream", backend="local")
+    hf_stage = ProjectStage(**job.then_args(), loaded=hf)
+    for out in outs:  # the same sequences in the same blocks
+        hf_stage(out.drop(columns=list(ProjectStage.SCORE_COLUMNS)))
+    got = json.loads(plan.calibration.path.read_text())
+    want = json.loads(ref_plan.calibration.path.read_text())
+    assert (
+        got["tokens_seen"]
+        == want["tokens_seen"]
+        == sum(len(t) for o in outs for t in o["token_ids"])
+    )
+    assert got["aggregate"]["layer_norms"] and got.pop("timestamp") and want.pop("timestamp")
+    close(got, want)
+
+
+def close(a, b, path="") -> None:
+    """Equal JSON, numbers within 1e-4 relative."""
+    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, path
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for k in a:
+            close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-6), (path, a, b)
+    else:
+        assert a == b, (path, a, b)

@@ -245,7 +245,7 @@ class MonitoringGenerator(VLLMGenerator):
         self.kept = kept  # Kept
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
-        outputs, rows = self.engine.generate(prompts, self.params, self.lora_request, collect=True)
+        outputs, rows = self.engine.generate(prompts, self.params, self.lora_request, "main")
         results = []
         for prompt, out, got in zip(prompts, outputs, rows):
             ids = self.response_ids(out)[: self.keep]
@@ -461,7 +461,7 @@ class VLLMMonitor:
                     "(it must sample one token after it)"
                 )
         lora = self.responder.generator.lora_request
-        _, rows = self.engine.generate(seqs, self.prefill_params, lora, collect=True)
+        _, rows = self.engine.generate(seqs, self.prefill_params, lora, "main")
         out = []
         for s, r in zip(seqs, rows):
             res = self._convert(r, len(s))
@@ -470,5 +470,44 @@ class VLLMMonitor:
             out.append(res)
         return out
 
+    @property
+    def n_layers(self) -> int:
+        return int(self.llm.llm_engine.model_config.hf_text_config.num_hidden_layers)
+
+    def residuals(self, seqs: list[list[int]]) -> list[dict]:
+        """Every block's residual over each whole sequence, {layer: (T, D)}, from a prefill on
+        hooks of their own (slot "calibration": they keep only these requests' rows, whatever
+        else the engine runs meanwhile): passive calibration's input (SPEC 8)."""
+        if not seqs:
+            return []
+        if not getattr(self, "_residual_hooks", False):
+            payload = {
+                "capture_layers": list(range(self.n_layers)),
+                "component": "residual",
+                "only": CALIBRATION_TAG,
+            }
+            self.engine.rpc("raypipe_install", pickle.dumps(payload), "calibration")
+            self._residual_hooks = True
+        lora = self.responder.generator.lora_request
+        _, rows = self.engine.generate(
+            seqs, self.prefill_params, lora, "calibration", tag=CALIBRATION_TAG
+        )
+        out = []
+        for s, r in zip(seqs, rows):
+            res = sequence_capture(r, len(s))
+            if res is None:
+                raise RuntimeError(f"vLLM's prefill of {len(s)} tokens left positions unseen")
+            out.append(res)
+        return out
+
+    def drop_residual_hooks(self) -> None:
+        """Calibration complete: its hooks go."""
+        if getattr(self, "_residual_hooks", False):
+            self.engine.rpc("raypipe_remove", "calibration")
+            self._residual_hooks = False
+
     def close(self) -> None:
         self.responder.close()
+
+
+CALIBRATION_TAG = "cal"  # request ids of calibration prefills start with it (others: digits)

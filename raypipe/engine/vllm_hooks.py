@@ -93,7 +93,7 @@ class _Hooks:
     """Hooks on some decoder layers of one worker's model, the layout tap, and what they kept:
     per request, chunks of rows by absolute position. Subclasses say what a step keeps."""
 
-    def __init__(self, runner, component: str, layers: list[int]):
+    def __init__(self, runner, component: str, layers: list[int], only: str | None = None):
         self.runner = runner
         self.component = component
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
@@ -110,32 +110,31 @@ class _Hooks:
         # Request ids of each recorded step (the latest ones): which requests shared a step.
         self.trace: deque[tuple[str, ...]] = deque(maxlen=TRACE_STEPS)
         self.error: str | None = None
+        self.only = only  # keep only requests whose id starts with this (None: all)
+        self.rows: torch.Tensor | None = None  # the step's rows of those requests, when `only`
         self.handles = [
             hook_module(blocks[layer], component).register_forward_hook(self._hook(layer))
             for layer in self.layers
         ]
-        self._tap()
 
-    def _tap(self) -> None:
-        """Record the step's layout right after the runner prepares its inputs."""
-        runner = self.runner
-        name = "prepare_inputs" if hasattr(runner, "req_states") else "_prepare_inputs"
-        original = getattr(runner, name, None)
-        if original is None:
-            raise TypeError(f"{type(runner).__name__} has no {name}: an unknown model runner")
-        v2 = name == "prepare_inputs"
-
-        def tapped(*args, **kwargs):
-            out = original(*args, **kwargs)
-            try:
-                self.layout = _v2_layout(out) if v2 else _v1_layout(runner)
-            except Exception:  # never break the engine; the step goes unrecorded, and says so
-                self.error = self.error or traceback.format_exc()
-                self.layout = None
-            return out
-
-        setattr(runner, name, tapped)
-        self.untap = lambda: vars(runner).pop(name, None)
+    def set_layout(self, lay: Layout | None) -> None:
+        """The step about to run (from the worker's tap); with `only`, its requests narrowed
+        to those wanted, or None when the step holds none of them."""
+        self.layout, self.step = lay, {}
+        if lay is None or self.only is None:
+            return
+        keep = [i for i, rid in enumerate(lay.req_ids) if rid.startswith(self.only)]
+        if not keep:
+            self.layout = None
+            return
+        spans = [np.arange(lay.qsl[i], lay.qsl[i + 1]) for i in keep]
+        sizes = np.array([len(x) for x in spans], dtype=np.int64)
+        self.rows = torch.from_numpy(np.concatenate(spans)).to(self.device)
+        self.layout = Layout(
+            [lay.req_ids[i] for i in keep],
+            np.concatenate([[0], np.cumsum(sizes)]),
+            lay.start[keep],
+        )
 
     def _hook(self, layer: int):
         def hook(module, args, output):
@@ -144,7 +143,9 @@ class _Hooks:
             try:
                 h = _hidden(output, self.component)
                 rows = int(self.layout.qsl[-1])
-                if rows > h.shape[0]:
+                if self.only is not None:
+                    h = h.index_select(0, self.rows)  # (N, D) the wanted requests' rows
+                elif rows > h.shape[0]:
                     raise RuntimeError(f"layer {layer}: step has {h.shape[0]} rows, layout {rows}")
                 self.step[layer] = self._on_layer(layer, h[:rows])
                 if layer == self.top:
@@ -197,7 +198,6 @@ class _Hooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.untap()
 
 
 class _Scorer(_Hooks):
@@ -249,7 +249,9 @@ class _Capturer(_Hooks):
     """The raw rows of the hooked component at each layer, in the model dtype, on the host."""
 
     def __init__(self, runner, cfg: dict):
-        super().__init__(runner, cfg["component"], list(cfg["capture_layers"]))
+        super().__init__(
+            runner, cfg["component"], list(cfg["capture_layers"]), only=cfg.get("only")
+        )
 
     def _on_layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         # Copied at once: no later in-place op of the model can change what is kept.
@@ -278,50 +280,99 @@ def external_id(internal: str) -> str:
     return internal.rsplit("-", 1)[0]
 
 
-class MonitorWorker:
-    """vLLM `worker_extension_cls`: its methods become `collective_rpc` calls on every rank."""
+class _Tap:
+    """Records each step's layout right after the runner prepares its inputs, for every
+    installed hook set (one tap per worker, however many sets)."""
 
-    def raypipe_install(self, payload: bytes) -> int:
-        """Hooks for the vectors in `payload` (replacing any installed): rank 0 only."""
-        self.raypipe_remove()
+    def __init__(self, runner, sets: dict[str, _Hooks]):
+        name = "prepare_inputs" if hasattr(runner, "req_states") else "_prepare_inputs"
+        original = getattr(runner, name, None)
+        if original is None:
+            raise TypeError(f"{type(runner).__name__} has no {name}: an unknown model runner")
+        v2 = name == "prepare_inputs"
+
+        def tapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            try:
+                lay = _v2_layout(out) if v2 else _v1_layout(runner)
+            except Exception:  # never break the engine; the step goes unrecorded, and says so
+                lay = None
+                for hooks in sets.values():
+                    hooks.error = hooks.error or traceback.format_exc()
+            for hooks in sets.values():
+                try:
+                    hooks.set_layout(lay)
+                except Exception:
+                    hooks.error = hooks.error or traceback.format_exc()
+                    hooks.layout = None
+            return out
+
+        setattr(runner, name, tapped)
+        self.remove = lambda: vars(runner).pop(name, None)
+
+
+class MonitorWorker:
+    """vLLM `worker_extension_cls`: its methods become `collective_rpc` calls on every rank.
+
+    Hook sets live in slots: "main" (the run's scores or capture) and any other (passive
+    calibration: a capture of every layer, for requests whose ids start with its `only`)."""
+
+    def _raypipe_sets(self) -> dict[str, _Hooks]:
+        sets = getattr(self, "_raypipe_hooks", None)
+        if sets is None:
+            sets = self._raypipe_hooks = {}
+            self._raypipe_tap = None
+        return sets
+
+    def raypipe_install(self, payload: bytes, slot: str = "main") -> int:
+        """Hooks for `payload` (vectors, or capture layers) in `slot`, replacing what it held:
+        rank 0 only."""
+        self.raypipe_remove(slot)
         if getattr(self, "rank", 0) != 0:
             return 0
         cfg = pickle.loads(payload)
         kind = _Capturer if cfg.get("capture_layers") else _Scorer
-        self._raypipe_monitor = kind(self.model_runner, cfg)
-        return len(self._raypipe_monitor.handles)
+        sets = self._raypipe_sets()
+        sets[slot] = kind(self.model_runner, cfg)
+        if self._raypipe_tap is None:
+            self._raypipe_tap = _Tap(self.model_runner, sets)
+        return len(sets[slot].handles)
 
     def raypipe_collect(
-        self, external_ids: list[str] | None = None, drop_rest: bool = False
+        self, external_ids: list[str] | None = None, drop_rest: bool = False, slot: str = "main"
     ) -> bytes:
         """{request id: rows} of the finished requests named (all when None), as bytes;
         `drop_rest`: forget every other request's rows too. Scoring hooks: (n, 1 + 2S [+ 2S])
         float32 rows: position, scores, norms [, cleaned scores, cleaned norms]. Capture
         hooks: (positions, {layer: (dtype, (n, D) array)}) (_Capturer._joined)."""
-        monitor = getattr(self, "_raypipe_monitor", None)
-        if monitor is None:
+        hooks = self._raypipe_sets().get(slot)
+        if hooks is None:
             return pickle.dumps(None)
-        return pickle.dumps(monitor.collect(external_ids, drop_rest))
+        return pickle.dumps(hooks.collect(external_ids, drop_rest))
 
     def raypipe_drop(self) -> None:
         """Forget every request's rows (those of requests no caller waits for), keeping a
         hook error for the next collect."""
-        monitor = getattr(self, "_raypipe_monitor", None)
-        if monitor is not None:
-            monitor.store.clear()
+        for hooks in self._raypipe_sets().values():
+            hooks.store.clear()
 
     def raypipe_trace(self) -> bytes:
         """The external request ids of each recent step (oldest first), then forgotten: which
         requests shared the engine's steps."""
-        monitor = getattr(self, "_raypipe_monitor", None)
-        if monitor is None:
+        hooks = self._raypipe_sets().get("main")
+        if hooks is None:
             return pickle.dumps(None)
-        steps = [tuple(external_id(r) for r in step) for step in monitor.trace]
-        monitor.trace.clear()
+        steps = [tuple(external_id(r) for r in step) for step in hooks.trace]
+        hooks.trace.clear()
         return pickle.dumps(steps)
 
-    def raypipe_remove(self) -> None:
-        monitor = getattr(self, "_raypipe_monitor", None)
-        if monitor is not None:
-            monitor.remove()
-            self._raypipe_monitor = None
+    def raypipe_remove(self, slot: str | None = None) -> None:
+        """Removes the hooks of `slot` (None: every slot, and the tap)."""
+        sets = self._raypipe_sets()
+        for name in [slot] if slot is not None else list(sets):
+            hooks = sets.pop(name, None)
+            if hooks is not None:
+                hooks.remove()
+        if not sets and self._raypipe_tap is not None:
+            self._raypipe_tap.remove()
+            self._raypipe_tap = None

@@ -36,7 +36,7 @@ class _Group:
     """One caller's requests: done when each has its final output."""
 
     ids: list[str]
-    collect: bool  # fetch the hooks' rows for them when done
+    collect: str | None  # the hook slot whose rows are fetched for them when done
     future: Future
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -58,22 +58,33 @@ class EngineLoop:
 
     # ------------------------------------------------------------------ callers' side
 
-    def submit(self, prompts: list[list[int]], params, lora_request=None, collect=False) -> Future:
-        """A future of (vLLM's outputs in prompt order, per prompt the hooks' rows or None)."""
+    def submit(
+        self,
+        prompts: list[list[int]],
+        params,
+        lora_request=None,
+        collect: str | None = None,
+        tag: str = "",
+    ) -> Future:
+        """A future of (vLLM's outputs in prompt order, per prompt the rows the hooks of slot
+        `collect` kept, or None). Request ids are `{tag}{group}.{index}` (hooks can pick a
+        tag's requests out)."""
         future: Future = Future()
         if self._dead is not None:
             future.set_exception(RuntimeError(f"vLLM's engine has stopped: {self._dead}"))
             return future
-        self._cmds.put(("generate", (prompts, params, lora_request, collect), future))
+        self._cmds.put(("generate", (prompts, params, lora_request, collect, tag), future))
+        if not self._thread.is_alive():  # stopped between the check and the put
+            self._fail_queued()
         return future
 
-    def generate(self, prompts, params, lora_request=None, collect=False):
+    def generate(self, prompts, params, lora_request=None, collect=None, tag=""):
         """`submit` and wait: for callers on plain threads."""
-        return self.submit(prompts, params, lora_request, collect).result()
+        return self.submit(prompts, params, lora_request, collect, tag).result()
 
-    async def agenerate(self, prompts, params, lora_request=None, collect=False):
+    async def agenerate(self, prompts, params, lora_request=None, collect=None, tag=""):
         """`submit` awaited: for callers on an event loop."""
-        return await asyncio.wrap_future(self.submit(prompts, params, lora_request, collect))
+        return await asyncio.wrap_future(self.submit(prompts, params, lora_request, collect, tag))
 
     def call(self, fn: Callable[[Any], Any]) -> Any:
         """fn(llm) on the engine's thread between two steps (collective_rpc and the like)."""
@@ -160,12 +171,12 @@ class EngineLoop:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        prompts, params, lora_request, collect = payload
+        prompts, params, lora_request, collect, tag = payload
         params = params.clone()
         params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when done
         # "group.index": the worker's trace shows which caller's requests shared a step.
         g = next(self._ids)
-        group = _Group([f"{g}.{i}" for i in range(len(prompts))], collect, future)
+        group = _Group([f"{tag}{g}.{i}" for i in range(len(prompts))], collect, future)
         engine = llm.llm_engine
         added = []
         try:
@@ -187,7 +198,7 @@ class EngineLoop:
     def _finish(self, llm, group: _Group) -> None:
         outputs = [group.outputs[rid] for rid in group.ids]
         try:
-            rows = collect(llm, group.ids) if group.collect else {}
+            rows = collect(llm, group.ids, slot=group.collect) if group.collect else {}
         except Exception as e:  # the hooks failed (reported at collect): this group hears it
             group.future.set_exception(e)
             return
@@ -203,9 +214,11 @@ class EngineLoop:
                 cmd[2].set_exception(RuntimeError(f"vLLM's engine has stopped: {self._dead}"))
 
 
-def collect(llm, request_ids: list[str], drop_rest: bool = False) -> dict[str, Any]:
-    """The rows rank 0's hooks kept for these requests (other ranks hook nothing)."""
-    for blob in llm.collective_rpc("raypipe_collect", args=(request_ids, drop_rest)):
+def collect(
+    llm, request_ids: list[str], drop_rest: bool = False, slot: str = "main"
+) -> dict[str, Any]:
+    """The rows rank 0's hooks (of `slot`) kept for these requests (other ranks hook none)."""
+    for blob in llm.collective_rpc("raypipe_collect", args=(request_ids, drop_rest, slot)):
         got = pickle.loads(blob)
         if got is not None:
             return got

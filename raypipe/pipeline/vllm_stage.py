@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -23,10 +24,13 @@ import pandas as pd
 from raypipe.pipeline.stages import (
     SUMMARY_COLUMNS,
     GenerateStage,
+    PassiveCalibration,
     ProjectStage,
     _frame,
     _rows,
+    _seqs,
     capture_summary,
+    claim_calibration,
     put_scores,
     require,
     stage_vectors,
@@ -87,10 +91,31 @@ class VLLMStage:
                 massive_dims=list(dims) if dims else None,
                 **common,
             )
+        self._start_calibration(project)
         self.source = generate["source"]
         self.generate = GenerateStage(**generate)
         self.generate.responder = self.monitor  # its respond() also keeps what the hooks saw
         self.pool = ThreadPoolExecutor(max_workers=blocks, thread_name_prefix="raypipe-vllm-block")
+
+    def _start_calibration(self, project: dict | None) -> None:
+        """SPEC 8 on vLLM: the one replica that claims the calibration replays the first
+        prompts' whole sequences through a prefill with every block's residual kept (hooks of
+        their own, engine/vllm_backend.VLLMMonitor.residuals) and feeds the same statistics
+        as the HF prefill, in the same batches (plan_batches), until the budget is spent."""
+        from raypipe.engine.calibration import CalibrationCollector
+
+        target = project.get("calibration") if project else None
+        self.claim = claim_calibration(target)  # held while this stage lives
+        self.calibration = PassiveCalibration(target) if self.claim is not None else None
+        self.collector = None
+        self.calibration_lock = threading.Lock()  # the blocks in flight count one at a time
+        if self.calibration is not None:
+            self.max_batch_tokens = project["max_batch_tokens"]
+            self.collector = CalibrationCollector(
+                None, budget=target.budget, n_layers=self.monitor.n_layers
+            )
+            if self.calibration.state is not None:
+                self.collector.load_state_dict(self.calibration.state)
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # The block's work waits on the engine, which serves every block in flight at once.
@@ -111,7 +136,43 @@ class VLLMStage:
             write_captures(self.sink, [r for r, _ in done], [g for _, g in done])
             return capture_summary(rows)
         put_scores([r for r, _ in done], [g for _, g in done])
+        if self.collector is not None:
+            self._calibrate([r for r, _ in done])
         return _frame(rows, self.PRODUCES)
+
+    def _calibrate(self, rows: list[dict]) -> None:
+        import torch
+
+        from raypipe.engine.batching import plan_batches
+
+        with self.calibration_lock:
+            if self.collector is None:
+                return
+            counting = [r for r, f in zip(rows, self.calibration.fresh(rows)) if f]
+            if not counting:
+                return
+            c, seqs = self.collector, _seqs(counting)
+            for batch in plan_batches([len(s) for s in seqs], self.max_batch_tokens):
+                if c.done:
+                    break
+                states = self.monitor.residuals([seqs[i] for i in batch])  # [{L: (T, D)}]
+                width = max(len(seqs[i]) for i in batch)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T)
+                for b, i in enumerate(batch):
+                    mask[b, : len(seqs[i])] = 1
+                padded = {}
+                for layer in range(c.n_layers):
+                    dim = states[0][layer].shape[-1]
+                    x = torch.zeros(len(batch), width, dim, dtype=torch.float32)  # (B, T, D)
+                    for b, st in enumerate(states):
+                        x[b, : st[layer].shape[0]] = st[layer]
+                    padded[layer] = x
+                c.observe_states(padded, mask)
+            if self.calibration.save(c.result(), c.state_dict(), counting, c.done):
+                self.collector = None
+                self.monitor.drop_residual_hooks()
+                self.claim.close()
+                self.claim = None
 
     def _take(self, todo: list[dict]) -> list:
         """What the hooks kept for each row (a prefill for the rest); a sequence vLLM cannot
