@@ -548,3 +548,28 @@ def close(a, b, path="") -> None:
         assert abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-6), (path, a, b)
     else:
         assert a == b, (path, a, b)
+
+
+def test_generate_only_is_the_async_stage_too(model_dir, hf, tmp_path):
+    """`raypipe generate --backend vllm`: the same stage without hooks, blocks in flight; the
+    responses written are HF's greedy ones."""
+    from raypipe.engine.respond import Responder
+    from raypipe.pipeline.stages import GenerateStage
+    from raypipe.pipeline.vllm_stage import VLLMStage
+    from raypipe.store.outputs import read_response
+
+    declared, plan = stage_job(make_root(tmp_path, model_dir), "generate")
+    assert declared.produces == GenerateStage.PRODUCES and declared.resources.max_concurrency > 1
+    stage = VLLMStage(**declared.args)
+    try:
+        outs = run_blocks(stage, block([0, 1, 2]), block([3, 4, 5]))
+    finally:
+        stage.monitor.close()
+    model, tok = hf
+    ref = Responder(model, tok, OPTS, uses_chat_template(tok, None), context=256)
+    want = ref.respond(ITEMS + [("say one thing", None)])
+    got = [r for out in outs for r in out.to_dict("records")]
+    assert [list(r["token_ids"]) for r in got] == [w.token_ids for w in want]
+    for i, w in enumerate(want):
+        path = plan.paths.response_file(plan.variant, "tests/blocks", str(i))
+        assert read_response(path)["token_ids"] == w.token_ids

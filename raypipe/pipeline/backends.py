@@ -225,17 +225,19 @@ def local(job: Job) -> list[Stage]:
 @backend("vllm")
 def vllm(job: Job) -> list[Stage]:
     """One vLLM engine per replica (tensor_parallel_size GPUs) generates and projects (or
-    captures) in the same forward passes, hooks inside its model: one model copy. Several
-    Ray blocks are in flight on each engine (an async stage, VLLMStage)."""
+    captures) in the same forward passes, hooks inside its model: one model copy (generation
+    alone: no hooks). Several Ray blocks are in flight on each engine (an async stage,
+    VLLMStage)."""
     from raypipe.pipeline.vllm_stage import BLOCKS_IN_FLIGHT, VLLMStage
 
     run = job.plan.opts.run
     gpus = job.gpus * run.tensor_parallel_size
-    if job.then is None:
-        return _split(job, generate_stage(job, gpus=gpus), None)
     args = dict(generate=job.generate_args(), blocks=BLOCKS_IN_FLIGHT)
-    args[job.then] = job.then_args()  # "project" or "capture"
-    produces = VLLMStage.CAPTURE_PRODUCES if job.then == "capture" else VLLMStage.PRODUCES
+    if job.then is not None:
+        args[job.then] = job.then_args()  # "project" or "capture"
+    produces = {"capture": VLLMStage.CAPTURE_PRODUCES, None: GenerateStage.PRODUCES}.get(
+        job.then, VLLMStage.PRODUCES
+    )
     resources = replace(
         job.model_resources(run.generate_replicas, gpus), max_concurrency=BLOCKS_IN_FLIGHT
     )

@@ -42,7 +42,8 @@ BLOCKS_IN_FLIGHT = 4  # Ray blocks one engine works on at once
 
 
 class VLLMStage:
-    """Generate + project or capture (or prefill-only) on one vLLM engine with hooks."""
+    """Generate + project or capture (or prefill-only) on one vLLM engine with hooks; with
+    neither `project` nor `capture`, generation alone (no hooks)."""
 
     NEEDS = GenerateStage.NEEDS
     PRODUCES = GenerateStage.PRODUCES + ProjectStage.SCORE_COLUMNS
@@ -55,10 +56,10 @@ class VLLMStage:
         capture: dict | None = None,
         blocks: int = BLOCKS_IN_FLIGHT,
     ):
-        from raypipe.engine.vllm_backend import VLLMMonitor
+        from raypipe.engine.vllm_backend import VLLMMonitor, VLLMResponder
 
-        if (project is None) == (capture is None):
-            raise ValueError("VLLMStage: give exactly one of project and capture")
+        if project is not None and capture is not None:
+            raise ValueError("VLLMStage: give project or capture, not both")
         tp = generate.get("tensor_parallel_size", 1)
         if tp == 1:
             # The engine core in this actor's process: starts in seconds, and no engine
@@ -68,7 +69,11 @@ class VLLMStage:
         common = dict(
             context=generate["context"], truncate=generate["truncate"], tensor_parallel_size=tp
         )
-        if capture is not None:
+        self.generate_only = project is None and capture is None
+        if self.generate_only:
+            self.sink = None
+            self.monitor = VLLMResponder(spec, generate["opts"], generate["chat_config"], **common)
+        elif capture is not None:
             self.sink = capture["sink"]
             self.monitor = VLLMMonitor(
                 spec,
@@ -124,6 +129,8 @@ class VLLMStage:
     def run(self, batch: pd.DataFrame) -> pd.DataFrame:
         """One block, start to end (what __call__ runs on the stage's pool)."""
         require(batch, "vllm", self.NEEDS)
+        if self.generate_only:
+            return write_responses(self.generate(batch), self.source)
         rows = _rows(write_responses(self.generate(batch), self.source))
         if self.sink is None:
             for row in rows:
