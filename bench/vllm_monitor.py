@@ -1,10 +1,12 @@
 """Monitoring on vLLM, side by side on the same prompts: plain vLLM generation (no hooks);
 raypipe's one-pass monitoring (hooks inside vLLM's model score every token as it is computed);
 vLLM generation then the HF hooked prefill (the two-pass way, a second model copy); and the HF
-fused stage (HF generation, then the prefill on the same model).
+fused stage (HF generation, then the prefill on the same model). Then how the stage feeds the
+engine: each slice cut into Ray-sized blocks (--block-rows) handed over one after another (the
+engine drains between blocks: the old stage) or all in flight at once (VLLMStage now).
 
 Last line: JSON with onepass_vs_plain (time of one-pass monitoring / plain generation; target
-<= 1.15 on CPU, <= 1.10 on CUDA) and onepass_vs_twopass.
+<= 1.15 on CPU, <= 1.10 on CUDA), onepass_vs_twopass and inflight_vs_serial.
 
 CPU (the embedded model, fp32):      python bench/vllm_monitor.py
 CUDA node with raypipe[vllm]:       python bench/vllm_monitor.py --device cuda
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,10 +64,10 @@ class Unhooked:
         self.mon = mon
         r = mon.responder
         self.responder = Responder(None, r.tokenizer, opts, r.chat, r.context, r.truncate)
-        self.responder.generator = VLLMGenerator(mon.llm, opts, r.generator.eos)
+        self.responder.generator = VLLMGenerator(mon.engine, opts, r.generator.eos)
 
     def respond(self, items):
-        self.mon.llm.collective_rpc("raypipe_remove")
+        self.mon.engine.rpc("raypipe_remove")
         try:
             return self.responder.respond(items)
         finally:
@@ -86,6 +89,9 @@ def main() -> None:
     p.add_argument("--layers", default="best", help="hooked layers: 'best' (n/2 and n/2+5)")
     p.add_argument("--skip-hf", action="store_true", help="leave out the HF fused stage")
     p.add_argument(
+        "--block-rows", type=int, default=4, help="rows per Ray block in the feeding comparison"
+    )
+    p.add_argument(
         "--plain-engine",
         choices=("same", "separate"),
         help="plain vLLM on the monitored engine with its hooks removed (same: the CPU default,"
@@ -106,6 +112,7 @@ def main() -> None:
     from raypipe.engine.projector import Projector
     from raypipe.engine.respond import Responder
     from raypipe.engine.vllm_backend import VLLMMonitor, VLLMResponder
+    from raypipe.pipeline.vllm_stage import BLOCKS_IN_FLIGHT
     from raypipe.store.prompts import load_prompt_set
 
     if args.threads:
@@ -167,13 +174,32 @@ def main() -> None:
         res = hf.respond(units[u])
         projector.project([r.token_ids for r in res])
 
+    def one_block(items):
+        res = mon.respond(items)
+        return mon.take([r.token_ids for r in res])
+
+    def blocks(u):
+        n = args.block_rows
+        return [units[u][i : i + n] for i in range(0, len(units[u]), n)]
+
+    def run_serial(u):  # the old stage: a block at a time, the engine drains between them
+        for b in blocks(u):
+            one_block(b)
+
+    pool = ThreadPoolExecutor(max_workers=BLOCKS_IN_FLIGHT)
+
+    def run_inflight(u):  # VLLMStage: blocks in flight at once on the one engine
+        list(pool.map(one_block, blocks(u)))
+
     print(f"plain vLLM on {'an engine of its own' if separate else 'the same engine, unhooked'}")
     fns = {"plain vllm": run_plain, "one-pass": run_onepass, "two-pass": run_twopass}
+    fns |= {"blocks serial": run_serial, "blocks in flight": run_inflight}
     if not args.skip_hf:
         fns["hf fused"] = run_hf
     try:
         r = Rounds(fns, args.device, args.repeats, units=len(units))
     finally:
+        pool.shutdown()
         plain.close()
         mon.close()
     outs = {name: [x for part in parts for x in part] for name, parts in outs.items()}
@@ -190,10 +216,10 @@ def main() -> None:
         f"new tokens ({new} generated), {len(vectors)} vectors at layers {layers}, "
         f"{args.repeats} rounds of {len(units)} slices, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"  {'candidate':<12}{'median s':>10}{'new tok/s':>11}  per round (s)")
+    print(f"  {'candidate':<18}{'median s':>10}{'new tok/s':>11}  per round (s)")
     for name in fns:
         per = " ".join(f"{t[name]:.2f}" for t in r.times)
-        print(f"  {name:<12}{r.seconds(name):10.2f}{new / r.seconds(name):11.1f}  {per}")
+        print(f"  {name:<18}{r.seconds(name):10.2f}{new / r.seconds(name):11.1f}  {per}")
     lo, hi = r.spread("one-pass", "plain vllm")
     print(f"  one-pass / plain per round: {lo:.3f}..{hi:.3f}")
     print(f"  one-pass ids = plain vLLM ids: {same}/{len(items)}")
@@ -202,6 +228,7 @@ def main() -> None:
         "onepass_vs_plain": round(r.ratio("one-pass", "plain vllm"), 3),
         "onepass_vs_twopass": round(r.ratio("one-pass", "two-pass"), 3),
         "twopass_vs_plain": round(r.ratio("two-pass", "plain vllm"), 3),
+        "inflight_vs_serial": round(r.ratio("blocks in flight", "blocks serial"), 3),
         "onepass_tok_s": round(new / r.seconds("one-pass"), 1),
         "target": 1.10 if cuda else 1.15,
         "same_ids": f"{same}/{len(items)}",

@@ -198,7 +198,7 @@ class InferOptions:
                 "compile_prefill",
                 f"needs the model on one device; `gpus_per_replica` {gpus:g} splits it by layers",
             )
-        hf_loads = not (self.mode == "generate" and run.backend == "vllm")
+        hf_loads = not (self.mode in ("generate", "capture") and run.backend == "vllm")
         if hf_loads and run.tp == 1 and run.backend != "auto":
             # (vLLM, each `tp` rank and a model server place the model themselves.)
             check_pinned_gpu(model.device, run.gpus_per_replica, "gpus_per_replica")
@@ -219,7 +219,7 @@ class InferOptions:
             return
         if self.run.backend == "vllm":
             vllm_backend.check_spec(spec)
-            if self.mode == "stream":  # projected inside vLLM's model
+            if self.mode in ("stream", "capture"):  # hooked inside vLLM's model
                 vllm_backend.check_component(spec, self.projection.component)
         if self.run.tp > 1:
             check_tp_load(spec.load_in_4bit, spec.lora)

@@ -150,10 +150,10 @@ def test_sampling_is_seeded(items, vllm_responder):
     sampled = dataclasses.replace(OPTS, temperature=1.0, top_p=0.95, max_new_tokens=16)
     eos = vllm_responder.generator.eos
     prompts = [vllm_responder.prepare(t, s)[1] for t, s in items[:4]]
-    a = VLLMGenerator(vllm_responder.llm, sampled, eos).generate(prompts)
-    b = VLLMGenerator(vllm_responder.llm, sampled, eos).generate(prompts)
+    a = VLLMGenerator(vllm_responder.engine, sampled, eos).generate(prompts)
+    b = VLLMGenerator(vllm_responder.engine, sampled, eos).generate(prompts)
     other = dataclasses.replace(sampled, seed=1)
-    c = VLLMGenerator(vllm_responder.llm, other, eos).generate(prompts)
+    c = VLLMGenerator(vllm_responder.engine, other, eos).generate(prompts)
     assert a == b
     assert a != c
 

@@ -177,7 +177,9 @@ def test_sampled_generation_is_scored_and_seeded(monitor, hf, vectors):
     model, _ = hf
     gen = monitor.responder.generator
     sampled = GenerationOptions(max_new_tokens=12, temperature=1.0, top_p=0.95)
-    monitor.responder.generator = MonitoringGenerator(monitor.llm, sampled, gen.eos)
+    monitor.responder.generator = MonitoringGenerator(
+        monitor.engine, sampled, gen.eos, None, gen.kept
+    )
     try:
         a = monitor.respond(ITEMS[:2])
         got = monitor.take_scores([r.token_ids for r in a])
@@ -221,8 +223,12 @@ def test_hook_error_is_reported_and_the_engine_lives(monitor, generated, vectors
 def test_no_tensor_crosses_the_rpc(monitor, generated):
     """collect hands bytes of numpy arrays (vLLM's RPC should carry no tensors)."""
     _, seqs, _ = generated
-    monitor.llm.generate([{"prompt_token_ids": seqs[0]}], monitor.prefill_params, use_tqdm=False)
-    (blob,) = monitor.llm.collective_rpc("raypipe_collect", args=(None, True))
+
+    def prefill_then_collect(llm):  # on the engine's thread, as everything that touches it
+        llm.generate([{"prompt_token_ids": seqs[0]}], monitor.prefill_params, use_tqdm=False)
+        return llm.collective_rpc("raypipe_collect", args=(None, True))
+
+    (blob,) = monitor.engine.call(prefill_then_collect)
     assert isinstance(blob, bytes)
     (rows,) = pickle.loads(blob).values()
     assert isinstance(rows, np.ndarray) and rows.dtype == np.float32
@@ -241,9 +247,10 @@ def test_component_vllm_cannot_hook_is_refused_before_loading(tmp_path):
         check_component(spec, "attn_contribution")
 
 
-def test_backend_vllm_is_one_pool_and_collects_no_calibration(tiny_root):
-    """`--backend vllm` plans one model stage (generation + projection in one engine) and
-    leaves passive calibration to the HF prefill, which the local backend still collects."""
+def test_backend_vllm_is_one_pool_and_plans_calibration(tiny_root):
+    """`--backend vllm` plans one model stage (generation + projection in one engine, several
+    blocks in flight) that collects passive calibration as the local backend does; --capture
+    too is that one stage (no HF copy of the model)."""
     import dataclasses
 
     from raypipe.options import InferOptions, OutputOptions, ProjectionOptions, RunOptions
@@ -258,11 +265,17 @@ def test_backend_vllm_is_one_pool_and_collects_no_calibration(tiny_root):
         run=RunOptions(backend="vllm"),
     )
     plan = plan_infer(opts)
-    assert plan.calibration is None
+    assert plan.calibration is not None
     assert plan_infer(dataclasses.replace(opts, run=RunOptions())).calibration is not None
     job = Job(plan, mode="stream", gpus=0, generates=True)
     stages = BACKENDS[backend_for(job)](job)
     assert [s.name for s in stages] == ["vllm", "write_projections"]
+    assert stages[0].resources.max_concurrency > 1
+    assert stages[0].args["project"]["calibration"] == plan.calibration
+    check_chain(stages, GenerateStage.NEEDS)
+    capture = plan_infer(dataclasses.replace(opts, mode="capture"))
+    stages = BACKENDS["vllm"](Job(capture, mode="capture", gpus=0, generates=True))
+    assert [s.name for s in stages] == ["vllm"]
     check_chain(stages, GenerateStage.NEEDS)
 
 
@@ -289,3 +302,274 @@ def test_unhookable_component_fails_before_any_model_loads(tmp_path, capsys):
     assert code != 0
     assert "attn_contribution: vLLM's gpt2 model" in err and len(err.splitlines()) == 1, err
     assert not (exp / "inference").exists()
+
+
+# ---------------------------------------------------------------- the async stage (VLLMStage)
+
+TRAITS32 = ["behavior/alpha", "tone/beta"]
+STAGE_LAYERS = "1,3"
+
+
+def make_root(root: Path, model_dir: Path) -> Path:
+    """An experiment on the head_dim-32 model, for the stage as the backend builds it."""
+    import json
+
+    from tests.tiny import write_prompt_set, write_vectors
+
+    exp = root / "experiments" / "t32"
+    exp.mkdir(parents=True)
+    (exp / "config.json").write_text(
+        json.dumps(
+            {
+                "defaults": {"extraction": "base", "application": "base"},
+                "model_variants": {"base": {"model": str(model_dir)}},
+            }
+        )
+    )
+    write_vectors(exp, TRAITS32, n_layers=N_LAYERS, hidden=HIDDEN)
+    write_prompt_set(root, "tests/blocks", [text for text, _ in ITEMS] + ["say one thing"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def vllm_root(tmp_path_factory, model_dir) -> Path:
+    return make_root(tmp_path_factory.mktemp("vroot"), model_dir)
+
+
+def stage_job(root: Path, mode: str, backend: str = "vllm"):
+    """The backend's model stage for a run of `mode` on the experiment: (its Stage, its plan)
+    (local: the job, whose then_args build the HF stages)."""
+    from raypipe.options import (
+        InferOptions,
+        ModelOptions,
+        OutputOptions,
+        ProjectionOptions,
+        RunOptions,
+    )
+    from raypipe.pipeline.backends import Job
+    from raypipe.pipeline.plan import plan_infer
+    from raypipe.pipeline.spine import BACKENDS
+
+    opts = InferOptions(
+        output=OutputOptions(root=root, experiment="t32", prompt_set="tests/blocks"),
+        model=ModelOptions(dtype="float32"),
+        generation=OPTS,
+        projection=ProjectionOptions(layers=STAGE_LAYERS),
+        run=RunOptions(backend=backend, batch_size=3),
+        mode=mode,
+    )
+    plan = plan_infer(opts)
+    job = Job(plan, mode=mode, gpus=0, generates=True)
+    if backend != "vllm":
+        return job, plan
+    (stage, *_) = BACKENDS["vllm"](job)
+    return stage, plan
+
+
+def block(ids: list[int], generate: bool = True):
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "prompt_set": ["tests/blocks"] * len(ids),
+            "prompt_id": [str(i) for i in ids],
+            "text": [ITEMS[i][0] if i < len(ITEMS) else "say one thing" for i in ids],
+            "system_prompt": [ITEMS[i][1] if i < len(ITEMS) else None for i in ids],
+            "note": [None] * len(ids),
+            "generate": [generate] * len(ids),
+            "project": [True] * len(ids),
+        }
+    )
+
+
+def run_blocks(stage, *blocks):
+    """The blocks through the async stage at once, as Ray Data runs them on one actor."""
+    import asyncio
+
+    async def together():
+        return await asyncio.gather(*(stage(b) for b in blocks))
+
+    return asyncio.run(together())
+
+
+def test_blocks_in_flight_share_engine_steps(vllm_root, hf, model_dir):
+    """Two Ray blocks in one engine at once: some step holds requests of both (seen by the
+    worker's hooks), every score still equals the HF reference, and a row vLLM cannot take
+    (a stored response longer than the context) fails alone."""
+    from raypipe.pipeline.stages import _rows, stage_vectors
+    from raypipe.pipeline.vllm_stage import VLLMStage
+    from raypipe.store.outputs import response_record, write_response
+
+    declared, plan = stage_job(vllm_root, "stream")
+    assert declared.resources.max_concurrency > 1
+    # A response on disk longer than vLLM's context (256): re-projecting it must fail alone.
+    too_long = [1] + [7] * 300
+    path = plan.paths.response_file(plan.variant, "tests/blocks", "5")
+    write_response(
+        path,
+        response_record(
+            prompt="long",
+            response="",
+            system_prompt=None,
+            tokens=["x"] * len(too_long),
+            token_ids=too_long,
+            prompt_end=200,
+            model=str(model_dir),
+            note=None,
+        ),
+    )
+    stage = VLLMStage(**declared.args)
+    try:
+        stage.monitor.engine.rpc("raypipe_trace")  # start the trace afresh
+        first, second = run_blocks(stage, block([0, 1, 2]), block([3, 4]))
+        (blob,) = stage.monitor.engine.rpc("raypipe_trace")
+        (third,) = run_blocks(stage, pd_concat(block([1]), block([5], generate=False)))
+    finally:
+        stage.monitor.close()
+    steps = pickle.loads(blob)
+    groups = [{rid.split(".")[0] for rid in step} for step in steps]
+    assert any(len(g) >= 2 for g in groups), f"no step held both blocks: {groups}"
+
+    model, _ = hf
+    vectors = stage_vectors(plan.model.spec, plan.vectors)
+    n = len(vectors)
+    rows = [r for out in (first, second) for r in out.to_dict("records")]
+    assert len(rows) == 5 and all(r["error"] is None and r["generated"] for r in rows)
+    seqs = [list(map(int, r["token_ids"])) for r in rows]
+    for row, ref in zip(rows, hf_reference(model, vectors, seqs, massive=None)):
+        got = np.asarray(row["scores"]).reshape(n, -1)
+        assert got.shape == ref.scores.shape
+        assert rel_err(got, ref.scores) < REL
+        assert rel_err(np.asarray(row["norms"]).reshape(n, -1), ref.norms) < REL
+
+    ok, bad = _rows(third)  # missing values as None
+    assert ok["error"] is None and ok["scores"] is not None
+    assert bad["scores"] is None and "vLLM prefills at most" in bad["error"]
+
+
+def pd_concat(*frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_capture_files_equal_hf_capture(vllm_root, hf, tmp_path):
+    """--capture on vLLM: the hooks' raw rows, written by the HF capture stage's writer, equal
+    the HF capture (same layout, tensors within 1e-4 relative in fp32)."""
+    import dataclasses
+
+    from raypipe.pipeline.stages import CaptureSink, CaptureStage, GenerateStage
+    from raypipe.pipeline.vllm_stage import VLLMStage
+    from raypipe.store.paths import ExperimentPaths
+
+    declared, plan = stage_job(vllm_root, "capture")
+    assert declared.resources.max_concurrency > 1
+    stage = VLLMStage(**declared.args)
+    try:
+        summary = pd_concat(*run_blocks(stage, block([0, 2, 6]), block([3])))
+    finally:
+        stage.monitor.close()
+    assert list(summary["status"]) == ["done"] * 4, summary.to_dict("records")
+
+    # HF: the responses vLLM wrote, loaded, captured by the HF capture stage into another tree.
+    model, tok = hf
+    gen_args = declared.args["generate"]
+    ref_paths = ExperimentPaths(tmp_path, "t32")
+    ref_sink = dataclasses.replace(stage.sink, paths=ref_paths)
+    assert isinstance(ref_sink, CaptureSink)
+    loaded = GenerateStage(**gen_args, loaded=hf)(block([0, 2, 6, 3], generate=False))
+    assert not loaded["error"].notna().any()
+    layers = declared.args["capture"]["layers"]
+    CaptureStage(plan.model.spec, layers, 4096, ref_sink, loaded=hf)(loaded)
+
+    for pid in ("0", "2", "6", "3"):
+        got_path = stage.sink.paths.raw_file(plan.variant, "residual", "tests/blocks", pid)
+        want_path = ref_paths.raw_file(plan.variant, "residual", "tests/blocks", pid)
+        got = torch.load(got_path, weights_only=True)
+        want = torch.load(want_path, weights_only=True)
+        for seg in ("prompt", "response"):
+            assert {k: v for k, v in got[seg].items() if k != "activations"} == {
+                k: v for k, v in want[seg].items() if k != "activations"
+            }
+            assert sorted(got[seg]["activations"]) == sorted(want[seg]["activations"]) == layers
+            for layer in layers:
+                a = got[seg]["activations"][layer]["residual"]
+                b = want[seg]["activations"][layer]["residual"]
+                assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+                scale = b.abs().max(dim=-1, keepdim=True).values.clamp_min(1e-6)
+                assert float(((a - b).abs() / scale).max()) < REL, (pid, seg, layer)
+
+
+def test_passive_calibration_equals_hf(model_dir, hf, tmp_path):
+    """SPEC 8 on vLLM: the first run of a variant collects calibration (two blocks in flight),
+    and calibration.json equals what the HF prefill collects from the same sequences."""
+    import json
+
+    from raypipe.pipeline.stages import ProjectStage
+    from raypipe.pipeline.vllm_stage import VLLMStage
+    from raypipe.store.calibration import calibration_complete
+
+    declared, plan = stage_job(make_root(tmp_path / "v", model_dir), "stream")
+    assert plan.calibration is not None
+    stage = VLLMStage(**declared.args)
+    try:
+        outs = run_blocks(stage, block([0, 1, 2]), block([3, 4, 5]))
+    finally:
+        stage.monitor.close()
+    assert calibration_complete(plan.calibration.path)  # every prompt of the set counted
+
+    job, ref_plan = stage_job(make_root(tmp_path / "h", model_dir), "stream", backend="local")
+    hf_stage = ProjectStage(**job.then_args(), loaded=hf)
+    for out in outs:  # the same sequences in the same blocks
+        hf_stage(out.drop(columns=list(ProjectStage.SCORE_COLUMNS)))
+    got = json.loads(plan.calibration.path.read_text())
+    want = json.loads(ref_plan.calibration.path.read_text())
+    assert (
+        got["tokens_seen"]
+        == want["tokens_seen"]
+        == sum(len(t) for o in outs for t in o["token_ids"])
+    )
+    assert got["aggregate"]["layer_norms"] and got.pop("timestamp") and want.pop("timestamp")
+    close(got, want)
+
+
+def close(a, b, path="") -> None:
+    """Equal JSON, numbers within 1e-4 relative."""
+    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, path
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for k in a:
+            close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-6), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_generate_only_is_the_async_stage_too(model_dir, hf, tmp_path):
+    """`raypipe generate --backend vllm`: the same stage without hooks, blocks in flight; the
+    responses written are HF's greedy ones."""
+    from raypipe.engine.respond import Responder
+    from raypipe.pipeline.stages import GenerateStage
+    from raypipe.pipeline.vllm_stage import VLLMStage
+    from raypipe.store.outputs import read_response
+
+    declared, plan = stage_job(make_root(tmp_path, model_dir), "generate")
+    assert declared.produces == GenerateStage.PRODUCES and declared.resources.max_concurrency > 1
+    stage = VLLMStage(**declared.args)
+    try:
+        outs = run_blocks(stage, block([0, 1, 2]), block([3, 4, 5]))
+    finally:
+        stage.monitor.close()
+    model, tok = hf
+    ref = Responder(model, tok, OPTS, uses_chat_template(tok, None), context=256)
+    want = ref.respond(ITEMS + [("say one thing", None)])
+    got = [r for out in outs for r in out.to_dict("records")]
+    assert [list(r["token_ids"]) for r in got] == [w.token_ids for w in want]
+    for i, w in enumerate(want):
+        path = plan.paths.response_file(plan.variant, "tests/blocks", str(i))
+        assert read_response(path)["token_ids"] == w.token_ids

@@ -31,8 +31,18 @@ PROMPTS = [
     "How do plants grow?",
     "Say hello in French.",
     "Why is the sky blue? Answer briefly.",
+    # More blocks than the engine takes at once (4 of 2 rows): a kill after the first
+    # response file still lands with work left to resume.
+    "Count to five.",
+    "What is a cat?",
+    "Name a fruit.",
+    "What colour is grass?",
+    "Give me a word that rhymes with day.",
+    "What is two plus two?",
+    "Name a big city.",
+    "What do bees make?",
 ]
-BASE = ["--experiment", "emb", "--prompt-set", "tests/six", "--dtype", "float32"]
+BASE = ["--experiment", "emb", "--prompt-set", "tests/few", "--dtype", "float32"]
 BASE += ["--max-new-tokens", "12", "--batch-size", "2", "--quiet"]
 TIMEOUT = 600  # seconds per run on a loaded 2-core machine
 
@@ -60,7 +70,7 @@ def emb_root(tmp_path) -> Path:
         )
     )
     write_vectors(exp, TRAITS, n_layers=30, hidden=576, variant="instruct")
-    write_prompt_set(tmp_path, "tests/six", PROMPTS)
+    write_prompt_set(tmp_path, "tests/few", PROMPTS)
     return tmp_path
 
 

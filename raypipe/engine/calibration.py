@@ -85,12 +85,13 @@ class CalibrationCollector:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         budget: int = 5000,
         threshold: float = DEFAULT_CRITERION["threshold"],
         ratio: float = DEFAULT_CRITERION["ratio"],
         min_fraction: float = DEFAULT_CRITERION["min_fraction"],
         reference: str = DEFAULT_CRITERION["reference"],
+        n_layers: int | None = None,  # without a model (observe_states): its depth
     ):
         if budget < 1:
             raise ValueError("calibration budget must be at least 1 token")
@@ -104,7 +105,7 @@ class CalibrationCollector:
         self.ratio = float(ratio)
         self.min_fraction = float(min_fraction)
         self.reference = reference
-        self.n_layers = len(decoder_layers(model))
+        self.n_layers = len(decoder_layers(model)) if model is not None else int(n_layers)
         self.stats: dict[int, _LayerStats] = {}
         self.tokens_seen = 0  # real tokens admitted; every hooked layer sees the same ones
         self.prompts_seen = 0
@@ -185,6 +186,28 @@ class CalibrationCollector:
                 self._on_layer,
                 early_stop=False,
             )
+        finally:
+            self._mask = self._select = None
+        return self.tokens_seen - before
+
+    def observe_states(
+        self,
+        states: dict[int, torch.Tensor],  # {layer: (B, T, D)} every block's residual
+        attention_mask: torch.Tensor,  # (B, T), 1 = real token
+    ) -> int:
+        """The same statistics from a forward computed elsewhere (vLLM's hooks): the residual
+        of every block for one padded batch; returns tokens taken."""
+        if self.done:
+            return 0
+        if sorted(states) != list(range(self.n_layers)):
+            raise ValueError(
+                f"observe_states needs all {self.n_layers} layers, got {sorted(states)}"
+            )
+        self._start_forward(attention_mask, skip=False)
+        before = self.tokens_seen
+        try:
+            for layer in range(self.n_layers):
+                self._on_layer(layer, states[layer])
         finally:
             self._mask = self._select = None
         return self.tokens_seen - before

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pickle
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -75,10 +76,10 @@ def vllm_dtype(spec: ModelSpec, cpu: bool) -> str:
 class VLLMGenerator:
     """`Generator.generate` on vLLM: token-id prompts in, response ids without the EOS out."""
 
-    def __init__(self, llm, opts: GenerationOptions, eos: set[int], lora_request=None):
+    def __init__(self, engine, opts: GenerationOptions, eos: set[int], lora_request=None):
         from vllm import SamplingParams
 
-        self.llm = llm
+        self.engine = engine  # vllm_loop.EngineLoop
         self.eos = eos
         self.lora_request = lora_request
         sample = opts.temperature > 0
@@ -95,21 +96,16 @@ class VLLMGenerator:
         )
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
-        from vllm.inputs import TokensPrompt
+        # vLLM schedules its own continuous batches: hand it every prompt at once (callers on
+        # other threads share the same steps).
+        outputs, _ = self.engine.generate(prompts, self.params, self.lora_request)
+        return [self.response_ids(out) for out in outputs]
 
-        # vLLM schedules its own continuous batches: hand it every prompt at once.
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            self.params,
-            use_tqdm=False,
-            lora_request=self.lora_request,
-        )
-        results = []
-        for out in outputs:
-            ids = list(out.outputs[0].token_ids)
-            cut = next((k for k, t in enumerate(ids) if t in self.eos), len(ids))
-            results.append(ids[:cut])
-        return results
+    def response_ids(self, out) -> list[int]:
+        """A request's response ids: up to its first EOS, which is dropped."""
+        ids = list(out.outputs[0].token_ids)
+        cut = next((k for k, t in enumerate(ids) if t in self.eos), len(ids))
+        return ids[:cut]
 
 
 class VLLMResponder(Responder):
@@ -186,16 +182,19 @@ class VLLMResponder(Responder):
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=rank)
             lora_request = LoRARequest("variant", 1, str(Path(spec.lora).resolve()))
         kwargs.update(engine_args or {})  # vLLM's own settings, as given (tests, benchmarks)
-        llm = vllm.LLM(**kwargs)
+        from raypipe.engine.vllm_loop import EngineLoop
+
+        # Built, stepped and called on a thread of its own, shared by every caller.
+        self.engine = EngineLoop(lambda: vllm.LLM(**kwargs), hooked=monitor)
+        self.llm = self.engine.llm
         # The base class keeps the tokenizer, the chat flag and the context rules (prepare and
         # respond); its HF Generator, built here without a model, is replaced at once.
         super().__init__(None, tok, opts, uses_chat_template(tok, chat_config), context, truncate)
-        self.generator = VLLMGenerator(llm, opts, eos, lora_request)
-        self.llm = llm
+        self.generator = VLLMGenerator(self.engine, opts, eos, lora_request)
 
     def close(self) -> None:
-        """Stops vLLM's engine processes now rather than at interpreter exit."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stops vLLM's engine (and any engine processes) now rather than at interpreter exit."""
+        self.engine.close()
 
 
 def _lora_rank(r: int, where: str) -> int:
@@ -232,51 +231,66 @@ ATTN_HOOKABLE = frozenset(
 
 class MonitoringGenerator(VLLMGenerator):
     """`VLLMGenerator` with raypipe's hooks on: each request's prompt and generated tokens are
-    scored in the forward passes that generate it. It asks vLLM for one token more than kept:
-    the last kept token is fed back once, so its hidden state is seen too (vLLM never runs the
-    last token it samples through the model); the extra token is dropped unread."""
+    scored (or captured) in the forward passes that generate it. It asks vLLM for one token more
+    than kept: the last kept token is fed back once, so its hidden state is seen too (vLLM never
+    runs the last token it samples through the model); the extra token is dropped unread. What
+    the hooks kept waits in `kept` under the whole sequence's ids, for any thread to take."""
 
-    def __init__(self, llm, opts: GenerationOptions, eos: set[int], lora_request=None):
-        super().__init__(llm, opts, eos, lora_request)
+    def __init__(self, engine, opts: GenerationOptions, eos: set[int], lora_request, kept):
+        super().__init__(engine, opts, eos, lora_request)
         self.keep = opts.max_new_tokens
         self.params.max_tokens = opts.max_new_tokens + 1
         # Prefix caching would skip the cached positions' forward, and their scores with it.
         self.params.skip_reading_prefix_cache = True
-        self.rows: list[np.ndarray | None] = []  # per prompt of the last call, see collect_rows
+        self.kept = kept  # Kept
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
-        outputs, self.rows = run_monitored(self.llm, prompts, self.params, self.lora_request)
+        outputs, rows = self.engine.generate(prompts, self.params, self.lora_request, "main")
         results = []
-        for out in outputs:
-            ids = list(out.outputs[0].token_ids)
-            cut = next((k for k, t in enumerate(ids) if t in self.eos), len(ids))
-            results.append(ids[: min(cut, self.keep)])
+        for prompt, out, got in zip(prompts, outputs, rows):
+            ids = self.response_ids(out)[: self.keep]
+            self.kept.put(list(prompt) + ids, got)
+            results.append(ids)
         return results
 
 
-def run_monitored(llm, prompts: list[list[int]], params, lora_request=None):
-    """One `generate` with the hooks on: (vLLM's outputs, per prompt its collected rows)."""
-    from vllm.inputs import TokensPrompt
+class Kept:
+    """What generation's hooks computed, per whole sequence (prompt + response ids), until
+    taken; a list per sequence, since two callers may generate the same one. Thread-safe: the
+    blocks in flight on one engine put and take at once."""
 
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-        params,
-        use_tqdm=False,
-        lora_request=lora_request,
-    )
-    # `generate` returns when all its requests are done: rows of any other request (one an
-    # unmonitored call made, with the hooks on) are dropped with them.
-    got = collect(llm, [o.request_id for o in outputs], drop_rest=True)
-    return outputs, [got.get(o.request_id) for o in outputs]
+    def __init__(self, convert):
+        self.convert = convert  # (rows, length) -> a result, or None when positions are missing
+        self.lock = threading.Lock()
+        self.found: dict[tuple[int, ...], list] = {}
+
+    def put(self, seq: list[int], rows) -> None:
+        self.give(seq, self.convert(rows, len(seq)))
+
+    def give(self, seq: list[int], res) -> None:
+        if res is not None:
+            with self.lock:
+                self.found.setdefault(tuple(seq), []).append(res)
+
+    def take(self, seq: list[int]):
+        key = tuple(seq)
+        with self.lock:
+            got = self.found.get(key)
+            if not got:
+                return None
+            res = got.pop()
+            if not got:
+                del self.found[key]
+            return res
 
 
-def collect(llm, request_ids: list[str], drop_rest: bool = False) -> dict[str, np.ndarray]:
-    """The rows rank 0's hooks kept for these requests (other ranks hook nothing)."""
-    for blob in llm.collective_rpc("raypipe_collect", args=(request_ids, drop_rest)):
-        got = pickle.loads(blob)
-        if got is not None:
-            return got
-    raise RuntimeError("no vLLM worker has raypipe's hooks installed")
+def _last_rows(pos: np.ndarray, length: int) -> np.ndarray | None:
+    """Per position 0..length-1 the index of its last collected row (a position recomputed
+    after a preemption keeps its last rows), or None when a position was never seen."""
+    idx = np.full(length, -1, dtype=np.int64)
+    rows = np.nonzero(pos < length)[0]
+    idx[pos[rows]] = rows  # repeated positions: the later row is assigned last
+    return None if (idx < 0).any() else idx
 
 
 def sequence_scores(rows: np.ndarray | None, length: int, n: int, cleaned: bool):
@@ -286,14 +300,10 @@ def sequence_scores(rows: np.ndarray | None, length: int, n: int, cleaned: bool)
 
     if rows is None:
         return None
-    pos = rows[:, 0].astype(np.int64)
-    keep = pos < length
-    seen = np.zeros(length, dtype=bool)
-    seen[pos[keep]] = True
-    if not seen.all():
+    idx = _last_rows(rows[:, 0].astype(np.int64), length)
+    if idx is None:
         return None
-    vals = np.empty((length, rows.shape[1] - 1), dtype=np.float32)
-    vals[pos[keep]] = rows[keep, 1:]  # a recomputed position (preemption) keeps its last rows
+    vals = rows[idx, 1:]  # (T, 2S [+ 2S])
     res = SequenceScores(
         scores=np.ascontiguousarray(vals[:, :n].T), norms=np.ascontiguousarray(vals[:, n : 2 * n].T)
     )
@@ -303,12 +313,32 @@ def sequence_scores(rows: np.ndarray | None, length: int, n: int, cleaned: bool)
     return res
 
 
-class VLLMMonitor:
-    """One vLLM engine that generates and projects in the same pass (one model copy).
+def sequence_capture(rows, length: int) -> dict | None:
+    """A request's captured rows -> {layer: (T, D) tensor in the model dtype}, or None when a
+    position was never seen."""
+    import torch
 
-    `respond` generates like VLLMResponder and keeps each response's scores (`take_scores`);
-    `project` re-projects existing prompt + response ids with a prefill and one sampled token
-    (dropped), on the same hooks: no HF model anywhere.
+    if rows is None:
+        return None
+    pos, layers = rows
+    idx = _last_rows(pos, length)
+    if idx is None:
+        return None
+    out = {}
+    for layer, (dtype, arr) in layers.items():
+        t = torch.from_numpy(np.ascontiguousarray(arr[idx]))
+        out[int(layer)] = t.view(getattr(torch, dtype)) if str(t.dtype) != f"torch.{dtype}" else t
+    return out
+
+
+class VLLMMonitor:
+    """One vLLM engine that generates and projects (or captures) in the same pass: one model copy.
+
+    `respond` generates like VLLMResponder and keeps what the hooks computed for each response
+    (`take`); `project` re-projects existing prompt + response ids with a prefill and one
+    sampled token (dropped), on the same hooks: no HF model anywhere. Any number of threads may
+    call respond/take/project at once: their requests share the engine's steps (EngineLoop).
+    With `capture_layers` the hooks keep the raw rows of those layers instead of scores.
     """
 
     def __init__(
@@ -316,7 +346,7 @@ class VLLMMonitor:
         spec: ModelSpec,
         opts: GenerationOptions,
         chat_config: bool | None,
-        vectors: list[tuple[int, list[float]]],
+        vectors: list[tuple[int, list[float]]] | None,
         component: str = "residual",
         massive_dims: list[int] | None = None,
         context: int = 0,
@@ -324,9 +354,10 @@ class VLLMMonitor:
         tensor_parallel_size: int = 1,
         kv_cache_gib: float | None = None,
         engine_args: dict | None = None,
+        capture_layers: list[int] | None = None,
     ):
-        if not vectors:
-            raise ValueError("VLLMMonitor needs at least one vector")
+        if not vectors and not capture_layers:
+            raise ValueError("VLLMMonitor needs vectors to project onto or layers to capture")
         check_spec(spec)
         check_component(spec, component)
         self.responder = VLLMResponder(
@@ -343,16 +374,20 @@ class VLLMMonitor:
         r = self.responder
         # Room for the one token more that the monitored generation asks for.
         r.max_new = opts.max_new_tokens + 1
-        r.generator = MonitoringGenerator(r.llm, opts, r.generator.eos, r.generator.lora_request)
-        self.llm, self.tokenizer = r.llm, r.tokenizer
+        self.kept = Kept(self._convert)
+        gen = r.generator
+        r.generator = MonitoringGenerator(r.engine, opts, gen.eos, gen.lora_request, self.kept)
+        self.engine, self.llm, self.tokenizer = r.engine, r.llm, r.tokenizer
         self.context = context or int(self.llm.llm_engine.model_config.max_model_len)
-        self.install(vectors, component, massive_dims)
+        if capture_layers:
+            self.install_capture(capture_layers, component)
+        else:
+            self.install(vectors, component, massive_dims)
         from vllm import SamplingParams
 
         self.prefill_params = SamplingParams(
             max_tokens=1, temperature=0.0, detokenize=False, skip_reading_prefix_cache=True
         )
-        self._scores: dict[tuple[int, ...], object] = {}
 
     def install(
         self,
@@ -360,17 +395,31 @@ class VLLMMonitor:
         component: str = "residual",
         massive_dims: list[int] | None = None,
     ) -> None:
-        """Hooks for these vectors in the engine's model, replacing those installed."""
+        """Scoring hooks for these vectors in the engine's model, replacing those installed."""
         self.installed = (vectors, component, massive_dims)
-        self.n, self.cleaned = len(vectors), bool(massive_dims)
-        payload = {
-            "vectors": [(int(layer), np.asarray(v, dtype=np.float32)) for layer, v in vectors],
-            "component": component,
-            "massive_dims": sorted(set(massive_dims)) if massive_dims else None,
-        }
-        installed = self.llm.collective_rpc("raypipe_install", args=(pickle.dumps(payload),))
+        self.n, self.cleaned, self.capture = len(vectors), bool(massive_dims), False
+        self._install(
+            {
+                "vectors": [(int(layer), np.asarray(v, dtype=np.float32)) for layer, v in vectors],
+                "component": component,
+                "massive_dims": sorted(set(massive_dims)) if massive_dims else None,
+            }
+        )
+
+    def install_capture(self, layers: list[int], component: str = "residual") -> None:
+        """Capture hooks at these layers (raw rows of `component`), replacing those installed."""
+        self.capture = True
+        self._install({"capture_layers": sorted({int(x) for x in layers}), "component": component})
+
+    def _install(self, payload: dict) -> None:
+        installed = self.engine.rpc("raypipe_install", pickle.dumps(payload))
         if not any(installed):
             raise RuntimeError("vLLM installed none of raypipe's hooks")
+
+    def _convert(self, rows, length: int):
+        if self.capture:
+            return sequence_capture(rows, length)
+        return sequence_scores(rows, length, self.n, self.cleaned)
 
     @property
     def generator(self) -> MonitoringGenerator:
@@ -380,28 +429,29 @@ class VLLMMonitor:
         return self.responder.prepare(text, system_prompt)
 
     def respond(self, items: list[tuple[str, str | None]]):
-        """Responses as VLLMResponder gives them; their scores wait in take_scores()."""
-        out = self.responder.respond(items)
-        rows = iter(self.responder.generator.rows)
-        for res in out:
-            if res.error is None:
-                got = sequence_scores(next(rows), len(res.token_ids), self.n, self.cleaned)
-                if got is not None:
-                    self._scores[tuple(res.token_ids)] = got
-        return out
+        """Responses as VLLMResponder gives them; what the hooks kept waits in take()."""
+        return self.responder.respond(items)
 
-    def take_scores(self, seqs: list[list[int]]) -> list:
-        """SequenceScores for each sequence: those generation scored, the rest by a prefill
-        (a response loaded from its file, or one whose last position went unseen)."""
-        found = [self._scores.get(tuple(s)) for s in seqs]
+    def take(self, seqs: list[list[int]]) -> list:
+        """For each sequence what the hooks kept when generating it (SequenceScores, or with
+        capture hooks {layer: (T, D) tensor}); the rest by a prefill (a response loaded from
+        its file, or one whose last position went unseen)."""
+        found = [self.kept.take(s) for s in seqs]
         todo = [i for i, f in enumerate(found) if f is None]
-        for i, res in zip(todo, self.project([seqs[i] for i in todo])):
+        try:
+            redone = self.project([seqs[i] for i in todo])
+        except BaseException:  # kept for a retry of fewer sequences
+            for s, f in zip(seqs, found):
+                self.kept.give(s, f)
+            raise
+        for i, res in zip(todo, redone):
             found[i] = res
-        self._scores.clear()
         return found
 
+    take_scores = take
+
     def project(self, seqs: list[list[int]]) -> list:
-        """Prefill-only projection of whole sequences (prompt + response ids)."""
+        """Prefill-only projection (or capture) of whole sequences (prompt + response ids)."""
         if not seqs:
             return []
         for s in seqs:
@@ -410,16 +460,54 @@ class VLLMMonitor:
                     f"a sequence of {len(s)} tokens: vLLM prefills at most {self.context - 1} "
                     "(it must sample one token after it)"
                 )
-        _, rows = run_monitored(
-            self.llm, seqs, self.prefill_params, self.responder.generator.lora_request
-        )
+        lora = self.responder.generator.lora_request
+        _, rows = self.engine.generate(seqs, self.prefill_params, lora, "main")
         out = []
         for s, r in zip(seqs, rows):
-            res = sequence_scores(r, len(s), self.n, self.cleaned)
+            res = self._convert(r, len(s))
             if res is None:
-                raise RuntimeError(f"vLLM's prefill of {len(s)} tokens left positions unscored")
+                raise RuntimeError(f"vLLM's prefill of {len(s)} tokens left positions unseen")
             out.append(res)
         return out
 
+    @property
+    def n_layers(self) -> int:
+        return int(self.llm.llm_engine.model_config.hf_text_config.num_hidden_layers)
+
+    def residuals(self, seqs: list[list[int]]) -> list[dict]:
+        """Every block's residual over each whole sequence, {layer: (T, D)}, from a prefill on
+        hooks of their own (slot "calibration": they keep only these requests' rows, whatever
+        else the engine runs meanwhile): passive calibration's input (SPEC 8)."""
+        if not seqs:
+            return []
+        if not getattr(self, "_residual_hooks", False):
+            payload = {
+                "capture_layers": list(range(self.n_layers)),
+                "component": "residual",
+                "only": CALIBRATION_TAG,
+            }
+            self.engine.rpc("raypipe_install", pickle.dumps(payload), "calibration")
+            self._residual_hooks = True
+        lora = self.responder.generator.lora_request
+        _, rows = self.engine.generate(
+            seqs, self.prefill_params, lora, "calibration", tag=CALIBRATION_TAG
+        )
+        out = []
+        for s, r in zip(seqs, rows):
+            res = sequence_capture(r, len(s))
+            if res is None:
+                raise RuntimeError(f"vLLM's prefill of {len(s)} tokens left positions unseen")
+            out.append(res)
+        return out
+
+    def drop_residual_hooks(self) -> None:
+        """Calibration complete: its hooks go."""
+        if getattr(self, "_residual_hooks", False):
+            self.engine.rpc("raypipe_remove", "calibration")
+            self._residual_hooks = False
+
     def close(self) -> None:
         self.responder.close()
+
+
+CALIBRATION_TAG = "cal"  # request ids of calibration prefills start with it (others: digits)

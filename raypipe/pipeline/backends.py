@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.spine import Resources, Stage, backend
@@ -224,18 +224,24 @@ def local(job: Job) -> list[Stage]:
 
 @backend("vllm")
 def vllm(job: Job) -> list[Stage]:
-    """One vLLM engine per replica (tensor_parallel_size GPUs) generates and projects in the
-    same forward passes, hooks inside its model: one model copy. --capture keeps the HF
-    capture stage after vLLM's generation."""
-    from raypipe.pipeline.vllm_stage import VLLMStage
+    """One vLLM engine per replica (tensor_parallel_size GPUs) generates and projects (or
+    captures) in the same forward passes, hooks inside its model: one model copy (generation
+    alone: no hooks). Several Ray blocks are in flight on each engine (an async stage,
+    VLLMStage)."""
+    from raypipe.pipeline.vllm_stage import BLOCKS_IN_FLIGHT, VLLMStage
 
     run = job.plan.opts.run
     gpus = job.gpus * run.tensor_parallel_size
-    if job.then != "project":
-        return _split(job, generate_stage(job, gpus=gpus), then_stage(job) if job.then else None)
-    args = dict(generate=job.generate_args(), project=job.then_args())
-    resources = job.model_resources(run.generate_replicas, gpus)
-    stage = Stage("vllm", VLLMStage, args, VLLMStage.NEEDS, VLLMStage.PRODUCES, resources)
+    args = dict(generate=job.generate_args(), blocks=BLOCKS_IN_FLIGHT)
+    if job.then is not None:
+        args[job.then] = job.then_args()  # "project" or "capture"
+    produces = {"capture": VLLMStage.CAPTURE_PRODUCES, None: GenerateStage.PRODUCES}.get(
+        job.then, VLLMStage.PRODUCES
+    )
+    resources = replace(
+        job.model_resources(run.generate_replicas, gpus), max_concurrency=BLOCKS_IN_FLIGHT
+    )
+    stage = Stage("vllm", VLLMStage, args, VLLMStage.NEEDS, produces, resources)
     return [stage, *projection_writer(job)]
 
 

@@ -316,8 +316,7 @@ def plan_infer(opts: InferOptions, need_vectors: bool = True) -> InferPlan:
         else:
             project = set(generate).union(*missing.values())
     calibration = None
-    # (vLLM's hooks return scores only: the HF prefill collects calibration, --backend local.)
-    if need_vectors and opts.run.backend != "vllm":
+    if need_vectors:
         calibration = _calibration(paths, variant.name, info.spec.model, prompts, generate, project)
     for (trait, old), n in replaced.items():
         new = requested[trait][0]

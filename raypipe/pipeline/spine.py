@@ -23,12 +23,16 @@ class Resources:
     num_gpus: float = 0.0
     replicas: int | None = None  # actors in the pool; None: stateless tasks
     batch_size: int | None = None  # rows per call; None: Ray Data's blocks as they come
+    # Calls one actor runs at once (an async stage: several blocks in flight); None: one.
+    max_concurrency: int | None = None
 
     def __post_init__(self):
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise RaypipeError(f"resources: negative request {self}")
         if self.replicas is not None and self.replicas < 1:
             raise RaypipeError(f"resources: replicas must be at least 1, got {self.replicas}")
+        if self.max_concurrency is not None and (self.replicas is None or self.max_concurrency < 1):
+            raise RaypipeError(f"resources: max_concurrency needs actors and at least 1: {self}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Stage:
         common = dict(batch_format="pandas", num_cpus=r.num_cpus, batch_size=r.batch_size)
         if r.num_gpus:
             common["num_gpus"] = r.num_gpus
+        if r.max_concurrency:
+            common["max_concurrency"] = r.max_concurrency
         if r.replicas is None:
             return ds.map_batches(self.run, fn_kwargs=self.args, **common)
         return ds.map_batches(

@@ -498,37 +498,46 @@ class CaptureStage:
         )
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from raypipe.store.captures import build_capture, write_capture
-
         require(batch, "capture", self.NEEDS)
         rows = _rows(batch)
         todo = [r for r in rows if r["project"] and not r["error"]]
         acts = self.capturer.capture([list(r["token_ids"]) for r in todo]) if todo else []
-        for row, layers in zip(todo, acts):
-            path = self.sink.paths.raw_file(
-                self.sink.variant, self.sink.component, row["prompt_set"], row["prompt_id"]
-            )
-            record = build_capture(
-                prompt_text=row["prompt_text"],
-                response_text=row["response_text"],
-                tokens=list(row["tokens"]),
-                token_ids=list(row["token_ids"]),
-                prompt_end=int(row["prompt_end"]),
-                activations=layers,
-                component=self.sink.component,
-            )
-            write_capture(path, record)
-        out = [
-            {
-                "prompt_id": r["prompt_id"],
-                "status": "failed" if r["error"] else "done" if r["project"] else "skipped",
-                "generated": bool(r["generated"]),
-                "n_tokens": len(r["token_ids"]) if r["token_ids"] is not None else 0,
-                "error": r["error"],
-            }
-            for r in rows
-        ]
-        return _frame(out, SUMMARY_COLUMNS)
+        write_captures(self.sink, todo, acts)
+        return capture_summary(rows)
+
+
+def write_captures(sink: CaptureSink, rows: list[dict], acts: list[dict]) -> None:
+    """One raw `.pt` file per row, from its `{layer: (T, D)}` activations (HF or vLLM hooks)."""
+    from raypipe.store.captures import build_capture, write_capture
+
+    for row, layers in zip(rows, acts):
+        path = sink.paths.raw_file(
+            sink.variant, sink.component, row["prompt_set"], row["prompt_id"]
+        )
+        record = build_capture(
+            prompt_text=row["prompt_text"],
+            response_text=row["response_text"],
+            tokens=list(row["tokens"]),
+            token_ids=list(row["token_ids"]),
+            prompt_end=int(row["prompt_end"]),
+            activations=layers,
+            component=sink.component,
+        )
+        write_capture(path, record)
+
+
+def capture_summary(rows: list[dict]) -> pd.DataFrame:
+    out = [
+        {
+            "prompt_id": r["prompt_id"],
+            "status": "failed" if r["error"] else "done" if r["project"] else "skipped",
+            "generated": bool(r["generated"]),
+            "n_tokens": len(r["token_ids"]) if r["token_ids"] is not None else 0,
+            "error": r["error"],
+        }
+        for r in rows
+    ]
+    return _frame(out, SUMMARY_COLUMNS)
 
 
 # The stages that run on a loaded model, by kind: FusedStage and the model server build them.
