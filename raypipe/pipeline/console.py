@@ -134,6 +134,8 @@ class Progress:
     def _ask(self) -> None:
         with self._polling:
             got = self._poll() if self._poll is not None else None
+        if got is None and self.fraction() <= 0:
+            self.idle_until = time.monotonic()  # still starting: no rate to reckon from yet
         if got is not None:
             fields, work = got
             self.live(work, **fields)
@@ -246,9 +248,10 @@ class BarProgress(Progress):
 
     def _width(self) -> int:
         """The terminal's width now (a resized window redraws at its new width); 100 where
-        the terminal does not say (a pty nobody sized reports 0)."""
+        the terminal does not say (a pty nobody sized reports 0). All of it: the live fields
+        need the room (at 120 the demo's last line lost its tok/s)."""
         try:
-            return min(os.get_terminal_size(self.console.err.fileno()).columns or 100, 120)
+            return os.get_terminal_size(self.console.err.fileno()).columns or 100
         except (AttributeError, ValueError, OSError):
             return 100
 

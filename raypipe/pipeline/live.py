@@ -149,9 +149,9 @@ class LiveView:
         return totals
 
 
-# A prompt's prefill against its generation, for the share of the work done: one forward pass
-# over tokens that generation took max_new_tokens sequential steps to make.
-PROJECT_WEIGHT = 0.1
+# A prompt's projection against its generation, for the share of the work done (`make demo`,
+# CPU: 40 prompts generated in 26 s, projected on 6 traits with calibration in 12 s).
+PROJECT_WEIGHT = 0.3
 
 
 @contextmanager
@@ -193,6 +193,8 @@ class Tracker:
         """For the console's clock (Progress.watching)."""
         totals = self.view.poll() if self.view is not None else None
         if not totals:  # no answer, or no report yet: the bar keeps its phase
+            if not self.totals.get("tokens"):
+                self.idle_until = time.monotonic()
             return None
         self.totals = totals
         return self.fields()
