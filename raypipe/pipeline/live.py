@@ -72,7 +72,8 @@ def stop_board(board) -> None:
 
 def batch_key(batch) -> str:
     """The same for every try of a batch, in every stage it goes through."""
-    ids = sorted(f"{s}\0{i}" for s, i in zip(batch["prompt_set"], batch["prompt_id"]))
+    sets = batch["prompt_set"] if "prompt_set" in batch.columns else [""] * len(batch)
+    ids = sorted(f"{s}\0{i}" for s, i in zip(sets, batch["prompt_id"]))
     return hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
 
 
