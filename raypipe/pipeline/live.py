@@ -16,6 +16,7 @@ twice. The live numbers are only shown; the run's final counts are its output ro
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 
 REPORT_EVERY_S = 0.5
 POLL_TIMEOUT_S = 2.0
+CATCH_UP_S = 2.0  # how long the driver waits for the reports of rows it already holds
 
 
 class Board:
@@ -129,9 +131,14 @@ class LiveView:
         self.epoch: str | None = None
         self.version = 0
         self.batches: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()  # the clock and the driver's loop both ask
 
     def poll(self, timeout: float = POLL_TIMEOUT_S) -> dict[str, float] | None:
         """{kind: total}, or None when the board does not answer in time."""
+        with self._lock:
+            return self._poll(timeout)
+
+    def _poll(self, timeout: float) -> dict[str, float] | None:
         import ray
 
         try:
@@ -198,9 +205,25 @@ class Tracker:
                 self.idle_until = time.monotonic()
             return None
         self.totals = totals
-        return self.fields()
+        return self._fields()
 
     def fields(self) -> tuple[dict[str, object], float | None]:
+        """For the driver's loop, after each output batch: its rows came through generation,
+        whose last report (their tokens with them) was sent before they left the stage; wait
+        a moment for it to land, so the bar's new tokens include those of the rows it counts
+        (the clock's last look may be up to a tick old)."""
+        deadline = time.monotonic() + CATCH_UP_S
+        while self.view is not None and time.monotonic() < deadline:
+            totals = self.view.poll(timeout=CATCH_UP_S)
+            if totals is None:
+                break  # the board does not answer: the rows' numbers alone, at once
+            self.totals = totals or self.totals
+            if self.totals.get("generated", 0) >= self.summary.generated:
+                break
+            time.sleep(0.05)
+        return self._fields()
+
+    def _fields(self) -> tuple[dict[str, object], float | None]:
         s, live = self.summary, self.totals
         fields: dict[str, object] = {}
         generated = max(s.generated, int(live.get("generated", 0)))
