@@ -142,16 +142,19 @@ class SavedActivationsStage:
         "cleaned_norms",
     )
 
-    def __init__(self, paths, variant, component, vectors, massive_dims):
+    def __init__(self, paths, variant, component, vectors, massive_dims, progress=None):
         self.paths, self.variant, self.component = paths, variant, component
+        self.progress = progress  # a live.Reporter: rows scored, per batch
         self.vectors = [_plain(v) for v in vectors]  # loaded here, from the checked files
         self.dims = list(massive_dims) if massive_dims else None
 
     def __call__(self, batch):
+        from raypipe.pipeline.live import report
         from raypipe.pipeline.stages import _frame, _rows, require
 
         require(batch, "from_activations", self.NEEDS)
         out = []
+        live, scored = report(self.progress, batch), 0
         for row in _rows(batch):
             res = {
                 "prompt_set": row["prompt_set"],
@@ -161,7 +164,10 @@ class SavedActivationsStage:
             }
             if row["project"]:
                 res.update(self._score(row))
+                scored += 1
+                live.set(projected=scored)
             out.append(res)
+        live.set(flush=True, projected=scored)
         return _frame(out, self.PRODUCES)
 
     def _score(self, row: dict) -> dict:

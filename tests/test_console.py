@@ -27,8 +27,8 @@ ARGS = ["--experiment", "tiny", "--prompt-set", "tests/small", "--dtype", "float
 ARGS += ["--max-new-tokens", "6", "--batch-size", "4"]  # 10 prompts: batches of 4, 4, 2
 CSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BAR = re.compile(
-    r"tests/small: 100%\|█+\| 10/10 prompts \[\d+:\d\d<00:00, generated 10, failed 0, "
-    r"[\d,]+ tok/s\]"
+    r"tests/small: 100%\|█+\| 10/10 prompts \[\d+:\d\d<00:00, generated 10, projected 10, "
+    r"failed 0, 60 new tokens, [\d,]+ tok/s\]"
 )
 NOT_OURS = ("INFO", "WARNING", "Traceback", "Running Dataset", "MapWorker", "core_worker")
 
@@ -125,8 +125,8 @@ def test_infer_without_a_terminal_prints_plain_lines(tiny_cwd: Path):
     assert lines and all(line.startswith("[raypipe] ") for line in lines), proc.stderr
     progress = [line for line in lines if line.startswith("[raypipe] tests/small: ")]
     assert re.fullmatch(
-        r"\[raypipe\] tests/small: 10/10 prompts \| generated 10 \| failed 0 \| [\d,]+ tok/s \| "
-        r"\d+:\d\d elapsed, ETA 0:00",
+        r"\[raypipe\] tests/small: 10/10 prompts \| generated 10 \| projected 10 \| failed 0 \| "
+        r"60 new tokens \| [\d,]+ tok/s \| \d+:\d\d elapsed, ETA 0:00",
         progress[-1],
     ), progress
     assert "done 10" in proc.stdout and "  next:" in proc.stdout
@@ -236,3 +236,286 @@ def test_notes_go_above_a_bar_and_plain_lines_are_spaced(tmp_path: Path):
         "[raypipe] set: 3/3 prompts",
         "[raypipe] a note",
     ]
+
+
+# ---------------------------------------------------------------- live progress within a batch
+
+LIVE = re.compile(
+    r"tests/small:\s+(\d+)%\|[^|]*\| (\d+)/10 prompts \[[^\]]*?generated (\d+), projected (\d+), "
+    r"failed 0(?:, ([\d,]+) new tokens)?"
+)
+LONG = ["--max-new-tokens", "400", "--batch-size", "10"]  # one batch of 10 that takes a while
+
+
+@pytest.fixture
+def long_cwd(tiny_root: Path, tmp_path_factory) -> Path:
+    """The tiny tree on a model with room for 400 new tokens after each prompt."""
+    import json
+
+    from tests.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path_factory.mktemp("models") / "long", positions=1024)
+    path = tiny_root / "experiments/tiny/config.json"
+    config = json.loads(path.read_text())
+    config["model_variants"]["base"]["model"] = str(model)
+    path.write_text(json.dumps(config))
+    return tiny_root
+
+
+def new_tokens_written(root: Path) -> int:
+    """Ground truth: the new tokens of the responses on disk."""
+    import json
+
+    folder = root / "experiments/tiny/inference/base/responses/tests/small"
+    recs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    assert len(recs) == 10
+    return sum(len(r["token_ids"]) - r["prompt_end"] for r in recs)
+
+
+def states(raw: str) -> list[tuple[int, int, int, int, int]]:
+    """Every redraw of the bar: (percent, done, generated, projected, new tokens)."""
+    out = []
+    for piece in CSI.sub("", raw).replace("\r\n", "\n").replace("\n", "\r").split("\r"):
+        m = LIVE.match(piece)
+        if m:
+            pct, done, gen, proj, tokens = m.groups()
+            out.append(
+                (int(pct), int(done), int(gen), int(proj), int((tokens or "0").replace(",", "")))
+            )
+    return out
+
+
+@pytest.mark.slow
+def test_the_bar_moves_while_its_one_batch_generates(long_cwd: Path):
+    rc, raw = run_in_pty(_command(*LONG), long_cwd)
+    text = "\n".join(screen(raw))
+    assert rc == 0, text
+    seen = states(raw)
+    truth = new_tokens_written(long_cwd)
+    # Mid-generation: tokens counted, the bar filled part way, while no prompt is done yet.
+    mid = [s for s in seen if s[1] == 0 and 0 < s[4] < truth]
+    assert mid, seen
+    assert all(pct > 0 for pct, *_ in mid) and all(pct < 100 for pct, *_ in mid), mid
+    # It only goes forward, and ends on the rows' own numbers: nothing was counted twice.
+    tokens = [s[4] for s in seen]
+    assert tokens == sorted(tokens), seen
+    assert seen[-1] == (100, 10, 10, 10, truth), seen
+    assert "done 10" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_plain_lines_show_the_live_counts_during_a_batch(long_cwd: Path):
+    proc = subprocess.run(
+        _command(*LONG), cwd=long_cwd, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[raypipe] tests/")]
+    live = [
+        line
+        for line in lines
+        if re.match(
+            r"\[raypipe\] tests/small: 0/10 prompts \| generated 0 \| projected 0 \| "
+            r"failed 0 \| [1-9][\d,]* new tokens \| [\d,]+ tok/s \| \d+:\d\d elapsed, ETA \d",
+            line,
+        )
+    ]
+    assert live, lines
+    assert lines[-1].startswith("[raypipe] tests/small: 10/10 prompts | generated 10 | ")
+    assert f"| {new_tokens_written(long_cwd):,} new tokens |" in lines[-1]
+
+
+def test_generation_tells_its_tokens_as_it_decodes(tiny_model_dir: Path, tmp_path, monkeypatch):
+    import raypipe.engine.generate as generate
+    from raypipe.engine.generate import GenerationOptions, Generator
+    from raypipe.engine.models import ModelSpec, load_model
+
+    monkeypatch.setattr(generate, "PROGRESS_EVERY_S", 0.0)  # every step, to see each one
+    model, tok = load_model(ModelSpec(str(tiny_model_dir), tmp_path / "cache", dtype="float32"))
+    gen = Generator(model, tok, GenerationOptions(max_new_tokens=8, max_batch_size=3))
+    prompts = [tok(t)["input_ids"] for t in ("the old man", "go", "is it hot", "say one", "help")]
+    heard: list[tuple[int, float]] = []
+    out = gen.generate(prompts, lambda tokens, done: heard.append((tokens, done)))
+    assert heard[-1] == (sum(map(len, out)), 5)
+    assert [t for t, _ in heard] == sorted(t for t, _ in heard)
+    assert [d for _, d in heard] == sorted(d for _, d in heard)
+    assert any(0 < d < 3 and d != int(d) for _, d in heard), heard  # within the first batch
+    assert gen.generate(prompts) == out  # counting changes nothing generated
+
+
+def _batch(ids: list[str]):
+    import pandas as pd
+
+    n = len(ids)
+    return pd.DataFrame(
+        {
+            "prompt_set": ["s"] * n,
+            "prompt_id": ids,
+            "text": ["the old man", "go home", "is it hot", "say one thing"][:n],
+            "system_prompt": [None] * n,
+            "note": [None] * n,
+            "generate": [True] * n,
+            "project": [True] * n,
+        }
+    )
+
+
+def _generate_stage(root: Path, model_dir: Path, progress):
+    from raypipe.engine.generate import GenerationOptions
+    from raypipe.engine.models import ModelSpec
+    from raypipe.pipeline.stages import GenerateStage, ResponseSource
+    from raypipe.store.paths import ExperimentPaths
+
+    spec = ModelSpec(str(model_dir), root / "cache", dtype="float32")
+    source = ResponseSource(ExperimentPaths(root, "tiny"), "base", "tiny")
+    opts = GenerationOptions(max_new_tokens=5)
+    return GenerateStage(spec, opts, None, 256, False, source, progress=progress)
+
+
+def _until(poll, ok, tries: int = 100):
+    """The view's totals once `ok` holds (reports are fire-and-forget: they land a bit later)."""
+    got = None
+    for _ in range(tries):
+        got = poll()
+        if got is not None and ok(got):
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"never reached: {got}")
+
+
+def test_a_batch_run_again_is_counted_once(ray_session, tiny_root: Path, tiny_model_dir: Path):
+    from raypipe.pipeline import live
+
+    board = live.start_board()
+    try:
+        view = live.LiveView(board)
+        stage = _generate_stage(tiny_root, tiny_model_dir, live.Reporter(board))
+        first = stage(_batch(["a", "b", "c"]))
+        new = sum(len(t) - e for t, e in zip(first["token_ids"], first["prompt_end"]))
+        _until(view.poll, lambda t: t.get("generated") == 3)
+        # Ray runs a batch again when its actor died: a new actor, the same rows.
+        again = _generate_stage(tiny_root, tiny_model_dir, live.Reporter(board))
+        again(_batch(["a", "b", "c"]))
+        d = stage(_batch(["d"]))
+        got = _until(view.poll, lambda t: t.get("generated") == 4)
+        assert got["generated"] == 4 and got["gen_work"] == 4
+        assert got["tokens"] == new + len(d["token_ids"][0]) - d["prompt_end"][0]
+    finally:
+        live.stop_board(board)
+
+
+def test_a_gone_board_costs_the_run_nothing(ray_session, tiny_root: Path, tiny_model_dir: Path):
+    from raypipe.pipeline import live
+
+    board = live.start_board()
+    view = live.LiveView(board)
+    stage = _generate_stage(tiny_root, tiny_model_dir, live.Reporter(board))
+    before = stage(_batch(["a", "b"]))
+    _until(view.poll, lambda t: t.get("generated") == 2)
+    live.stop_board(board)  # the driver is gone: its board with it
+    after = stage(_batch(["a", "b"]))
+    assert list(after["response_text"]) == list(before["response_text"])
+    assert view.poll(timeout=5) is None  # the bar just stops hearing
+
+
+def test_the_view_keeps_its_counts_when_the_board_restarts(ray_session):
+    from raypipe.pipeline import live
+
+    board = live.start_board()
+    try:
+        view, reporter = live.LiveView(board), live.Reporter(board)
+        reporter.send("one", {"generated": 3})
+        _until(view.poll, lambda t: t.get("generated") == 3)
+        first = view.epoch
+        ray_session.kill(board, no_restart=False)  # Ray restarts it, empty
+        sent = 0
+
+        def restarted():
+            nonlocal sent
+            sent += 1
+            reporter.send(f"two-{sent}", {"generated": 1})
+            return view.poll(timeout=5)
+
+        got = _until(restarted, lambda t: view.epoch != first)
+        # The new board holds only what came after; what was seen before it stays.
+        assert got["generated"] >= 4
+        assert view.batches["one"] == {"generated": 3}
+    finally:
+        live.stop_board(board)
+
+
+def test_a_watched_bar_fills_with_the_work_and_counts_finished_prompts():
+    import io
+
+    from raypipe.pipeline.console import BarProgress
+
+    err = io.StringIO()
+    bar = BarProgress(Console(err, io.StringIO()), 10, "prompts", "set", "waiting")
+    answers = iter([None, ({"generated": 0, "new_tokens": "120"}, 0.4)])
+    with bar.watching(lambda: next(answers)):
+        bar.tick()
+        assert bar.status == "waiting"  # no answer yet: the phase stays
+        bar.tick()
+    bar.tick()  # no longer watched: nothing asked (a third answer would raise)
+    bar.update(10, work=1.0, generated=10)
+    bar.close()
+    drawn = [CSI.sub("", p) for p in err.getvalue().split("\r")]
+    live = [p for p in drawn if " 40%|" in p]
+    assert live and all(
+        "| 0/10 prompts [" in p and "generated 0, 120 new tokens" in p for p in live
+    )
+    assert "waiting" not in live[-1]
+    assert "100%|" in drawn[-1] and "10/10 prompts" in drawn[-1]
+
+
+def test_plain_lines_show_live_counts_at_most_every_few_seconds():
+    import io
+
+    from raypipe.pipeline.console import PLAIN_EVERY_S, PlainProgress
+
+    err = io.StringIO()
+    bar = PlainProgress(Console(err, io.StringIO()), 4, "prompts", "set", "")
+    counts = iter([10, 20, 30, 30])
+    with bar.watching(lambda: ({"new_tokens": next(counts)}, 0.1)):
+        bar.tick()  # 10: the first line
+        bar.tick()  # 20: too soon after it
+        bar._last -= PLAIN_EVERY_S  # as if that long had passed
+        bar.tick()  # 30: printed
+        bar._last -= PLAIN_EVERY_S
+        bar.tick()  # 30 again: nothing new to say
+    lines = err.getvalue().splitlines()
+    assert [line.split(" | ")[1] for line in lines] == ["10 new tokens", "30 new tokens"], lines
+    assert lines[0].startswith("[raypipe] set: 0/4 prompts | ") and "ETA " in lines[0]
+
+
+def test_the_extract_bar_moves_through_the_hidden_states(tiny_root: Path):
+    import io
+    import json
+
+    from raypipe.extract import ExtractOptions, run_extract
+    from raypipe.options import ModelOptions
+
+    words = ["good", "bad", "hot", "old", "new", "big", "small", "long"]
+    pairs = [
+        {"prompt": f"say {w}", "positive": f"{w} is good", "negative": f"{w} is bad"} for w in words
+    ]
+    folder = tiny_root / "datasets/traits/behavior/alpha"
+    folder.mkdir(parents=True)
+    (folder / "pairs.json").write_text(json.dumps({"pairs": pairs}))
+    err = io.StringIO()
+    con = Console(err, io.StringIO())
+    con.tty = True  # a bar, drawn into the buffer
+    opts = ExtractOptions(
+        root=tiny_root,
+        experiment="tiny",
+        traits=("behavior/alpha",),
+        batch_size=4,  # 16 sequences: 4 batches
+        force=True,
+        model=ModelOptions(dtype="float32", cache_dir=tiny_root / "cache"),
+    )
+    run_extract(opts, out=io.StringIO(), console=con)
+    drawn = [CSI.sub("", p) for p in err.getvalue().split("\r")]
+    reading = [p for p in drawn if "hidden states " in p and "| 0/4 trait-layers" in p]
+    shown = [re.search(r"(\d+)%\|.*hidden states (\d+)/16", p).groups() for p in reading]
+    assert [n for _, n in shown][-1] == "16", shown
+    assert int(shown[-1][0]) > int(shown[0][0]), shown  # filled while no layer was fitted yet
+    assert "100%|" in drawn[-1] and "4/4 trait-layers" in drawn[-1]

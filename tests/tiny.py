@@ -50,7 +50,13 @@ def tiny_tokenizer():
 
 
 def tiny_llama(
-    layers: int = 4, hidden: int = 64, heads: int = 4, kv: int = 2, seed: int = 0, vocab: int = 256
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv: int = 2,
+    seed: int = 0,
+    vocab: int = 256,
+    positions: int = 256,
 ):
     torch.manual_seed(seed)
     cfg = LlamaConfig(
@@ -60,7 +66,7 @@ def tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -42,8 +43,10 @@ def segment_means(
     component: str = "residual",
     batch_size: int = 16,
     pad_id: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """(N, L, D) float32: mean of each sequence's hidden states over its [lo, hi) range."""
+    """(N, L, D) float32: mean of each sequence's hidden states over its [lo, hi) range;
+    `progress(sequences done)` after each batch."""
     device = model_device(model)
     out = []
     for start in range(0, len(seqs), batch_size):
@@ -62,4 +65,6 @@ def segment_means(
 
         got = hooked_prefill(model, ids, mask, layers, component, mean)
         out.append(torch.stack([got[layer] for layer in layers], dim=1).cpu())  # (B, L, D)
+        if progress is not None:
+            progress(start + len(chunk))
     return torch.cat(out).numpy()

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from raypipe.engine.batching import plan_batches
 from raypipe.errors import OptionError
+
+# `progress(new_tokens, prompts)` of a generate() call so far: the new tokens (up to each row's
+# EOS, as kept), and the prompts done, the batch in flight counted by its share of the steps.
+GenerationProgress = Callable[[int, float], None]
+PROGRESS_EVERY_S = 0.5  # the count syncs with the device: only this often, never per token
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,10 @@ class Generator:
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], progress: GenerationProgress | None = None
+    ) -> list[list[int]]:
+        """Response ids per prompt; `progress` hears how far it got while it decodes."""
         out: list[list[int] | None] = [None] * len(prompts)
         extra = self.opts.max_new_tokens
         o = self.opts
@@ -97,12 +108,22 @@ class Generator:
         plan = plan_batches(
             lengths, o.max_batch_tokens, o.max_batch_size, extra, o.sort_by_length, o.max_padding
         )
+        tokens, done = 0, 0  # of the batches before this one
         for batch in plan:
-            for i, ids in zip(batch, self._generate_batch([prompts[i] for i in batch])):
+            step = None
+            if progress is not None:
+                step = partial(_in_flight, progress, tokens, done, len(batch), extra)
+            for i, ids in zip(batch, self._generate_batch([prompts[i] for i in batch], step)):
                 out[i] = ids
+                tokens += len(ids)
+            done += len(batch)
+            if progress is not None:
+                progress(tokens, done)
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[list[int]]) -> list[list[int]]:
+    def _generate_batch(
+        self, prompts: list[list[int]], step: Callable[[int, int], None] | None = None
+    ) -> list[list[int]]:
         import torch
 
         device = self.model.device
@@ -124,6 +145,10 @@ class Generator:
             kwargs.update(temperature=self.opts.temperature, top_p=self.opts.top_p, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if step is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_counter(width, self.eos, step)])
         with torch.inference_mode():
             seqs = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs
@@ -134,3 +159,43 @@ class Generator:
             cut = next((k for k, t in enumerate(ids) if t in self.eos), len(ids))
             results.append(ids[:cut])
         return results
+
+
+def _in_flight(
+    progress: GenerationProgress,
+    tokens: int,
+    done: int,
+    rows: int,
+    extra: int,
+    new: int,
+    steps: int,
+) -> None:
+    """A batch in flight: `new` tokens after `steps` of its `extra` steps, after earlier ones."""
+    progress(tokens + new, done + rows * min(1.0, steps / extra))
+
+
+def _counter(width: int, eos: set[int], step: Callable[[int, int], None]):
+    """A StoppingCriteria that never stops a row: HF calls it after every decode step with the
+    ids so far, where it counts the new tokens (each row's up to its first EOS) and passes
+    `step(new_tokens, steps)` on, at most every PROGRESS_EVERY_S. (A streamer would get
+    each step's tokens copied to the host; this reads the device only when it reports.)"""
+    import torch
+    from transformers import StoppingCriteria
+
+    class TokenCounter(StoppingCriteria):
+        def __init__(self):
+            self.last = time.monotonic()
+            self.eos = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            now = time.monotonic()
+            if now - self.last >= PROGRESS_EVERY_S:
+                self.last = now
+                new = input_ids[:, width:]  # (B, steps)
+                if self.eos is None:
+                    self.eos = torch.tensor(sorted(eos), dtype=new.dtype, device=new.device)
+                alive = torch.isin(new, self.eos).cumsum(dim=1) == 0  # before the row's EOS
+                step(int(alive.sum()), new.shape[1])
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return TokenCounter()

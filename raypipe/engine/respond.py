@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from raypipe.engine.generate import (
     GenerationOptions,
+    GenerationProgress,
     Generator,
     encode_prompt,
     format_prompt,
@@ -60,10 +61,13 @@ class Responder:
             prompt_text = self.tokenizer.decode(ids)
         return prompt_text, ids, None
 
-    def respond(self, items: list[tuple[str, str | None]]) -> list[Response]:
+    def respond(
+        self, items: list[tuple[str, str | None]], progress: GenerationProgress | None = None
+    ) -> list[Response]:
         prepared = [self.prepare(text, sp) for text, sp in items]
         todo = [i for i, (_, _, err) in enumerate(prepared) if err is None]
-        generated = self.generator.generate([prepared[i][1] for i in todo]) if todo else []
+        ids = [prepared[i][1] for i in todo]
+        generated = self.generator.generate(ids, progress) if todo else []
         by_index = dict(zip(todo, generated))
         out = []
         for i, (prompt_text, ids, err) in enumerate(prepared):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from raypipe.pipeline.live import Reporter
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.spine import Resources, Stage, backend
 from raypipe.pipeline.stages import (
@@ -33,6 +34,7 @@ class Job:
     gpus: float  # per model actor: --gpus-per-replica, else 1 when the cluster shows GPUs
     generates: bool  # some row needs a response generated
     served: str | None = None  # the model server that holds the model (--backend auto)
+    progress: Reporter | None = None  # where the stages report how far they got (live.py)
 
     @property
     def cpus(self) -> float:
@@ -56,6 +58,7 @@ class Job:
             threads=run.threads,
             backend="vllm" if run.backend == "vllm" else "local",
             tensor_parallel_size=run.tensor_parallel_size,
+            progress=self.progress,
         )
 
     def then_args(self) -> dict:
@@ -71,6 +74,7 @@ class Job:
                 compile_prefill=opts.projection.compile_prefill,
                 sink=CaptureSink(p.paths, p.variant, opts.projection.component),
                 threads=run.threads,
+                progress=self.progress,
             )
         # SPEC 8: the first run of a variant collects calibration passively; the plan decided
         # whether this one does, and which prompts it sends through for it.
@@ -84,6 +88,7 @@ class Job:
             threads=run.threads,
             calibration=p.calibration,
             compile_prefill=opts.projection.compile_prefill,
+            progress=self.progress,
         )
 
     def source(self) -> ResponseSource:
@@ -287,6 +292,7 @@ def saved(job: Job) -> list[Stage]:
         component=p.opts.projection.component,
         vectors=p.vectors,
         massive_dims=p.massive_dims,
+        progress=job.progress,
     )
     scorer = Stage(
         "from_activations",

@@ -12,6 +12,9 @@ and, through Ray's `worker_process_setup_hook`, in every worker: in a log file a
 On a terminal the progress is a tqdm bar; elsewhere (CI, `ray job logs`, a pipe) a plain
 `[raypipe] ...` line at most every PLAIN_EVERY_S seconds, and at least every HEARTBEAT_S while
 nothing finishes. `--verbose` copies the log to the console live (and uses the plain lines).
+Between finished prompts the bar still moves: the clock asks a `watching` poll (the workers'
+live counts, pipeline/live.py) each tick for fields and the share of the work done, which
+fills the bar and gives the ETA; the count of prompts done stays that of finished ones.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from raypipe.store.text import printable
 PLAIN_EVERY_S = 5.0
 HEARTBEAT_S = 30.0
 REFRESH_S = 1.0  # the bar's clock ticks even while a long batch runs
+LIVE_AT_MOST = 0.99  # of the bar the workers' counts may fill
 # Ray's worker-log prefix is coloured unless this says no: escape codes have no place in a file.
 _ENV = {"RAY_COLOR_PREFIX": "0"}
 WORKER_SETUP_HOOK = "raypipe.pipeline.console.quiet_worker"
@@ -66,40 +70,99 @@ def _fmt_s(seconds: float | None) -> str:
     )
 
 
+# What a poll gives the bar: its fields, and the share of the whole work done (None: unknown).
+Poll = Callable[[], "tuple[dict[str, object], float | None] | None"]
+
+
+def _field(name: str, value: str) -> str:
+    """`generated 12`, but `1,234 new tokens` and `98 tok/s`: a unit goes after its number."""
+    return f"{value} {name}" if name.endswith(("/s", "tokens")) else f"{name} {value}"
+
+
 class Progress:
     """Counts done of a total, with named fields (generated, failed, tok/s, ...)."""
 
     def __init__(self, console: Console, total: int, unit: str, desc: str, status: str) -> None:
         self.console, self.total, self.unit, self.desc = console, total, unit, desc
         self.done = 0
+        self.work: float | None = None  # share of the work done, where it is known
         self.fields: dict[str, str] = {}
         self.status = status
         self.start = time.monotonic()
+        self.idle_until = self.start  # last seen with nothing done: the ETA's rate starts there
         self._lock = threading.Lock()
+        self._poll: Poll | None = None
+        self._polling = threading.Lock()  # held while a poll runs
 
-    def update(self, done: int, status: str = "", **fields) -> None:
-        """`done` so far (not an increment); `status` says what runs now; fields as shown."""
+    def update(self, done: int, status: str = "", work: float | None = None, **fields) -> None:
+        """`done` so far (not an increment); `status` says what runs now; `work` the share of
+        the whole work done, when known (it fills the bar); fields as shown."""
         with self._lock:
             self.done = done
             self.status = status
-            self.fields = {k.replace("_", " "): str(v) for k, v in fields.items()}
+            self._set(work, fields)
             self._show(final=done >= self.total)
+
+    def live(self, work: float | None = None, **fields) -> None:
+        """Counts from the workers between updates: what a `watching` poll returned."""
+        with self._lock:
+            if self.done >= self.total:
+                return  # the final numbers are the finished prompts'
+            self.status = ""  # work is going on: no phase to name
+            changed = self._set(work, fields)
+            self._show_live(changed)
+
+    def _set(self, work: float | None, fields: dict) -> bool:
+        shown = {k.replace("_", " "): str(v) for k, v in fields.items()}
+        changed = shown != self.fields
+        self.fields, self.work = shown, work
+        if self.fraction() <= 0:
+            self.idle_until = time.monotonic()
+        return changed
+
+    @contextmanager
+    def watching(self, poll: Poll) -> Iterator[None]:
+        """While inside, the clock calls `poll` every tick and shows what it returns; on the
+        way out it waits for a poll under way to end (what it asks may go away then)."""
+        self._poll = poll
+        try:
+            yield
+        finally:
+            with self._polling:
+                self._poll = None
+
+    def _ask(self) -> None:
+        with self._polling:
+            got = self._poll() if self._poll is not None else None
+        if got is None and self.fraction() <= 0:
+            self.idle_until = time.monotonic()  # still starting: no rate to reckon from yet
+        if got is not None:
+            fields, work = got
+            self.live(work, **fields)
 
     def phase(self, status: str) -> None:
         with self._lock:
             self.status = status
             self._show(final=False)
 
+    def fraction(self) -> float:
+        """Share of the work done: finished prompts, or the workers' count when further (short
+        of the whole until every prompt is done: their outputs are still being written)."""
+        done = self.done / self.total if self.total else 1.0
+        return max(done, min(self.work or 0.0, LIVE_AT_MOST))
+
     def eta(self) -> float | None:
-        elapsed = time.monotonic() - self.start
-        if not self.done or self.done >= self.total:
-            return None if not self.done else 0.0
-        return elapsed / self.done * (self.total - self.done)
+        if self.done >= self.total:
+            return 0.0
+        frac = self.fraction()
+        if frac <= 0:
+            return None
+        return (time.monotonic() - self.idle_until) * (1 - frac) / frac
 
     def line(self) -> str:
         """The plain form: `12/40 prompts | generated 12 | failed 0 | 312 tok/s | ...`."""
         parts = [f"{self.done}/{self.total} {self.unit}"]
-        parts += [f"{k} {v}" if not k.endswith("/s") else f"{v} {k}" for k, v in self._shown()]
+        parts += [_field(k, v) for k, v in self._shown()]
         elapsed = time.monotonic() - self.start
         parts.append(f"{_fmt_s(elapsed)} elapsed" + (f", ETA {_fmt_s(self.eta())}"))
         if self.status:
@@ -112,8 +175,12 @@ class Progress:
     def _show(self, final: bool) -> None:
         raise NotImplementedError
 
+    def _show_live(self, changed: bool) -> None:
+        self._show(final=False)
+
     def tick(self) -> None:
         """Called every REFRESH_S by the console's clock."""
+        self._ask()
 
     def write(self, line: str, file=None) -> None:
         """A line above the progress (a note, or a result row on `file`)."""
@@ -139,7 +206,13 @@ class PlainProgress(Progress):
         self._last = now
         self.console._print(f"[raypipe] {printable(self.desc)}: {self.line()}")
 
+    def _show_live(self, changed: bool) -> None:
+        now = time.monotonic()
+        if changed and (self._last is None or now - self._last >= PLAIN_EVERY_S):
+            self._emit(now)
+
     def tick(self) -> None:
+        self._ask()
         with self._lock:
             now = time.monotonic()
             if self.done < self.total and now - (self._last or self.start) >= HEARTBEAT_S:
@@ -151,9 +224,8 @@ class BarProgress(Progress):
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        from tqdm import tqdm
-
-        self.bar = tqdm(
+        self.bar = _tqdm_class()(
+            self,
             total=self.total,
             desc=printable(self.desc),
             unit=f" {self.unit}",
@@ -169,16 +241,17 @@ class BarProgress(Progress):
         self._postfix()
 
     def _postfix(self) -> None:
-        bits = [f"{k} {v}" if not k.endswith("/s") else f"{v} {k}" for k, v in self._shown()]
+        bits = [_field(k, v) for k, v in self._shown()]
         if self.status and self.done < self.total:
             bits.append(self.status)
         self.bar.set_postfix_str(printable(", ".join(bits)), refresh=False)
 
     def _width(self) -> int:
         """The terminal's width now (a resized window redraws at its new width); 100 where
-        the terminal does not say (a pty nobody sized reports 0)."""
+        the terminal does not say (a pty nobody sized reports 0). All of it: the live fields
+        need the room (at 120 the demo's last line lost its tok/s)."""
         try:
-            return min(os.get_terminal_size(self.console.err.fileno()).columns or 100, 120)
+            return os.get_terminal_size(self.console.err.fileno()).columns or 100
         except (AttributeError, ValueError, OSError):
             return 100
 
@@ -189,9 +262,20 @@ class BarProgress(Progress):
         self.bar.refresh()
 
     def tick(self) -> None:
+        self._ask()
         with self._lock:
             self.bar.ncols = self._width()
             self.bar.refresh()
+
+    def meter(self) -> dict:
+        """What tqdm draws instead of its own reckoning: the fill from the share of the work
+        done (the count shown is still the prompts done), and the ETA from that share."""
+        eta = self.eta()
+        return {
+            "n": self.fraction() * self.total if self.done < self.total else self.total,
+            "n_fmt": str(self.done),
+            "remaining": "?" if eta is None else _tqdm_class().format_interval(eta),
+        }
 
     def write(self, line: str, file=None) -> None:
         with self._lock:
@@ -205,9 +289,34 @@ class BarProgress(Progress):
             self.bar.close()
 
 
+_TQDM = None
+
+
+def _tqdm_class():
+    """tqdm, drawing from its owner's meter (imported on the first bar)."""
+    global _TQDM
+    if _TQDM is None:
+        from tqdm import tqdm
+
+        class Bar(tqdm):
+            def __init__(self, owner: BarProgress, **kwargs) -> None:
+                self.owner = owner
+                super().__init__(**kwargs)
+
+            @property
+            def format_dict(self):
+                return {**super().format_dict, **self.owner.meter()}
+
+        _TQDM = Bar
+    return _TQDM
+
+
 class QuietProgress(Progress):
     def _show(self, final: bool) -> None:
         pass
+
+    def tick(self) -> None:
+        pass  # nothing shown: nothing to ask for
 
     def write(self, line: str, file=None) -> None:
         if file is not None:  # results still go where they are asked to

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from raypipe.engine.models import resolve_model_path
 from raypipe.errors import user_error
 from raypipe.options import RunOptions
-from raypipe.pipeline import console, localray
+from raypipe.pipeline import console, live, localray
 from raypipe.pipeline.backends import Job, backend_for
 from raypipe.pipeline.plan import InferPlan
 from raypipe.pipeline.source import ROW_COLUMNS, prompt_dataset
@@ -173,9 +173,11 @@ def _run_infer(plan: InferPlan) -> Summary:
             progress = console.current().progress(
                 todo, desc=plan.prompts.name, quiet=run.quiet, status="starting Ray"
             )
+            then = {"generate": None, "capture": "captured"}.get(mode, "projected")
             with progress as bar, ray_session(run):
                 bar.phase("waiting for the first batch")
-                _execute(plan, generate, project, summary, bar, folds)
+                with live.watch(bar, summary, len(generate), then, todo) as shown:
+                    _execute(plan, generate, project, summary, bar, folds, shown)
         tables = {fold.table: fold.finish() for fold in folds}
     finally:
         for fold in folds:  # a run that failed: its parts stay for the next one to fold
@@ -255,7 +257,7 @@ def _length(ids) -> int:
 
 
 def _execute(
-    plan: InferPlan, generate: frozenset, project: frozenset, summary: Summary, bar, folds
+    plan: InferPlan, generate: frozenset, project: frozenset, summary: Summary, bar, folds, shown
 ) -> None:
     run = plan.opts.run
     job = Job(
@@ -266,6 +268,7 @@ def _execute(
         served=_served_by(plan)
         if run.backend == "auto" and plan.opts.mode != "from_activations"
         else None,
+        progress=shown.reporter,
     )
     stages = BACKENDS[backend_for(job)](job)
     check_chain(stages, ROW_COLUMNS)
@@ -294,12 +297,8 @@ def _execute(
         summary.generated += int(batch["generated"].fillna(False).astype(bool).sum())
         summary.seconds = time.perf_counter() - start
         summary.timeline.append((summary.seconds, summary.tokens))
-        bar.update(
-            seen,
-            generated=summary.generated,
-            failed=summary.failed,
-            **{"tok/s": f"{summary.tokens_per_second:,.0f}"},
-        )
+        fields, work = shown.fields()  # the rows' counts (and the workers' while further)
+        bar.update(seen, work=work, **fields)
         if time.perf_counter() - folded > FOLD_EVERY_S:
             for fold in folds:
                 fold.step()

@@ -10,6 +10,7 @@ import pandas as pd
 from raypipe.engine.generate import GenerationOptions
 from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
+from raypipe.pipeline.live import Reporter, report
 from raypipe.store.atomic import write_json_files
 from raypipe.store.calibration import CalibrationTarget
 from raypipe.store.outputs import (
@@ -87,8 +88,10 @@ class GenerateStage:
         backend: str = "local",
         tensor_parallel_size: int = 1,
         loaded: tuple | None = None,
+        progress: Reporter | None = None,
     ):
         self.spec, self.opts, self.chat_config = spec, opts, chat_config
+        self.progress = progress
         self.loaded = loaded  # (model, tokenizer) a model server already holds
         self.context, self.truncate, self.source, self.threads = context, truncate, source, threads
         self.backend, self.tensor_parallel_size = backend, tensor_parallel_size
@@ -149,7 +152,9 @@ class GenerateStage:
             else:
                 todo.append(row)
         if todo:
-            for row, res in zip(todo, self._respond(todo)):
+            live = report(self.progress, batch)
+            results = self._respond(todo, live)
+            for row, res in zip(todo, results):
                 row.update(
                     prompt_text=res.prompt_text,
                     response_text=res.response_text,
@@ -160,6 +165,9 @@ class GenerateStage:
                     generated=res.error is None,
                     project=res.error is None,
                 )
+            ok = [r for r in results if r.error is None]
+            new = sum(len(r.token_ids) - r.prompt_end for r in ok)
+            live.set(flush=True, generated=len(ok), tokens=new, gen_work=len(todo))
         return _frame(rows, self.PRODUCES)
 
     def _stored(self, rows: list[dict]) -> dict[str, dict]:
@@ -181,10 +189,12 @@ class GenerateStage:
                 pass
         return out
 
-    def _respond(self, rows: list[dict]):
+    def _respond(self, rows: list[dict], live):
         engine = self._engine()
         items = [(r["text"], r["system_prompt"]) for r in rows]
         try:
+            if self.backend == "local":  # HF: the count moves as it decodes
+                return engine.respond(items, lambda new, done: live.set(tokens=new, gen_work=done))
             return engine.respond(items)
         except Exception:
             if len(items) == 1:
@@ -336,10 +346,12 @@ class ProjectStage:
         calibration: CalibrationTarget | None = None,
         loaded: tuple | None = None,
         compile_prefill: bool = False,
+        progress: Reporter | None = None,
     ):
         from raypipe.engine.models import load_model
         from raypipe.engine.projector import Projector
 
+        self.progress = progress
         if loaded is None:
             _set_threads(threads)
             loaded = load_model(spec)
@@ -383,6 +395,8 @@ class ProjectStage:
         rest = [r for r, f in zip(todo, fresh) if not f]
         if rest:
             put_scores(rest, self.projector.project(_seqs(rest)))
+        if todo:
+            report(self.progress, batch).set(flush=True, projected=len(todo))
         return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
 
     def _project_counted(self, rows: list[dict]) -> list:
@@ -479,10 +493,12 @@ class CaptureStage:
         threads: int | None = None,
         loaded: tuple | None = None,
         compile_prefill: bool = False,
+        progress: Reporter | None = None,
     ):
         from raypipe.engine.capture import Capturer
         from raypipe.engine.models import load_model
 
+        self.progress = progress
         if loaded is None:
             _set_threads(threads)
             loaded = load_model(spec)
@@ -503,6 +519,8 @@ class CaptureStage:
         todo = [r for r in rows if r["project"] and not r["error"]]
         acts = self.capturer.capture([list(r["token_ids"]) for r in todo]) if todo else []
         write_captures(self.sink, todo, acts)
+        if todo:
+            report(self.progress, batch).set(flush=True, captured=len(todo))
         return capture_summary(rows)
 
 

@@ -6,6 +6,7 @@ import pandas as pd
 
 from raypipe.engine.models import ModelSpec
 from raypipe.errors import RaypipeError
+from raypipe.pipeline.live import Reporter, report
 from raypipe.pipeline.stages import (
     CalibrationTarget,
     PassiveCalibration,
@@ -96,12 +97,14 @@ class TPProjectStage:
         gpus_per_rank: float | None = None,
         ready_timeout_s: float = 600.0,
         compile_prefill: bool = False,
+        progress: Reporter | None = None,
     ):
         if tp < 1:
             raise RaypipeError(f"stage project: tp must be at least 1, got {tp}")
         if compile_prefill:  # InferOptions refuses the pair first; a DTensor block is not tested
             raise RaypipeError("stage project: compile_prefill does not combine with tp > 1")
         self.tp = tp
+        self.progress = progress
         self.gpus_per_rank = gpus_per_rank
         self.ready_timeout_s = ready_timeout_s
         self.setup_args = dict(
@@ -206,6 +209,8 @@ class TPProjectStage:
             put_scores(part, scores)
             if calib is not None:
                 self._save_calibration(part, *calib)
+        if todo:
+            report(self.progress, batch).set(flush=True, projected=len(todo))
         return _frame(rows, tuple(batch.columns) + self.SCORE_COLUMNS)
 
     def _save_calibration(self, rows: list[dict], result: dict, state: dict, done: bool) -> None:
