@@ -1026,6 +1026,7 @@ JSON_DOCUMENTS = [
     "[1 2]",
     "[" + "1" * 5000 + "]",
     "[NaN]",
+    b'[{"id": 0, "text": "caf\xe9"}]',  # not UTF-8
 ]
 
 
@@ -1037,7 +1038,7 @@ def test_a_json_set_read_item_by_item_reads_as_the_whole_document(tmp_path, text
     from raypipe.store import prompts
 
     path = tmp_path / "s.json"
-    path.write_text(text, encoding="utf-8")
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
 
     def whole():
         data = atomic.read_json(path, "prompt_set")

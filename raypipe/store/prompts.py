@@ -77,7 +77,7 @@ def _read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(path, "file", f"not valid UTF-8 (byte {e.start})") from None
+        raise InputError(path, "prompt_set", f"not valid UTF-8 (byte {e.start})") from None
 
 
 _SPACE = " \t\n\r"
