@@ -18,6 +18,8 @@ from raypipe.store.prompts import PromptItem, PromptSet, normalize_item, parse_l
 
 ROW_COLUMNS = ("prompt_set", "prompt_id", "text", "system_prompt", "note", "generate", "project")
 JSONL_CHUNK = 4 << 20  # bytes of a JSON Lines set per read task
+# Reading is light: a read task must fit beside a model server that holds the node's CPUs.
+READ_ARGS = {"num_cpus": 0.1}
 JSON_BLOCK = 4096  # items of a .json set per block its read task gives out
 ITEM_COLUMNS = ("id", "text", "system_prompt", "note")
 
@@ -79,7 +81,7 @@ def _jsonl_dataset(path: Path):
                 for a, b in ranges
             ]
 
-    return ray.data.read_datasource(JsonLines())
+    return ray.data.read_datasource(JsonLines(), ray_remote_args=READ_ARGS)
 
 
 def _read_json_items(prompts: PromptSet, block_size: int):
@@ -116,7 +118,7 @@ def _json_dataset(prompts: PromptSet):
             read = lambda n=JSON_BLOCK: _read_json_items(prompts, n)  # noqa: E731
             return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
 
-    return ray.data.read_datasource(JsonDocument())
+    return ray.data.read_datasource(JsonDocument(), ray_remote_args=READ_ARGS)
 
 
 def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozenset[str]):
@@ -127,7 +129,7 @@ def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozen
     if kind == ".jsonl":
         ds = _jsonl_dataset(prompts.path)
     elif kind == ".parquet":
-        ds = ray.data.read_parquet(str(prompts.path))
+        ds = ray.data.read_parquet(str(prompts.path), ray_remote_args=READ_ARGS)
     else:
         ds = _json_dataset(prompts)
     kwargs = dict(
