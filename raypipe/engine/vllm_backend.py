@@ -95,7 +95,8 @@ class VLLMGenerator:
             detokenize=False,  # the response text is decoded by the HF tokenizer, as in HF
         )
 
-    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], progress=None) -> list[list[int]]:
+        # (progress: HF reports per decode step; vLLM's stage reports per batch)
         # vLLM schedules its own continuous batches: hand it every prompt at once (callers on
         # other threads share the same steps).
         outputs, _ = self.engine.generate(prompts, self.params, self.lora_request)
@@ -244,7 +245,8 @@ class MonitoringGenerator(VLLMGenerator):
         self.params.skip_reading_prefix_cache = True
         self.kept = kept  # Kept
 
-    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], progress=None) -> list[list[int]]:
+        # (progress: HF reports per decode step; vLLM's stage reports per batch)
         outputs, rows = self.engine.generate(prompts, self.params, self.lora_request, "main")
         results = []
         for prompt, out, got in zip(prompts, outputs, rows):
