@@ -257,6 +257,19 @@ def _part_keys(table: str, data: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array
     return _joined(data, KEYS[table]), _joined(data, GROUPS[table]), data.column(REPLACES)
 
 
+def _with_flag(table: str) -> pa.Schema:
+    """A part's schema: its table's, plus the `replaces` column."""
+    return SCHEMAS[table].append(pa.field(REPLACES, pa.bool_()))
+
+
+def _read_keys(table: str, parts: list[Path]) -> tuple[list[int], tuple[pa.Array, ...]]:
+    """The parts' rows counts, and (keys, groups, replaces) of all their rows in order: only
+    the key columns are read."""
+    cols, schema = _key_columns(table), _with_flag(table)
+    got = [_part_keys(table, pq.read_table(p, columns=cols, schema=schema)) for p in parts]
+    return [len(k) for k, _, _ in got], tuple(_concat([g[i] for g in got]) for i in range(3))
+
+
 def _concat(arrays: list) -> pa.Array:
     chunks = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
     return pa.concat_arrays(chunks)
@@ -353,12 +366,9 @@ def _compact(paths: ExperimentPaths, variant: str, prompt_set: str, table: str, 
         if not target.is_file():
             write_with(target, lambda tmp: pq.write_table(schema.empty_table(), tmp))
         return target, pq.ParquetFile(target).metadata.num_rows
-    with_flag = schema.append(pa.field(REPLACES, pa.bool_()))
-    cols = _key_columns(table)
-    got = [_part_keys(table, pq.read_table(p, columns=cols, schema=with_flag)) for p in parts]
-    sizes = [len(k) for k, _, _ in got]
-    part = pa.array(np.repeat(np.arange(len(parts)), sizes))
-    keep, keys, cleared = _keep(*(_concat([g[i] for g in got]) for i in range(3)), part)
+    with_flag = _with_flag(table)
+    sizes, got = _read_keys(table, parts)
+    keep, keys, cleared = _keep(*got, pa.array(np.repeat(np.arange(len(parts)), sizes)))
     del got
     count = 0
 
@@ -412,7 +422,7 @@ class TableFold:
         if new and self.out is None:
             self.temp = TempFile(self.target)
             self.out = _RowGroups(self.temp.name, self.schema)
-        with_flag = self.schema.append(pa.field(REPLACES, pa.bool_()))
+        with_flag = _with_flag(self.table)
         for p in new:
             data = pq.read_table(p, schema=with_flag)
             keys = _joined(data, KEYS[self.table])
@@ -438,13 +448,7 @@ class TableFold:
         try:
             if self.target.is_file():
                 # What the old table loses: the keys the parts hold, the groups they replace.
-                cols = _key_columns(self.table)
-                with_flag = self.schema.append(pa.field(REPLACES, pa.bool_()))
-                got = [
-                    _part_keys(self.table, pq.read_table(p, columns=cols, schema=with_flag))
-                    for p in self.folded
-                ]
-                keys, groups, flags = (_concat([g[i] for g in got]) for i in range(3))
+                _, (keys, groups, flags) = _read_keys(self.table, self.folded)
                 cleared = pc.unique(pc.filter(groups, flags))
                 _add_old(self.out, self.table, self.target, pc.unique(keys), cleared)
             count = self.out.close()
