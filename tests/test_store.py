@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -999,6 +1001,35 @@ def test_json_files_written_together_are_whole_or_absent(tmp_path):
         atomic.write_json_files([(tmp_path / "c" / "0.json", {"x": float("nan")})])
     assert not (tmp_path / "c").exists()
     atomic.write_json_files([])
+
+
+def test_json_files_commit_once_per_filesystem(tmp_path, monkeypatch):
+    """A batch of files is committed by one syncfs per filesystem it lies on (then each file's
+    own fsync reports its errors): files on two filesystems, two calls, every file whole."""
+    import tempfile
+
+    other = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    atomic._syncfs([])  # resolve the C library's syncfs (or its absence) first
+    if not atomic._LIBC:
+        pytest.skip("no syncfs(2) here: the fsyncs alone commit the files")
+    calls = []
+    real = atomic._LIBC
+    monkeypatch.setattr(atomic, "_LIBC", lambda fd: calls.append(os.fstat(fd).st_dev) or real(fd))
+    try:
+        files = [(tmp_path / "x" / f"{i}.json", {"i": i}) for i in range(5)]
+        if other is not None:
+            files += [(other / f"{i}.json", {"j": i}) for i in range(3)]
+        atomic.write_json_files(files)
+        for path, obj in files:
+            assert path.read_text(encoding="utf-8") == atomic.dumps_compact(obj)
+        devices = {p.stat().st_dev for p, _ in files}
+        assert sorted(calls) == sorted(devices)
+        calls.clear()
+        atomic.write_json_files([(tmp_path / "one.json", {"k": 1})])  # one file: its fsync
+        assert calls == []
+    finally:
+        if other is not None:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 JSON_DOCUMENTS = [

