@@ -38,6 +38,20 @@ def test_greedy_answer_is_paris(smol):
     )
 
 
+def test_token_strings_equal_one_by_one_decoding(smol):
+    """The kept token strings are what decoding each id alone gives, on first sight and
+    again: specials, byte pieces of an emoji, accents, repeats."""
+    from raypipe.engine.generate import token_strings
+
+    _, tok = smol
+    text = "<|im_start|>user\nCafé 🦜 déjà vu, déjà vu!<|im_end|>\n  \t spaces"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [0, 1, 2, tok.vocab_size - 1]
+    want = tok.batch_decode([[i] for i in ids])
+    assert token_strings(tok, ids) == want
+    assert token_strings(tok, ids[::-1]) == want[::-1]  # all kept now
+    assert token_strings(tok, []) == []
+
+
 def test_extract_then_infer(ray_session, tmp_path, capsys):
     root = tmp_path
     shutil.copytree(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -72,8 +73,21 @@ def encode_prompt(tokenizer, prompt_text: str, chat: bool) -> list[int]:
     return tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
 
 
+_TOKEN_STRINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
-    return tokenizer.batch_decode([[i] for i in ids])
+    """Each id decoded on its own, as `tokenizer.batch_decode([[i] for i in ids])` gives them.
+    A token's string depends on its id alone, so each tokenizer's are kept once decoded (at
+    most its vocabulary): a batch decoded only its new ids (decoding thousands of ids one by
+    one took a tenth of a small model's batch)."""
+    known = _TOKEN_STRINGS.get(tokenizer)
+    if known is None:
+        known = _TOKEN_STRINGS.setdefault(tokenizer, {})
+    new = list({i for i in ids if i not in known})
+    if new:
+        known.update(zip(new, tokenizer.batch_decode([[i] for i in new])))
+    return [known[i] for i in ids]
 
 
 def eos_ids(model, tokenizer) -> set[int]:
