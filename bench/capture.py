@@ -139,7 +139,8 @@ def main() -> None:
 def capturer_batches(capturer: Capturer, seqs: list[list[int]]) -> list[list[int]]:
     from raypipe.engine.batching import plan_batches
 
-    return plan_batches([len(s) for s in seqs], capturer.max_batch_tokens)
+    lengths = [len(s) for s in seqs]
+    return plan_batches(lengths, capturer.max_batch_tokens, overhead_tokens=capturer.overhead)
 
 
 if __name__ == "__main__":

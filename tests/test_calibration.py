@@ -230,6 +230,22 @@ def test_passive_with_early_stopping_projector(model, seqs):
         assert c.tokens_seen == 5
 
 
+@pytest.mark.parametrize("overhead", [0, 10**6])
+def test_passive_counts_real_tokens_however_batched(model, seqs, overhead):
+    """A right-padded prefill runs without its mask (hooked_prefill), yet the collector still
+    sees only real tokens: one batch padded to the longest row (a large cost per pass) and
+    batches with no padding (none) give the statistics of observing every sequence alone."""
+    vectors = [(3, torch.ones(64))]
+    proj = Projector(model, vectors, pad_id=JUNK)
+    proj.overhead = overhead
+    batches = proj._batches([len(s) for s in seqs])
+    assert (len(batches) == 1) == (overhead > 0)
+    with passive(model, budget=10_000) as c:
+        proj.project(seqs)
+    assert c.tokens_seen == sum(map(len, seqs))
+    assert_close(c.result(), observe_all(model, [[s] for s in seqs]))
+
+
 def test_passive_counts_prefill_not_decode(model, seqs):
     a, b = seqs[2], seqs[4]
     width = max(len(a), len(b))

@@ -89,9 +89,10 @@ def _owns_storage(t: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_capture_matches_hidden_states(dtype):
     model, seqs, layers = _model(dtype), _seqs(), [0, 2]
-    got = Capturer(model, layers, "residual", max_batch_tokens=64).capture(seqs)
+    capturer = Capturer(model, layers, "residual", max_batch_tokens=64)
+    got = capturer.capture(seqs)
     # The same padded batches through a plain HF forward: bit-identical hidden states.
-    for batch in plan_batches([len(s) for s in seqs], 64):
+    for batch in plan_batches([len(s) for s in seqs], 64, overhead_tokens=capturer.overhead):
         ids, mask = pad_right([seqs[i] for i in batch], 0, "cpu")
         with torch.no_grad():
             hs = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from raypipe.engine.hooks import (
+    MASK_READERS,
     decoder_layers,
     decoder_stack,
     hook_point,
@@ -60,6 +61,20 @@ class _LayerStats:
             setattr(self, k, getattr(self, k).to(device))
         self.medians = [m.to(device) for m in self.medians]
         return self
+
+
+class _MaskReader:
+    """The collector's place in hooks.MASK_READERS, removed like a hook handle."""
+
+    def __init__(self, stack: torch.nn.Module):
+        self.stack = stack
+
+    def remove(self) -> None:
+        left = MASK_READERS.get(self.stack, 0) - 1
+        if left > 0:
+            MASK_READERS[self.stack] = left
+        else:
+            MASK_READERS.pop(self.stack, None)
 
 
 class CalibrationCollector:
@@ -221,6 +236,8 @@ class CalibrationCollector:
         stack = decoder_stack(self.model)
         try:
             self._handles.append(stack.register_forward_pre_hook(self._on_stack, with_kwargs=True))
+            MASK_READERS[stack] = MASK_READERS.get(stack, 0) + 1
+            self._handles.append(_MaskReader(stack))
             for layer, block in enumerate(decoder_layers(self.model)):
                 hook = make_hook(layer, self._sink, self._on_layer, stop=False)
                 self._handles.append(hook_point(block, "residual").register_forward_hook(hook))
@@ -230,7 +247,7 @@ class CalibrationCollector:
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles:  # hooks, and the stack's count of mask readers
             handle.remove()
         self._handles.clear()
         self._sink.clear()

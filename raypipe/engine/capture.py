@@ -7,7 +7,7 @@ from torch import nn
 
 # The same batch plan as the Projector: capturing and projecting the same sequences run the
 # very same padded batches, so hidden states (and scores) agree bit for bit.
-from raypipe.engine.batching import plan_batches
+from raypipe.engine.batching import overhead_tokens, plan_batches
 from raypipe.engine.hooks import COMPONENTS, decoder_layers, hooked_prefill, model_device, pad_right
 
 
@@ -41,6 +41,7 @@ class Capturer:
         self.compile = compile
         # Input ids only: _to_host copies each layer from wherever a split model ran it.
         self.device = model_device(model)
+        self.overhead = overhead_tokens(model.config, self.device.type)  # per prefill batch
 
     @staticmethod
     def _to_host(layer: int, h: torch.Tensor) -> torch.Tensor:  # h: (B, T, D) model dtype
@@ -54,7 +55,8 @@ class Capturer:
         if any(len(s) == 0 for s in seqs):
             raise ValueError("cannot capture an empty sequence")
         out: list[dict[int, torch.Tensor] | None] = [None] * len(seqs)
-        for batch in plan_batches([len(s) for s in seqs], self.max_batch_tokens):
+        lengths = [len(s) for s in seqs]
+        for batch in plan_batches(lengths, self.max_batch_tokens, overhead_tokens=self.overhead):
             for i, acts in zip(batch, self._capture_batch([seqs[i] for i in batch])):
                 out[i] = acts
         return out  # type: ignore[return-value]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from raypipe.engine.batching import plan_batches
+from raypipe.engine.batching import overhead_tokens, plan_batches
 from raypipe.errors import OptionError
 
 # `progress(new_tokens, prompts)` of a generate() call so far: the new tokens (up to each row's
@@ -28,10 +28,10 @@ class GenerationOptions:
     # Token budget per batch (batch size x padded length): long prompts get small batches.
     max_batch_tokens: int = 32768
     sort_by_length: bool = True
-    # Cut a batch where a row would be padded by more than this share of the batch width.
-    # Looser than the prefill's 0.1: every extra batch costs a whole decode loop, while
-    # padding costs only prompt tokens (measured on CPU: 0.25 -> 94, 0.5 -> 121, 0.65 -> 144
-    # new tok/s on bench/generation.py's mixed prompts).
+    # No row padded by more than this share of its batch's width (within that, batches are
+    # cut where they cost least: batching.plan_batches). Loose: every extra batch costs a
+    # whole decode loop, while padding costs only prompt tokens (measured on CPU: 0.25 -> 94,
+    # 0.5 -> 121, 0.65 -> 144 new tok/s on bench/generation.py's mixed prompts).
     max_padding: float = 0.65
 
     def __post_init__(self):
@@ -110,6 +110,8 @@ class Generator:
         self.opts = opts
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        device = getattr(getattr(model, "device", None), "type", "cpu")
+        self.overhead = overhead_tokens(getattr(model, "config", None), device)
 
     def generate(
         self, prompts: list[list[int]], progress: GenerationProgress | None = None
@@ -119,8 +121,16 @@ class Generator:
         extra = self.opts.max_new_tokens
         o = self.opts
         lengths = [len(p) for p in prompts]
+        # Every decode step is one more forward pass per batch: a batch costs its fixed part
+        # once for the prefill and once a step.
         plan = plan_batches(
-            lengths, o.max_batch_tokens, o.max_batch_size, extra, o.sort_by_length, o.max_padding
+            lengths,
+            o.max_batch_tokens,
+            o.max_batch_size,
+            extra,
+            o.sort_by_length,
+            o.max_padding,
+            overhead_tokens=self.overhead * (1 + extra),
         )
         tokens, done = 0, 0  # of the batches before this one
         for batch in plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -135,6 +136,11 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+# Decoder stacks a hook watches the attention mask of (passive calibration counts only real
+# tokens): hooked_prefill hands them the mask even where the model itself does not need it.
+MASK_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # {stack: hooks}
+
+
 def right_padded(mask: torch.Tensor | None) -> bool:
     """True if every row of a (B, T) mask is ones, then zeros (a row may be all ones)."""
     if mask is None or mask.dim() != 2 or mask.shape[1] == 0:
@@ -200,7 +206,7 @@ def hooked_prefill(
     stack = decoder_stack(model)
     blocks = stack.layers
     top = max(layers)
-    if right_padded(attention_mask):
+    if right_padded(attention_mask) and not MASK_READERS.get(stack):
         # Under causal attention real tokens never see the pads after them, so the mask changes
         # nothing they compute; without it SDPA takes its causal path, 1.04x as fast on the CPU
         # here, bit-identical there (a GPU may pick another kernel, which rounds differently at

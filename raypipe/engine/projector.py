@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raypipe.engine.batching import plan_batches
+from raypipe.engine.batching import overhead_tokens, plan_batches
 from raypipe.engine.hooks import hooked_prefill, layer_devices, model_device, pad_right
 
 
@@ -49,6 +49,7 @@ class Projector:
         self.pad_id = pad_id
         self.compile = compile
         self.device = model_device(model)  # where input ids go
+        self.overhead = overhead_tokens(model.config, self.device.type)  # per prefill batch
         self.layers = sorted({layer for layer, _ in vectors})
         self.n = len(vectors)
         self.layer_device = layer_devices(model, self.layers, component)
@@ -88,7 +89,7 @@ class Projector:
         return layer_scores(hf, self.bank[layer], None if self.dims is None else self.dims[layer])
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
-        return plan_batches(lengths, self.max_batch_tokens)
+        return plan_batches(lengths, self.max_batch_tokens, overhead_tokens=self.overhead)
 
     @torch.inference_mode()
     def project(self, seqs: list[list[int]]) -> list[SequenceScores]:

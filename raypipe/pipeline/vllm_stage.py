@@ -115,7 +115,12 @@ class VLLMStage:
         self.collector = None
         self.calibration_lock = threading.Lock()  # the blocks in flight count one at a time
         if self.calibration is not None:
+            from raypipe.engine.batching import overhead_tokens
+            from raypipe.engine.vllm_backend import _on_cpu
+
             self.max_batch_tokens = project["max_batch_tokens"]
+            config = self.monitor.llm.llm_engine.model_config.hf_text_config
+            self.overhead = overhead_tokens(config, "cpu" if _on_cpu() else "cuda")
             self.collector = CalibrationCollector(
                 None, budget=target.budget, n_layers=self.monitor.n_layers
             )
@@ -159,7 +164,10 @@ class VLLMStage:
             if not counting:
                 return
             c, seqs = self.collector, _seqs(counting)
-            for batch in plan_batches([len(s) for s in seqs], self.max_batch_tokens):
+            lengths = [len(s) for s in seqs]
+            for batch in plan_batches(
+                lengths, self.max_batch_tokens, overhead_tokens=self.overhead
+            ):
                 if c.done:
                     break
                 states = self.monitor.residuals([seqs[i] for i in batch])  # [{L: (T, D)}]
