@@ -74,3 +74,38 @@ def test_unsorted_keeps_the_order_and_cuts_only_when_full():
     lengths = [5, 50, 5, 5, 50]
     assert plan_batches(lengths, 120, sort=False) == [[0, 1], [2, 3], [4]]
     assert plan_batches(lengths, 10_000, max_batch_size=2, sort=False) == [[0, 1], [2, 3], [4]]
+
+
+def _greedy(lengths, budget, size, extra, max_padding):
+    """Longest first, each batch filled until a row would not fit (the fewest batches)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur, width = [], [], 0
+    for i in order:
+        need = lengths[i] + extra
+        full = len(cur) >= size or max(width, need) * (len(cur) + 1) > budget
+        if cur and (full or need < (1 - max_padding) * width):
+            batches.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, need)
+    return batches + [cur]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_generation_takes_the_fewest_batches(seed):
+    """Generation's plan (a batch worth more than any padding): as few batches as filling
+    each one in turn gives, and of those the fewest padded tokens."""
+    from types import SimpleNamespace
+
+    from raypipe.engine.generate import GenerationOptions, Generator
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(5, 80), rng.randint(300, 700)]) for _ in range(48)]
+    o = GenerationOptions(
+        max_new_tokens=32, max_batch_tokens=rng.choice([4096, 16384]), max_batch_size=16
+    )
+    got = Generator(None, SimpleNamespace(pad_token_id=0, eos_token_id=2), o).plan(lengths)
+    want = _greedy(lengths, o.max_batch_tokens, o.max_batch_size, 32, o.max_padding)
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+    assert len(got) == len(want)
+    assert _cost(got, lengths, 32, 0) <= _cost(want, lengths, 32, 0)

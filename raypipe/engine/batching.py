@@ -3,22 +3,26 @@ the forward passes they take."""
 
 from __future__ import annotations
 
-# What one more forward pass costs beyond its tokens, per decoder layer, in FLOPs: its fixed
-# part (each layer's Python, kernel launches, small matrices running below peak). Against one
-# token's cost in that layer (2 FLOPs per weight) it is a count of padded tokens worth one more
-# pass, large for small models and fast devices. CPU: fitted here, where cutting 64 prompts
-# of the 4-layer test model (41k weights a layer) into 2 prefills instead of 10 took 0.73 of
-# the time, and where the 135M embedded model ran faster in more, tighter batches (0.84 of
-# the time at 4% padding than at 12%): about 10 MFLOP, so ~120 tokens for the first, ~1 for
-# the second. CUDA: an estimate, not measured here: about 0.1 ms of launches a layer on an
-# H100 running 550 TFLOP/s (34.6k tok/s of an 8B prefill), ~120 tokens of an 8B model.
+# What one more forward pass costs beyond its tokens, counted in padded tokens, has two parts.
+# 1. Its fixed work per layer (the layer's Python, kernel launches, small matrices running
+#    below peak), in FLOPs, against one token's 2 FLOPs per weight of the layer: large for
+#    small models. CPU: fitted here, where cutting 64 prompts of the 4-layer test model (41k
+#    weights a layer) into 2 prefills instead of 10 took 0.73 of the time: about 10 MFLOP,
+#    ~120 tokens for that model, ~1 for the 135M embedded one. CUDA: an estimate, not
+#    measured here: about 0.1 ms of launches a layer at 550 TFLOP/s (an H100's 34.6k tok/s
+#    of an 8B prefill), ~115 tokens of an 8B model.
+# 2. Reading the weights once more: a pass is memory-bound below FLOPS / (2 x bandwidth)
+#    tokens per byte of weight. CPU about 3 (2 AVX2 cores at ~100 GFLOP/s, ~15 GB/s), so ~13
+#    tokens in fp32, and the embedded model kept the tight cuts it ran fastest in (0.84 of
+#    the time at 4% padding than at 12%); an H100 about 150, ~300 tokens in bf16.
 LAYER_OVERHEAD_FLOPS = {"cpu": 10e6, "cuda": 50e9}
+TOKENS_PER_WEIGHT_BYTE = {"cpu": 3.3, "cuda": 150.0}
 DEFAULT_OVERHEAD_TOKENS = 16  # a device or config the rule above cannot size
 
 
-def overhead_tokens(config, device_type: str) -> int:
+def overhead_tokens(config, device_type: str, weight_bytes: float = 4.0) -> int:
     """Padded tokens one more forward pass of this decoder (an HF config) is worth on this
-    kind of device: LAYER_OVERHEAD_FLOPS over 2 FLOPs per weight of one layer."""
+    kind of device, its weights `weight_bytes` each (4 fp32, 2 bf16, 0.5 4-bit)."""
     cfg = getattr(config, "text_config", None) or config
     d = getattr(cfg, "hidden_size", None)
     flops = LAYER_OVERHEAD_FLOPS.get(device_type)
@@ -29,7 +33,22 @@ def overhead_tokens(config, device_type: str) -> int:
     head_dim = getattr(cfg, "head_dim", None) or d // heads
     ffn = getattr(cfg, "intermediate_size", None) or 4 * d
     weights = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * ffn
-    return max(0, round(flops / (2 * weights)))
+    fixed = flops / (2 * weights)
+    return max(0, round(fixed + TOKENS_PER_WEIGHT_BYTE[device_type] * weight_bytes))
+
+
+def weight_bytes(model) -> float:
+    """Bytes per weight of a loaded model: 0.5 where bitsandbytes packs two 4-bit weights a
+    byte, else the size of its floating parameters' type."""
+    import torch
+
+    size = None
+    for p in model.parameters():
+        if p.dtype == torch.uint8:
+            return 0.5
+        if size is None and p.dtype.is_floating_point:
+            size = float(p.element_size())
+    return size or 4.0
 
 
 def plan_batches(

@@ -7,7 +7,7 @@ from torch import nn
 
 # The same batch plan as the Projector: capturing and projecting the same sequences run the
 # very same padded batches, so hidden states (and scores) agree bit for bit.
-from raypipe.engine.batching import overhead_tokens, plan_batches
+from raypipe.engine.batching import overhead_tokens, plan_batches, weight_bytes
 from raypipe.engine.hooks import COMPONENTS, decoder_layers, hooked_prefill, model_device, pad_right
 
 
@@ -41,7 +41,9 @@ class Capturer:
         self.compile = compile
         # Input ids only: _to_host copies each layer from wherever a split model ran it.
         self.device = model_device(model)
-        self.overhead = overhead_tokens(model.config, self.device.type)  # per prefill batch
+        self.overhead = overhead_tokens(
+            model.config, self.device.type, weight_bytes(model)
+        )  # per prefill batch
 
     @staticmethod
     def _to_host(layer: int, h: torch.Tensor) -> torch.Tensor:  # h: (B, T, D) model dtype

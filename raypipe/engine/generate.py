@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from raypipe.engine.batching import overhead_tokens, plan_batches
+from raypipe.engine.batching import plan_batches
 from raypipe.errors import OptionError
 
 # `progress(new_tokens, prompts)` of a generate() call so far: the new tokens (up to each row's
@@ -28,12 +28,12 @@ class GenerationOptions:
     # Token budget per batch (batch size x padded length): long prompts get small batches.
     max_batch_tokens: int = 32768
     sort_by_length: bool = True
-    # No row padded by more than this share of its batch's width; by default no limit: batches
-    # are cut where they cost least (batching.plan_batches), each batch a whole decode loop.
-    # As a fixed limit it was best loose (CPU: 0.25 -> 94, 0.5 -> 121, 0.65 -> 144 new tok/s
-    # on bench/generation.py's mixed prompts); the cost alone put 64 of the test model's
-    # prompts in one generate call instead of two at 0.65, 0.92 of the time.
-    max_padding: float = 1.0
+    # Cut a batch where a row would be padded by more than this share of the batch width, and
+    # otherwise take the fewest batches (then the fewest padded tokens): every extra batch
+    # costs a whole decode loop, padding only prompt tokens (measured on CPU: 0.25 -> 94,
+    # 0.5 -> 121, 0.65 -> 144 new tok/s on bench/generation.py's mixed prompts; the prefill's
+    # cost per pass, batching.overhead_tokens, leaves out the Python of each decode step).
+    max_padding: float = 0.65
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -111,8 +111,6 @@ class Generator:
         self.opts = opts
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        device = getattr(getattr(model, "device", None), "type", "cpu")
-        self.overhead = overhead_tokens(getattr(model, "config", None), device)
 
     def generate(
         self, prompts: list[list[int]], progress: GenerationProgress | None = None
@@ -120,19 +118,7 @@ class Generator:
         """Response ids per prompt; `progress` hears how far it got while it decodes."""
         out: list[list[int] | None] = [None] * len(prompts)
         extra = self.opts.max_new_tokens
-        o = self.opts
-        lengths = [len(p) for p in prompts]
-        # Every decode step is one more forward pass per batch: a batch costs its fixed part
-        # once for the prefill and once a step.
-        plan = plan_batches(
-            lengths,
-            o.max_batch_tokens,
-            o.max_batch_size,
-            extra,
-            o.sort_by_length,
-            o.max_padding,
-            overhead_tokens=self.overhead * (1 + extra),
-        )
+        plan = self.plan([len(p) for p in prompts])
         tokens, done = 0, 0  # of the batches before this one
         for batch in plan:
             step = None
@@ -145,6 +131,22 @@ class Generator:
             if progress is not None:
                 progress(tokens, done)
         return out  # type: ignore[return-value]
+
+    def plan(self, lengths: list[int]) -> list[list[int]]:
+        """Batches of prompt indices: within max_padding, the fewest (a batch costs more than
+        any padding it saves), then the fewest padded tokens."""
+        o = self.opts
+        fewest = o.max_batch_tokens * max(1, len(lengths)) + 1
+        extra = o.max_new_tokens
+        return plan_batches(
+            lengths,
+            o.max_batch_tokens,
+            o.max_batch_size,
+            extra,
+            o.sort_by_length,
+            o.max_padding,
+            fewest,
+        )
 
     def _generate_batch(
         self, prompts: list[list[int]], step: Callable[[int, int], None] | None = None

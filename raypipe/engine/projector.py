@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raypipe.engine.batching import overhead_tokens, plan_batches
+from raypipe.engine.batching import overhead_tokens, plan_batches, weight_bytes
 from raypipe.engine.hooks import hooked_prefill, layer_devices, model_device, pad_right
 
 
@@ -49,7 +49,9 @@ class Projector:
         self.pad_id = pad_id
         self.compile = compile
         self.device = model_device(model)  # where input ids go
-        self.overhead = overhead_tokens(model.config, self.device.type)  # per prefill batch
+        self.overhead = overhead_tokens(
+            model.config, self.device.type, weight_bytes(model)
+        )  # per prefill batch
         self.layers = sorted({layer for layer, _ in vectors})
         self.n = len(vectors)
         self.layer_device = layer_devices(model, self.layers, component)

@@ -119,8 +119,13 @@ class VLLMStage:
             from raypipe.engine.vllm_backend import _on_cpu
 
             self.max_batch_tokens = project["max_batch_tokens"]
-            config = self.monitor.llm.llm_engine.model_config.hf_text_config
-            self.overhead = overhead_tokens(config, "cpu" if _on_cpu() else "cuda")
+            # The HF prefill's batches (engine/projector.py), from the same config and dtype.
+            model_config = self.monitor.llm.llm_engine.model_config
+            self.overhead = overhead_tokens(
+                model_config.hf_text_config,
+                "cpu" if _on_cpu() else "cuda",
+                model_config.dtype.itemsize,
+            )
             self.collector = CalibrationCollector(
                 None, budget=target.budget, n_layers=self.monitor.n_layers
             )
