@@ -156,6 +156,12 @@ class RunOptions:
             raise OptionError("backend", f"must be one of {BACKENDS}")
 
 
+def _local(run: RunOptions) -> bool:
+    """The run starts a Ray of its own on this machine (no cluster named, as job.ray_session
+    decides)."""
+    return run.address in (None, "local") and os.environ.get("RAY_ADDRESS", "") in ("", "local")
+
+
 def check_vllm_parallel(run: RunOptions) -> None:
     """vLLM's tensor parallelism against the other run options: its own flag, one engine whose
     ranks each hold one whole GPU (or, on CPU, cores: `gpus_per_replica` 0)."""
@@ -228,6 +234,9 @@ class InferOptions:
             check_pinned_gpu(model.device, run.gpus_per_replica, "gpus_per_replica")
         if run.backend == "vllm":
             vllm_backend.check_load(model.load_in_4bit, None)
+            if run.tensor_parallel_size > 1 and _local(run) and vllm_backend.cpu_build():
+                # The replica runs here: its ranks need a core each (else the actor fails).
+                vllm_backend.cpu_binding(run.tensor_parallel_size, vllm_backend.usable_cores())
             if not 0 <= self.generation.seed < VLLM_SEEDS:
                 raise OptionError("seed", f"must be in 0..{VLLM_SEEDS - 1} with `backend` vllm")
         if run.tp > 1:

@@ -328,12 +328,16 @@ def test_check_variant_reads_the_model_config_for_vllm_tp(tiny_model_dir, vllm_i
     """vLLM shards heads evenly and key/value heads evenly or by whole replicas (4 query and
     2 key/value heads here), and the MLP (128 wide) evenly."""
     spec = ModelOptions().spec(str(tiny_model_dir), None)
+
+    def run(n: int) -> RunOptions:  # on a cluster: the cores of this machine do not matter
+        return RunOptions(address="127.0.0.1:6379", backend="vllm", tensor_parallel_size=n)
+
     for n in (1, 2, 4):
-        _infer(run=RunOptions(backend="vllm", tensor_parallel_size=n)).check_variant(spec)
+        _infer(run=run(n)).check_variant(spec)
     bad = {3: "num_attention_heads=4 does not divide by it", 8: "num_attention_heads=4"}
     for n, fragment in bad.items():
         with pytest.raises(OptionError, match=f"tensor_parallel_size: {n}: the model's {fragment}"):
-            _infer(run=RunOptions(backend="vllm", tensor_parallel_size=n)).check_variant(spec)
+            _infer(run=run(n)).check_variant(spec)
     cfg = SimpleNamespace(num_attention_heads=6, num_key_value_heads=4, intermediate_size=96)
     with pytest.raises(OptionError, match="num_key_value_heads=4 neither divides by it nor"):
         vllm_backend.check_tensor_parallel(cfg, 3)

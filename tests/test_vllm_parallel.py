@@ -197,12 +197,45 @@ def test_v2_model_runner_scores_equal_hf(spec, vectors, hf, monkeypatch):
 # ---------------------------------------------------------------- end to end through Ray
 
 
+def test_tp_replica_asks_for_a_gpu_per_rank_or_cpu_shares(model_dir, tmp_path):
+    """One vLLM stage whose actor holds the devices of all its ranks: GPUs on GPU nodes; on
+    CPU half a CPU per rank (the writers' tenth of a CPU still fits beside it on 2 cores)."""
+    from raypipe.options import (
+        InferOptions,
+        ModelOptions,
+        OutputOptions,
+        ProjectionOptions,
+        RunOptions,
+    )
+    from raypipe.pipeline.backends import Job, backend_for
+    from raypipe.pipeline.plan import plan_infer
+    from raypipe.pipeline.spine import BACKENDS
+
+    root = make_root(tmp_path, model_dir)
+    opts = InferOptions(
+        output=OutputOptions(root=root, experiment="t32", prompt_set="tests/blocks"),
+        model=ModelOptions(dtype="float32"),
+        projection=ProjectionOptions(layers="1,3"),
+        # (a cluster's: wherever the test runs, its cores do not bound the replica's ranks)
+        run=RunOptions(address="127.0.0.1:6379", backend="vllm", tensor_parallel_size=TP),
+    )
+    plan = plan_infer(opts)
+    for gpus, want in ((0.0, (0.5 * TP, 0.0)), (1.0, (1.0, float(TP)))):
+        job = Job(plan, mode="stream", gpus=gpus, generates=True)
+        assert backend_for(job) == "vllm"
+        stage, *_ = BACKENDS["vllm"](job)
+        assert (stage.resources.num_cpus, stage.resources.num_gpus) == want
+        assert stage.args["generate"]["tensor_parallel_size"] == TP
+
+
 @pytest.mark.slow
 def test_infer_backend_vllm_tp2_through_ray(ray_session, model_dir, tmp_path, capsys):
     """`raypipe infer --backend vllm --tensor-parallel-size 2`: one replica (two ranks) that
     generates and projects; its files equal the HF backend's (the same ids, scores within 1e-4).
-    A size the model cannot be split by is one line naming the flag, before anything runs."""
+    A size the model cannot be split by, or (on CPU) more ranks than this machine's cores, is
+    one line naming the flag, before anything runs."""
     from raypipe.cli import main
+    from raypipe.engine.vllm_backend import cpu_build, usable_cores
     from tests.test_vllm_pipeline import assert_close
 
     reason = _tp_reason()
@@ -215,11 +248,19 @@ def test_infer_backend_vllm_tp2_through_ray(ray_session, model_dir, tmp_path, ca
     args += ["--max-new-tokens", "12", "--layers", "1,3", "--batch-size", "3", "--quiet"]
     out = ("experiments", "t32", "inference", "base")
 
-    code = main([*args, "--root", str(root), "--backend", "vllm", "--tensor-parallel-size", "3"])
-    err = capsys.readouterr().err.strip()
-    assert code != 0 and len(err.splitlines()) == 1, err
-    assert "--tensor-parallel-size" in err and "num_attention_heads=4" in err, err
-    assert not root.joinpath(*out).exists()
+    cpu, cores = cpu_build(), len(usable_cores())
+    bad = []
+    if cpu and cores < 4:
+        bad.append((4, "4 ranks on CPU need a core each; this process may run on"))
+    if cores >= 3 or not cpu:
+        bad.append((3, "num_attention_heads=4 does not divide by it"))
+    for n, fragment in bad:
+        tp = ["--backend", "vllm", f"--tensor-parallel-size={n}"]
+        code = main([*args, "--root", str(root), *tp])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1, err
+        assert "--tensor-parallel-size" in err and fragment in err, err
+        assert not root.joinpath(*out).exists()
 
     assert main([*args, "--root", str(ref), "--backend", "local"]) == 0
     assert (

