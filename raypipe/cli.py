@@ -189,7 +189,10 @@ def _run_flags(p: argparse.ArgumentParser, g: dict) -> None:
         "(hooks in its model; --capture keeps the HF capture) [local]",
     )
     cluster.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per replica [1]"
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM: ranks per replica, a GPU each (on CPU: cores of their own) [1]",
     )
     cluster.add_argument("--address", help="Ray cluster address [a local Ray on loopback]")
     cluster.add_argument(

@@ -156,6 +156,35 @@ class RunOptions:
             raise OptionError("backend", f"must be one of {BACKENDS}")
 
 
+def _local(run: RunOptions) -> bool:
+    """The run starts a Ray of its own on this machine (no cluster named, as job.ray_session
+    decides)."""
+    return run.address in (None, "local") and os.environ.get("RAY_ADDRESS", "") in ("", "local")
+
+
+def check_vllm_parallel(run: RunOptions) -> None:
+    """vLLM's tensor parallelism against the other run options: its own flag, one engine whose
+    ranks each hold one whole GPU (or, on CPU, cores: `gpus_per_replica` 0)."""
+    n = run.tensor_parallel_size
+    if n > 1 and run.backend != "vllm":
+        raise OptionError(
+            "tensor_parallel_size", "shards vLLM's engine: give `backend` vllm (HF shards by `tp`)"
+        )
+    if run.backend == "vllm" and run.tp > 1:
+        raise OptionError(
+            "tp",
+            "shards the HF projector, which `backend` vllm does not run: use "
+            "`tensor_parallel_size`",
+        )
+    gpus = run.gpus_per_replica
+    if n > 1 and gpus not in (None, 0, 1):
+        raise OptionError(
+            "gpus_per_replica",
+            f"{gpus:g}: with `tensor_parallel_size` {n} each rank holds one whole GPU (a "
+            f"replica {n}): give 1, or 0 to run on CPU",
+        )
+
+
 @dataclass(frozen=True)
 class InferOptions:
     """One run of `raypipe infer` / `generate`: every pair of options is checked here, before
@@ -178,6 +207,7 @@ class InferOptions:
             raise OptionError("device_map", "splits by layers; `tp` shards each layer")
         if run.backend == "auto" and run.tp > 1:
             raise OptionError("backend", "auto serves a whole model from one server; not with `tp`")
+        check_vllm_parallel(run)
         if run.backend == "vllm" and not vllm_backend.available():
             raise OptionError(
                 "backend",
@@ -204,6 +234,9 @@ class InferOptions:
             check_pinned_gpu(model.device, run.gpus_per_replica, "gpus_per_replica")
         if run.backend == "vllm":
             vllm_backend.check_load(model.load_in_4bit, None)
+            if run.tensor_parallel_size > 1 and _local(run) and vllm_backend.cpu_build():
+                # The replica runs here: its ranks need a core each (else the actor fails).
+                vllm_backend.cpu_binding(run.tensor_parallel_size, vllm_backend.usable_cores())
             if not 0 <= self.generation.seed < VLLM_SEEDS:
                 raise OptionError("seed", f"must be in 0..{VLLM_SEEDS - 1} with `backend` vllm")
         if run.tp > 1:
@@ -219,6 +252,9 @@ class InferOptions:
             return
         if self.run.backend == "vllm":
             vllm_backend.check_spec(spec)
+            if self.run.tensor_parallel_size > 1:
+                config = load_config(spec.model, spec.cache_dir)
+                vllm_backend.check_tensor_parallel(config, self.run.tensor_parallel_size)
             if self.mode in ("stream", "capture"):  # hooked inside vLLM's model
                 vllm_backend.check_component(spec, self.projection.component)
         if self.run.tp > 1:

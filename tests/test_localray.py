@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,85 @@ def test_infer_sends_nothing_off_loopback(tiny_root, tmp_path):
     assert n_json(tiny_root, "responses") == 10 and n_json(tiny_root, "projections") == 20
     text = trace.read_text(errors="replace")
     loopback = [line for line in text.splitlines() if '"127.0.0.1"' in line]
+    assert len(loopback) > 50, "strace saw too little of Ray's own traffic to prove anything"
+    bad = off_loopback(text)
+    assert not bad, "off loopback:\n" + "\n".join(bad[:20])
+
+
+# Where a host name resolves to: on a cluster node its network address, which gloo binds (the
+# process group even one vLLM rank opens) unless GLOO_SOCKET_IFNAME names an interface. In the
+# test's namespace the address sits on `lo`, so a bind to it succeeds and strace sees it.
+NODE_ADDRESS = "192.0.2.77"  # TEST-NET-1: documentation, never routed
+
+
+def _netns_hosts_reason() -> str | None:
+    reason = _netns_reason()
+    if reason:
+        return reason
+    probe = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", "mount --bind /etc/hosts /etc/hosts"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        return f"cannot make a mount namespace here: {probe.stderr.strip()[:200]}"
+    seccomp = subprocess.run(
+        ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=bind", "-o", "/dev/null", "true"],
+        capture_output=True,
+        text=True,
+    )
+    if seccomp.returncode != 0:
+        return f"strace lacks --seccomp-bpf (5.3 or later): {seccomp.stderr.strip()[:200]}"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_infer_sends_nothing_off_loopback(tmp_path, tp):
+    """`raypipe infer --backend vllm` (one rank in the actor's process; two ranks, processes
+    of their own with a core each) from a shell that sets nothing, on a node whose host name
+    resolves to a network address, in a network namespace: every connect, bind and send of
+    every process (Ray's, the vLLM actor's, each rank's) stays on loopback."""
+    pytest.importorskip("vllm")
+    reason = _netns_hosts_reason()
+    if reason:
+        pytest.skip(reason)
+    if tp > 1 and len(os.sched_getaffinity(0)) < tp:
+        pytest.skip(f"{tp} ranks need {tp} cores")
+    from tests.test_vllm_monitor import HIDDEN, N_LAYERS, make_root
+    from tests.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny32", layers=N_LAYERS, hidden=HIDDEN, heads=4, kv=2)
+    root = make_root(tmp_path / "root", model)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{NODE_ADDRESS} {socket.gethostname()}\n")
+    trace = tmp_path / "trace.txt"
+    cmd = [sys.executable, "-m", "raypipe.cli", "infer", "--root", str(root)]
+    cmd += ["--experiment", "t32", "--prompt-set", "tests/blocks", "--dtype", "float32"]
+    cmd += ["--max-new-tokens", "6", "--layers", "1,3", "--quiet"]
+    cmd += ["--backend", "vllm", "--tensor-parallel-size", str(tp)]
+    calls = "connect,bind,sendto,sendmsg"
+    script = (
+        f'mount --bind "{hosts}" /etc/hosts && ip link set lo up && '
+        f"ip addr add {NODE_ADDRESS}/32 dev lo && "
+        f'exec strace -f --seccomp-bpf -qq -e trace={calls} -o "$0" "$@"'
+    )
+    env = _clean_env()
+    env.pop("HF_HUB_OFFLINE", None)  # raypipe sets it itself
+    run = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", script, str(trace), *cmd],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = root / "experiments" / "t32" / "inference" / "base"
+    assert len(list((out / "responses").rglob("*.json"))) == 6
+    assert len(list((out / "projections").rglob("*.json"))) == 12
+    text = trace.read_text(errors="replace")
+    loopback = [line for line in text.splitlines() if "127.0.0.1" in line]
     assert len(loopback) > 50, "strace saw too little of Ray's own traffic to prove anything"
     bad = off_loopback(text)
     assert not bad, "off loopback:\n" + "\n".join(bad[:20])

