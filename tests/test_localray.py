@@ -184,6 +184,44 @@ def test_vllm_infer_sends_nothing_off_loopback(tmp_path, tp):
     assert not bad, "off loopback:\n" + "\n".join(bad[:20])
 
 
+@pytest.mark.slow
+def test_tp_gang_sends_nothing_off_loopback(tiny_root, tmp_path):
+    """`raypipe infer --tp 2` (the HF gang: two rank actors in one gloo process group) on a
+    node whose host name resolves to a network address, in a network namespace: gloo's pair
+    sockets bind loopback too (they bound the host name's address before GLOO_SOCKET_IFNAME
+    joined LOOPBACK_ENV)."""
+    reason = _netns_hosts_reason()
+    if reason:
+        pytest.skip(reason)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{NODE_ADDRESS} {socket.gethostname()}\n")
+    trace = tmp_path / "trace.txt"
+    cmd = [sys.executable, "-m", "raypipe.cli", "infer", "--root", str(tiny_root), *ARGS]
+    cmd += ["--tp", "2"]
+    calls = "connect,bind,sendto,sendmsg"
+    script = (
+        f'mount --bind "{hosts}" /etc/hosts && ip link set lo up && '
+        f"ip addr add {NODE_ADDRESS}/32 dev lo && "
+        f'exec strace -f --seccomp-bpf -qq -e trace={calls} -o "$0" "$@"'
+    )
+    env = _clean_env()
+    env.pop("HF_HUB_OFFLINE", None)  # raypipe sets it itself
+    run = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", script, str(trace), *cmd],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert n_json(tiny_root, "responses") == 10 and n_json(tiny_root, "projections") == 20
+    text = trace.read_text(errors="replace")
+    assert len([x for x in text.splitlines() if "127.0.0.1" in x]) > 50
+    bad = off_loopback(text)
+    assert not bad, "off loopback:\n" + "\n".join(bad[:20])
+
+
 # ---------------------------------------------------------------- leftovers of killed runs
 
 

@@ -29,6 +29,7 @@ from raypipe.options import (
     ServeOptions,
     split_traits,
 )
+from raypipe.pipeline import localray
 
 RAYPIPE = Path(cli.__file__).parent
 OUT = OutputOptions(root=Path("/nonexistent"), experiment="e", prompt_set="p")
@@ -350,7 +351,7 @@ def test_check_variant_reads_the_model_config_for_vllm_tp(tiny_model_dir, vllm_i
 
 def test_vllm_ranks_env_keeps_to_loopback_and_splits_the_cores():
     """What a vLLM engine's ranks are started with (set only where the user set nothing)."""
-    lo = vllm_backend.loopback_interface()
+    lo = localray.loopback_interface()
     one = vllm_backend.rank_env(1, cpu=True, cores=[0])
     assert one == {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": lo}
     two = vllm_backend.rank_env(2, cpu=True, cores=[0, 1])

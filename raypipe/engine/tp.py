@@ -6,6 +6,7 @@ import os
 import socket
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -32,12 +33,17 @@ def init_distributed(
     backend: str | None = None,
     local_rank: int | None = None,
     timeout_s: float = 1800.0,
+    store_path: str | None = None,
 ) -> str:
     """Join the process group of `world` ranks (gloo on CPU, nccl on CUDA); returns the backend.
 
     Sets the env that transformers' tensor-parallel loading reads (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT). `local_rank` defaults to this rank's index among the GPUs the
     process sees: 0 under Ray, which shows each GPU actor only its own device.
+
+    `store_path`: ranks on one node meet through this file (a FileStore) instead of a TCP
+    store at master_addr:port, whose server listens on every interface ("::") and whose
+    client looks the address up in DNS (a PTR query for 127.0.0.1 left the machine).
     """
     import torch.distributed as dist
 
@@ -64,9 +70,12 @@ def init_distributed(
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
         device_id = torch.device("cuda", local_rank)
+    meet = dict(init_method=f"tcp://{master_addr}:{port}")
+    if store_path is not None:
+        meet = dict(store=dist.FileStore(store_path, world))
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{master_addr}:{port}",
+        **meet,
         rank=rank,
         world_size=world,
         timeout=timedelta(seconds=timeout_s),
@@ -163,13 +172,16 @@ class TPProjector:
         threads: int | None = None,
         calibration_budget: int | None = None,
         backend: str | None = None,
+        store_path: str | None = None,  # ranks on one node: where they meet (init_distributed)
     ):
         from raypipe.engine.projector import Projector
 
         # Ranks share a node: split its cores rather than oversubscribe them.
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
-        self.rank, self.world = rank, world
-        self.backend = init_distributed(rank, world, master_addr, port, backend)
+        self.rank, self.world, self.store_path = rank, world, store_path
+        self.backend = init_distributed(
+            rank, world, master_addr, port, backend, store_path=store_path
+        )
         self.model, tok = load_tp_model(spec)
         self.early_stop = early_stop
         self.projector = Projector(
@@ -210,3 +222,6 @@ class TPProjector:
             self.collector.detach()
             self.collector = None
         close_distributed()
+        if self.store_path is not None and self.rank == 0:
+            # The store's file outlives the group (a gang's next start takes a new one).
+            Path(self.store_path).unlink(missing_ok=True)

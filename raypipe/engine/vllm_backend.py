@@ -238,13 +238,6 @@ def usable_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def loopback_interface() -> str:
-    import socket
-
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in names if n.startswith("lo")), "lo")
-
-
 def rank_env(tp: int, cpu: bool, cores: list[int], given=()) -> dict[str, str]:
     """The environment of an engine's ranks, all on this node (vLLM's multiprocessing executor:
     a replica never spans nodes), so that nothing they open leaves loopback:
@@ -260,7 +253,7 @@ def rank_env(tp: int, cpu: bool, cores: list[int], given=()) -> dict[str, str]:
       (an assert in OMPProcessManager._get_autobind_cpu_ids); here the usable cores are split
       evenly.
     Names in `given` (the environment as the user set it) are left out: theirs are kept."""
-    from raypipe.pipeline.localray import LOOPBACK
+    from raypipe.pipeline.localray import LOOPBACK, loopback_interface
 
     env = {"VLLM_HOST_IP": LOOPBACK, "GLOO_SOCKET_IFNAME": loopback_interface()}
     if tp > 1 and not cpu:

@@ -38,8 +38,24 @@ LOOPBACK = "127.0.0.1"
 # once, on loopback, without a DNS lookup. Loopback itself is exempt, for Ray's own gRPC/HTTP.
 _DEAD_END = f"http://{LOOPBACK}:9"
 _NO_PROXY = "localhost,127.0.0.1,::1"
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS)."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    return next((n for n in names if n.startswith("lo")), "lo")
+
+
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep the node IP at 127.0.0.1
+    # gloo (the HF --tp gang's process group, vLLM's CPU group) binds the address the host
+    # name resolves to, on a cluster node its network address, unless told an interface.
+    "GLOO_SOCKET_IFNAME": loopback_interface(),
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_USAGE_STATS_PROMPT_ENABLED": "0",
     "VLLM_HOST_IP": LOOPBACK,  # vLLM binds the machine's own address otherwise

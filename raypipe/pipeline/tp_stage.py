@@ -20,6 +20,8 @@ from raypipe.pipeline.stages import (
 )
 from raypipe.store.vectors import VectorSpec
 
+TP_STORE_PREFIX = "raypipe-tp-"  # the gang's rendezvous files (engine/tp.init_distributed)
+
 
 class _Rank:
     """One rank actor: picks the rendezvous port (rank 0), then holds a TPProjector, and on
@@ -33,6 +35,26 @@ class _Rank:
         from raypipe.engine.tp import free_port
 
         return free_port()
+
+    def store_path(self) -> str:
+        """A file name no gang has used, in this node's temp folder: the gang's ranks share
+        the node (they meet on 127.0.0.1) and so the folder. Rank 0 removes it when the gang
+        closes; a gang killed with its run leaves it (2 KB), removed here a day later."""
+        import tempfile
+        import time
+        import uuid
+        from pathlib import Path
+
+        from raypipe.store.atomic import STALE_TEMP_S
+
+        folder = Path(tempfile.gettempdir())
+        for old in folder.glob(f"{TP_STORE_PREFIX}*"):
+            try:
+                if time.time() - old.stat().st_mtime > STALE_TEMP_S:
+                    old.unlink()
+            except OSError:
+                pass  # another gang's, or gone already
+        return str(folder / f"{TP_STORE_PREFIX}{uuid.uuid4().hex}")
 
     def setup(self, **kwargs) -> None:
         from raypipe.engine.tp import TPProjector
@@ -160,10 +182,13 @@ class TPProjectStage:
             ).remote()
             for i in range(self.tp)
         ]
-        port = self._gather([self.actors[0].free_port.remote()])[0]
+        first = self.actors[0]
+        port, store = self._gather([first.free_port.remote(), first.store_path.remote()])
         self._gather(
             [
-                a.setup.remote(rank=i, master_addr="127.0.0.1", port=port, **self.setup_args)
+                a.setup.remote(
+                    rank=i, master_addr="127.0.0.1", port=port, store_path=store, **self.setup_args
+                )
                 for i, a in enumerate(self.actors)
             ]
         )
