@@ -132,6 +132,37 @@ def _netns_hosts_reason() -> str | None:
     return None
 
 
+def _run_on_node_address(cmd: list[str], tmp_path: Path) -> None:
+    """`cmd` from a shell that sets nothing, in a network namespace with only `lo`, whose host
+    name resolves to NODE_ADDRESS (on `lo`), under strace -f: it succeeds, Ray's own traffic is
+    seen, and every connect, bind and send of every process stays on loopback."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{NODE_ADDRESS} {socket.gethostname()}\n")
+    trace = tmp_path / "trace.txt"
+    calls = "connect,bind,sendto,sendmsg"
+    script = (
+        f'mount --bind "{hosts}" /etc/hosts && ip link set lo up && '
+        f"ip addr add {NODE_ADDRESS}/32 dev lo && "
+        f'exec strace -f --seccomp-bpf -qq -e trace={calls} -o "$0" "$@"'
+    )
+    env = _clean_env()
+    env.pop("HF_HUB_OFFLINE", None)  # raypipe sets it itself
+    run = subprocess.run(
+        ["unshare", "-n", "-m", "sh", "-c", script, str(trace), *cmd],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = trace.read_text(errors="replace")
+    loopback = [line for line in text.splitlines() if "127.0.0.1" in line]
+    assert len(loopback) > 50, "strace saw too little of Ray's own traffic to prove anything"
+    bad = off_loopback(text)
+    assert not bad, "off loopback:\n" + "\n".join(bad[:20])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_vllm_infer_sends_nothing_off_loopback(tmp_path, tp):
@@ -150,38 +181,14 @@ def test_vllm_infer_sends_nothing_off_loopback(tmp_path, tp):
 
     model = save_tiny_model(tmp_path / "tiny32", layers=N_LAYERS, hidden=HIDDEN, heads=4, kv=2)
     root = make_root(tmp_path / "root", model)
-    hosts = tmp_path / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{NODE_ADDRESS} {socket.gethostname()}\n")
-    trace = tmp_path / "trace.txt"
     cmd = [sys.executable, "-m", "raypipe.cli", "infer", "--root", str(root)]
     cmd += ["--experiment", "t32", "--prompt-set", "tests/blocks", "--dtype", "float32"]
     cmd += ["--max-new-tokens", "6", "--layers", "1,3", "--quiet"]
     cmd += ["--backend", "vllm", "--tensor-parallel-size", str(tp)]
-    calls = "connect,bind,sendto,sendmsg"
-    script = (
-        f'mount --bind "{hosts}" /etc/hosts && ip link set lo up && '
-        f"ip addr add {NODE_ADDRESS}/32 dev lo && "
-        f'exec strace -f --seccomp-bpf -qq -e trace={calls} -o "$0" "$@"'
-    )
-    env = _clean_env()
-    env.pop("HF_HUB_OFFLINE", None)  # raypipe sets it itself
-    run = subprocess.run(
-        ["unshare", "-n", "-m", "sh", "-c", script, str(trace), *cmd],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_on_node_address(cmd, tmp_path)
     out = root / "experiments" / "t32" / "inference" / "base"
     assert len(list((out / "responses").rglob("*.json"))) == 6
     assert len(list((out / "projections").rglob("*.json"))) == 12
-    text = trace.read_text(errors="replace")
-    loopback = [line for line in text.splitlines() if "127.0.0.1" in line]
-    assert len(loopback) > 50, "strace saw too little of Ray's own traffic to prove anything"
-    bad = off_loopback(text)
-    assert not bad, "off loopback:\n" + "\n".join(bad[:20])
 
 
 @pytest.mark.slow
@@ -189,37 +196,14 @@ def test_tp_gang_sends_nothing_off_loopback(tiny_root, tmp_path):
     """`raypipe infer --tp 2` (the HF gang: two rank actors in one gloo process group) on a
     node whose host name resolves to a network address, in a network namespace: gloo's pair
     sockets bind loopback too (they bound the host name's address before GLOO_SOCKET_IFNAME
-    joined LOOPBACK_ENV)."""
+    joined LOOPBACK_ENV), and the ranks meet without a TCP store (it listened on :: and sent
+    a PTR query for 127.0.0.1 to DNS)."""
     reason = _netns_hosts_reason()
     if reason:
         pytest.skip(reason)
-    hosts = tmp_path / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{NODE_ADDRESS} {socket.gethostname()}\n")
-    trace = tmp_path / "trace.txt"
     cmd = [sys.executable, "-m", "raypipe.cli", "infer", "--root", str(tiny_root), *ARGS]
-    cmd += ["--tp", "2"]
-    calls = "connect,bind,sendto,sendmsg"
-    script = (
-        f'mount --bind "{hosts}" /etc/hosts && ip link set lo up && '
-        f"ip addr add {NODE_ADDRESS}/32 dev lo && "
-        f'exec strace -f --seccomp-bpf -qq -e trace={calls} -o "$0" "$@"'
-    )
-    env = _clean_env()
-    env.pop("HF_HUB_OFFLINE", None)  # raypipe sets it itself
-    run = subprocess.run(
-        ["unshare", "-n", "-m", "sh", "-c", script, str(trace), *cmd],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    _run_on_node_address(cmd + ["--tp", "2"], tmp_path)
     assert n_json(tiny_root, "responses") == 10 and n_json(tiny_root, "projections") == 20
-    text = trace.read_text(errors="replace")
-    assert len([x for x in text.splitlines() if "127.0.0.1" in x]) > 50
-    bad = off_loopback(text)
-    assert not bad, "off loopback:\n" + "\n".join(bad[:20])
 
 
 # ---------------------------------------------------------------- leftovers of killed runs
