@@ -192,6 +192,38 @@ def load_tokenizer(path: Path):
     return tok
 
 
+# Torch threads for a model on the CPU, when --threads is not given. A model below this many
+# weights runs each op on tensors too small to split, yet its OpenMP threads still meet at every
+# op: on a node whose cores the job's writers, its driver and Ray share, one thread descheduled
+# stalls the others. So it gets one thread, and the other cores stay with the rest of the job;
+# a larger model gets them all. Measured on 2 cores: the 0.1M-weight test model ran
+# bench/scale.py (20k prompts) at 233-285 prompts/s on one thread against 178-196 on two; the
+# 135M embedded model ran `make demo` in 38.7-40.5 s on two against 44.2-46.3 on one. The
+# threshold lies between those two measured sizes; models between them were not measured.
+SPLIT_MIN_WEIGHTS = 4_000_000
+
+
+def cpu_threads(weights: int, cores: int, requested: int | None = None) -> int:
+    """Torch threads for a model of `weights` on a CPU node of `cores`: `requested` (the
+    user's --threads) as given, else all cores for a model worth splitting, else one."""
+    if requested is not None:
+        return requested
+    return max(1, cores) if weights >= SPLIT_MIN_WEIGHTS else 1
+
+
+def use_threads(model, requested: int | None = None) -> int:
+    """Set this process's torch threads for the loaded `model` (see cpu_threads); a model on a
+    GPU keeps the node's cores for its host-side work. Returns the count set."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    weights = sum(p.numel() for p in model.parameters())
+    n = cpu_threads(weights, cores, requested) if on_cpu else (requested or cores)
+    torch.set_num_threads(n)
+    return n
+
+
 def load_model(spec: ModelSpec, **kwargs):
     """(model, tokenizer) in eval mode on the chosen device (or split over several GPUs, see
     pick_device_map); LoRA and 4-bit loaded lazily."""

@@ -45,13 +45,11 @@ class ModelServer:
     """Holds (model, tokenizer); runs stage calls on it one at a time (max_concurrency=1)."""
 
     def __init__(self, spec: ModelSpec, threads: int | None = None):
-        from raypipe.engine.models import load_model
-        from raypipe.pipeline.stages import _set_threads
+        from raypipe.pipeline.stages import load_for_stage
 
-        _set_threads(threads)
         t0 = time.time()
         self.spec = spec
-        self.loaded = load_model(spec)
+        self.loaded = load_for_stage(spec, threads)
         self.load_seconds = time.time() - t0
         self.started = time.time()
         self.calls = 0

@@ -38,13 +38,20 @@ def require(batch: pd.DataFrame, stage: str, columns: tuple[str, ...]) -> None:
         )
 
 
-def _set_threads(threads: int | None) -> None:
+def load_for_stage(spec: ModelSpec, threads: int | None = None) -> tuple:
+    """(model, tokenizer) for a stage's actor: loaded on the node's cores (Ray sets
+    OMP_NUM_THREADS to the actor's CPU share, often 1), then run on `threads` (--threads), or
+    on as many as the model is worth (models.use_threads: one for a tiny model on the CPU)."""
     import os
 
     import torch
 
-    # Ray sets OMP_NUM_THREADS to the actor's CPU share (often 1); use the node instead.
+    from raypipe.engine.models import load_model, use_threads
+
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    loaded = load_model(spec)
+    use_threads(loaded[0], threads)
+    return loaded
 
 
 def _rows(batch: pd.DataFrame) -> list[dict]:
@@ -111,12 +118,10 @@ class GenerateStage:
             )
         if self.responder is None:
             from raypipe.engine.generate import uses_chat_template
-            from raypipe.engine.models import load_model
             from raypipe.engine.respond import Responder
 
             if self.loaded is None:
-                _set_threads(self.threads)
-                self.loaded = load_model(self.spec)
+                self.loaded = load_for_stage(self.spec, self.threads)
             model, tok = self.loaded
             self.responder = Responder(
                 model,
@@ -348,13 +353,11 @@ class ProjectStage:
         compile_prefill: bool = False,
         progress: Reporter | None = None,
     ):
-        from raypipe.engine.models import load_model
         from raypipe.engine.projector import Projector
 
         self.progress = progress
         if loaded is None:
-            _set_threads(threads)
-            loaded = load_model(spec)
+            loaded = load_for_stage(spec, threads)
         model, tok = loaded
         self.projector = Projector(
             model,
@@ -439,10 +442,7 @@ class FusedStage:
     """
 
     def __init__(self, generate: dict, then: str, then_kwargs: dict, threads: int | None = None):
-        from raypipe.engine.models import load_model
-
-        _set_threads(threads)
-        loaded = load_model(generate["spec"])
+        loaded = load_for_stage(generate["spec"], threads)
         self.generate = GenerateStage(**generate, loaded=loaded)
         self.source = generate["source"]
         self.then = MODEL_STAGES[then](**then_kwargs, loaded=loaded)
@@ -496,12 +496,10 @@ class CaptureStage:
         progress: Reporter | None = None,
     ):
         from raypipe.engine.capture import Capturer
-        from raypipe.engine.models import load_model
 
         self.progress = progress
         if loaded is None:
-            _set_threads(threads)
-            loaded = load_model(spec)
+            loaded = load_for_stage(spec, threads)
         model, tok = loaded
         self.sink = sink
         self.capturer = Capturer(
