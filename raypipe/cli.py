@@ -199,7 +199,11 @@ def _run_flags(p: argparse.ArgumentParser, g: dict) -> None:
         "--replicas", type=int, default=1, help="generation and projection replicas [1]"
     )
     cluster.add_argument("--batch-size", type=int, default=64, help="prompts per batch [64]")
-    cluster.add_argument("--threads", type=int, help="torch threads per worker [all cores]")
+    cluster.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per worker [all cores; 1 for a CPU model under 4M weights]",
+    )
     cluster.add_argument(
         "--gpus-per-replica",
         type=float,
@@ -296,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         "running on this machine]",
     )
     p.add_argument("--gpus", type=float, help="GPUs for the server [1 if the cluster has GPUs]")
-    p.add_argument("--threads", type=int, help="torch threads in the server [all cores]")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads in the server [all cores; 1 for a CPU model under 4M weights]",
+    )
     p.add_argument(
         "--timeout", type=float, default=1800, help="seconds to wait for the model to load [1800]"
     )

@@ -133,7 +133,7 @@ class RunOptions:
     generate_replicas: int = 1
     project_replicas: int = 1
     batch_size: int = 64  # rows per Ray Data batch
-    threads: int | None = None  # torch threads per worker; None: all cores of the node
+    threads: int | None = None  # torch threads per worker; None: models.use_threads decides
     backend: str = "local"
     quiet: bool = False
     # GPUs per generation/projection actor; None: 1 if the cluster shows GPUs at start, else 0.
@@ -268,7 +268,7 @@ class ServeOptions:
 
     model: ModelOptions = field(default_factory=ModelOptions)
     gpus: float | None = None  # None: 1 if the cluster has GPUs
-    threads: int | None = None  # torch threads in the server; None: all cores
+    threads: int | None = None  # torch threads in the server; None: models.use_threads decides
     timeout: float = 1800.0  # seconds to wait for the model to load
     action: str = "start"  # start | stop | status (of the server for this model)
 
