@@ -81,7 +81,7 @@ def _jsonl_dataset(path: Path):
                 for a, b in ranges
             ]
 
-    return ray.data.read_datasource(JsonLines(), ray_remote_args=READ_ARGS)
+    return ray.data.read_datasource(JsonLines(), **READ_ARGS)
 
 
 def _read_json_items(prompts: PromptSet, block_size: int):
@@ -118,7 +118,7 @@ def _json_dataset(prompts: PromptSet):
             read = lambda n=JSON_BLOCK: _read_json_items(prompts, n)  # noqa: E731
             return [ReadTask(read, meta, per_task_row_limit=per_task_row_limit)]
 
-    return ray.data.read_datasource(JsonDocument(), ray_remote_args=READ_ARGS)
+    return ray.data.read_datasource(JsonDocument(), **READ_ARGS)
 
 
 def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozenset[str]):
@@ -129,7 +129,7 @@ def prompt_dataset(prompts: PromptSet, generate: frozenset[str], project: frozen
     if kind == ".jsonl":
         ds = _jsonl_dataset(prompts.path)
     elif kind == ".parquet":
-        ds = ray.data.read_parquet(str(prompts.path), ray_remote_args=READ_ARGS)
+        ds = ray.data.read_parquet(str(prompts.path), **READ_ARGS)
     else:
         ds = _json_dataset(prompts)
     kwargs = dict(
