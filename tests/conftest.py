@@ -29,6 +29,18 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A stage built in this process sets its torch threads (one for the tiny model): the
+    next test starts from the process's own count again."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 def infer(root, *extra, quiet: bool = True) -> int:
     """`raypipe infer` on the tiny experiment (fp32, 6 new tokens, batches of 4) via the CLI."""
     from raypipe.cli import main

@@ -13,13 +13,6 @@ from raypipe.pipeline.stages import load_for_stage
 from tests.tiny import save_tiny_model, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _weights(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
