@@ -244,17 +244,19 @@ LIVE = re.compile(
     r"tests/small:\s+(\d+)%\|[^|]*\| (\d+)/10 prompts \[[^\]]*?generated (\d+), projected (\d+), "
     r"failed 0(?:, ([\d,]+) new tokens)?"
 )
-LONG = ["--max-new-tokens", "400", "--batch-size", "10"]  # one batch of 10 that takes a while
+# One batch of 10 that takes a while: several seconds of decoding (the tiny model on its one
+# thread makes about 4k tokens a second here).
+LONG = ["--max-new-tokens", "2000", "--batch-size", "10"]
 
 
 @pytest.fixture
 def long_cwd(tiny_root: Path, tmp_path_factory) -> Path:
-    """The tiny tree on a model with room for 400 new tokens after each prompt."""
+    """The tiny tree on a model with room for 2000 new tokens after each prompt."""
     import json
 
     from tests.tiny import save_tiny_model
 
-    model = save_tiny_model(tmp_path_factory.mktemp("models") / "long", positions=1024)
+    model = save_tiny_model(tmp_path_factory.mktemp("models") / "long", positions=2048)
     path = tiny_root / "experiments/tiny/config.json"
     config = json.loads(path.read_text())
     config["model_variants"]["base"]["model"] = str(model)
