@@ -198,7 +198,7 @@ def load_tokenizer(path: Path):
 # stalls the others. So it gets one thread, and the other cores stay with the rest of the job;
 # a larger model gets them all. Measured on 2 cores: the 0.1M-weight test model ran
 # bench/scale.py (20k prompts) at 233-285 prompts/s on one thread against 178-196 on two; the
-# 135M embedded model ran `make demo` in 38.7-40.5 s on two against 44.2-46.3 on one. The
+# 135M embedded model ran `make demo`'s infer in 38.7-40.5 s on two, 44.2-46.3 on one. The
 # threshold lies between those two measured sizes; models between them were not measured.
 SPLIT_MIN_WEIGHTS = 4_000_000
 
